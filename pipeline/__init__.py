@@ -1,0 +1,1 @@
+"""Teacher generation: the teacher interface, the toy world and the Ray generation job."""

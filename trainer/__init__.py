@@ -1,0 +1,1 @@
+"""The streaming trainer for the step-decoupled 2-step student."""
