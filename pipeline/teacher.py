@@ -1,0 +1,275 @@
+"""The teacher interface: one class that every stage (generation, trainer, eval) uses.
+
+``Teacher.load(spec)`` takes ``toy`` (the shipped toy teacher), a local ``ZImagePipeline`` folder, or a
+hub id (``Tongyi-MAI/Z-Image-Turbo``, optionally ``@revision``). ``Teacher.generate`` runs the
+8-step Turbo sampler on a batch of (prompt, seed, height, width) and returns the initial noise, the
+state at the 2-step boundary (``mid``, σ=0.75), the final latent and the decoded image.
+
+Conventions (GUIDE §3): latents are ``(B, C, H/f, W/f)`` in the pipeline's normalised space
+(``(z - shift_factor) * scaling_factor``); the transformer takes ``t = 1 - σ`` and predicts
+``v = x0 - ε`` under ``x_σ = (1 - σ)·x0 + σ·ε``, so ``x0 = x_σ + σ·v`` and an Euler step from σ to σ'
+is ``x + (σ' - σ)·(-v)``, the scheduler's own step. Sigmas are set on the scheduler from the
+*unshifted* grid ``linspace(1, 1/N, N)`` and read back, so the shift is applied exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+TOY_TEACHER_DIR = Path(__file__).parent / "toy" / "teacher"
+DEFAULT_STEPS = 8
+DEFAULT_MID_SIGMA = 0.75
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """The teacher's sampler settings; recorded in every shard, hashed for store identity."""
+
+    num_steps: int = DEFAULT_STEPS
+    """Transformer calls per image (Turbo: 8)."""
+    guidance_scale: float = 0.0
+    """Classifier-free guidance; 0 = off (Turbo). > 0 doubles the batch with negative prompts."""
+    shift: float = 3.0
+    """Timestep shift of the flow-matching scheduler (from its config)."""
+    sigmas: tuple[float, ...] = ()
+    """The N+1 noise levels actually used, ending at 0 (read back from the scheduler)."""
+    mid_sigma: float = DEFAULT_MID_SIGMA
+    """The 2-step boundary; ``mid`` is the state at this σ."""
+    max_sequence_length: int = 512
+    """Prompt tokens after the chat template (longer prompts are truncated)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sigmas"] = [round(float(s), 6) for s in self.sigmas]
+        return d
+
+    @property
+    def hash(self) -> str:
+        """Stable sha256 (first 16 hex digits) of the settings, for shard metadata."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def mid_index(self) -> int | None:
+        """Index into ``sigmas`` of the mid state (None when no step lands on ``mid_sigma``)."""
+        for i, s in enumerate(self.sigmas):
+            if abs(s - self.mid_sigma) < 1e-4:
+                return i
+        return None
+
+
+@dataclass
+class TeacherOutput:
+    """What :meth:`Teacher.generate` returns for a batch of B samples."""
+
+    noise: torch.Tensor
+    """(B, C, h, w) fp32, the initial state at σ=1, from each sample's seed on a CPU generator."""
+    latent: torch.Tensor
+    """(B, C, h, w) fp32, the final latent at σ=0."""
+    mid: torch.Tensor | None = None
+    """(B, C, h, w) fp32, the state at σ=mid_sigma (after 4 of 8 steps), if a step lands there."""
+    images: np.ndarray | None = None
+    """(B, H, W, 3) uint8 decoded images (None when decoding was not asked for)."""
+    nfe: int = 0
+    """Transformer calls made per sample (CFG counts once)."""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def noise_fingerprint(noise: torch.Tensor) -> str:
+    """sha256 of one sample's fp32 noise bytes (recorded so a later run can check its noise)."""
+    return hashlib.sha256(noise.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Teacher:
+    """A ``ZImagePipeline`` wrapped with the project's sampler conventions."""
+
+    def __init__(self, pipe: Any, name: str, revision: str | None = None, device: torch.device | None = None,
+                 **sampler_overrides: Any):
+        self.pipe = pipe
+        self.name, self.revision = name, revision
+        self.device = device or pipe.device
+        self.dtype = pipe.transformer.dtype
+        self.sampler = self.make_sampler(**sampler_overrides)
+
+    # --- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, spec: str = "toy", device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+             **sampler_overrides: Any) -> Teacher:
+        """Load ``toy``, a local pipeline folder, or a hub id (``owner/name[@revision]``).
+
+        Defaults: bf16 on CUDA, fp32 on CPU.
+        """
+        from diffusers import ZImagePipeline
+
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        revision = None
+        if spec == "toy":
+            path, name = str(TOY_TEACHER_DIR), "toy"
+            if not (TOY_TEACHER_DIR / "model_index.json").exists():
+                raise FileNotFoundError(f"the toy teacher is not in {TOY_TEACHER_DIR}; train it with "
+                                        "python -m twostep.pipeline.toy.train_teacher")
+        elif os.path.isdir(spec):
+            path, name = spec, os.path.basename(os.path.normpath(spec))
+            if not os.path.exists(os.path.join(spec, "model_index.json")):
+                raise FileNotFoundError(f"{spec}: not a diffusers pipeline folder (no model_index.json)")
+        else:
+            path, _, revision = spec.partition("@")
+            name, revision = path, revision or None
+        log.info("loading teacher %s (%s, %s)", spec, device, dtype)
+        pipe = ZImagePipeline.from_pretrained(path, dtype=dtype, revision=revision)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        for m in (pipe.transformer, pipe.text_encoder, pipe.vae):
+            m.requires_grad_(False).eval()
+        return cls(pipe, name=name, revision=revision, device=device, **sampler_overrides)
+
+    # --- sampler -----------------------------------------------------------------------------
+
+    def make_sampler(self, num_steps: int = DEFAULT_STEPS, guidance_scale: float = 0.0,
+                     mid_sigma: float = DEFAULT_MID_SIGMA, max_sequence_length: int | None = None,
+                     sigmas: list[float] | None = None) -> SamplerConfig:
+        """Sampler settings from the scheduler's config with Turbo defaults, overridable.
+
+        ``sigmas`` (optional) is the *unshifted* grid; the scheduler applies its shift.
+        """
+        grid = list(sigmas) if sigmas is not None else torch.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
+        sched = self.pipe.scheduler
+        sched.set_timesteps(sigmas=grid, device="cpu")
+        used = tuple(float(s) for s in sched.sigmas.cpu())
+        msl = max_sequence_length or min(512, int(getattr(self.pipe.tokenizer, "model_max_length", 512)))
+        return SamplerConfig(num_steps=len(used) - 1, guidance_scale=float(guidance_scale),
+                             shift=float(sched.config.get("shift", 1.0)), sigmas=used, mid_sigma=mid_sigma,
+                             max_sequence_length=msl)
+
+    # --- components the trainer uses ---------------------------------------------------------
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def text_encoder(self):
+        return self.pipe.text_encoder
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    @property
+    def default_size(self) -> int:
+        """Image side used when a manifest gives none (transformer sample size × VAE factor)."""
+        size = getattr(self.pipe.vae.config, "sample_size", None)
+        return int(size if isinstance(size, int) else 1024)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.vae_scale_factor * 2  # VAE factor × 2×2 patches
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f} for this teacher, got {height}×{width}")
+        return (int(self.transformer.config.in_channels), height // self.vae_scale_factor,
+                width // self.vae_scale_factor)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Caption features exactly as the pipeline computes them: list of (L_i, D) tensors."""
+        return self.pipe._encode_prompt(list(prompts), device=self.device,
+                                        max_sequence_length=self.sampler.max_sequence_length)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor | float, caps: list[torch.Tensor],
+                 transformer: torch.nn.Module | None = None) -> torch.Tensor:
+        """Model output ``v = x0 - ε`` at noise level σ (scalar or (B,)), as fp32 (B, C, h, w)."""
+        model = transformer or self.transformer
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])
+        xs = list(x.to(model.dtype).unsqueeze(2).unbind(0))  # B × (C, 1, h, w)
+        out = model(xs, 1.0 - sigma, caps, return_dict=False)[0]
+        return torch.stack([o.float() for o in out]).squeeze(2)
+
+    def make_noise(self, seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
+        """(B, *shape) fp32 noise, one CPU generator per seed: independent of batch and device."""
+        return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)))
+                            for s in seeds])
+
+    # --- sampling ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], height: int, width: int, decode: bool = True,
+                 negative_prompts: list[str] | None = None, noise: torch.Tensor | None = None) -> TeacherOutput:
+        """Run the teacher's sampler on one batch of equal-size samples."""
+        cfg = self.sampler
+        shape = self.latent_shape(height, width)
+        x0 = noise if noise is not None else self.make_noise(seeds, shape)
+        caps = self.encode_prompts(prompts)
+        neg = None
+        if cfg.guidance_scale > 0:
+            neg = self.encode_prompts(negative_prompts or [""] * len(prompts))
+        x = x0.to(self.device, torch.float32)
+        mid = None
+        sig = cfg.sigmas
+        for i in range(len(sig) - 1):
+            if i == cfg.mid_index:
+                mid = x.clone()
+            v = self._guided_velocity(x, sig[i], caps, neg)
+            x = x + (sig[i + 1] - sig[i]) * (-v)  # the scheduler's Euler step (pipeline negates v)
+        images = self.decode(x) if decode else None
+        return TeacherOutput(noise=x0.cpu(), latent=x.cpu(), mid=None if mid is None else mid.cpu(),
+                             images=images, nfe=len(sig) - 1)
+
+    def _guided_velocity(self, x: torch.Tensor, sigma: float, caps: list[torch.Tensor],
+                         neg: list[torch.Tensor] | None) -> torch.Tensor:
+        if neg is None:
+            return self.velocity(x, sigma, caps)
+        both = self.velocity(torch.cat([x, x]), sigma, caps + neg)
+        pos, negv = both.chunk(2)
+        return pos + self.sampler.guidance_scale * (pos - negv)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents (B, C, h, w) → uint8 images (B, H, W, 3)."""
+        vae = self.vae
+        z = latents.to(self.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        img = vae.decode(z, return_dict=False)[0]
+        img = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return img.permute(0, 2, 3, 1).cpu().numpy()
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) images → normalised latents (B, C, h, w), using the VAE's mean."""
+        x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        vae = self.vae
+        z = vae.encode(x.to(self.device, vae.dtype)).latent_dist.mode()
+        return ((z.float() - vae.config.shift_factor) * vae.config.scaling_factor)
+
+    # --- facts for shard metadata -------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """Teacher identity and sampler settings, as recorded in shards and index.json."""
+        import diffusers
+        import transformers
+
+        return {
+            "teacher": self.name, "revision": self.revision, "sampler": self.sampler.to_dict(),
+            "sampler_hash": self.sampler.hash, "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device.type, "versions": {"torch": torch.__version__,
+                                                      "diffusers": diffusers.__version__,
+                                                      "transformers": transformers.__version__},
+        }

@@ -1,0 +1,106 @@
+"""The teacher interface on the tiny random-weight Z-Image pipeline (the real code path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from twostep.pipeline.teacher import Teacher, noise_fingerprint
+
+PROMPTS = ["a red circle", "a large blue square at the top", "something green"]
+SEEDS = [11, 22, 33]
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_pipeline_dir):
+    return Teacher.load(tiny_pipeline_dir, device="cpu")
+
+
+def test_turbo_defaults_and_sigmas(teacher):
+    s = teacher.sampler
+    assert s.num_steps == 8 and s.guidance_scale == 0.0 and s.shift == 3.0
+    assert [round(x, 4) for x in s.sigmas] == [1.0, 0.9545, 0.9, 0.8333, 0.75, 0.6429, 0.5, 0.3, 0.0]
+    assert s.mid_index == 4
+    two = teacher.make_sampler(num_steps=2)
+    assert [round(x, 4) for x in two.sigmas] == [1.0, 0.75, 0.0]
+
+
+def test_exactly_eight_transformer_calls(teacher):
+    calls = []
+    h = teacher.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = teacher.generate(PROMPTS[:1], SEEDS[:1], 32, 32, decode=False)
+    finally:
+        h.remove()
+    assert len(calls) == 8 == out.nfe
+
+
+def test_matches_the_diffusers_pipeline_and_mid_is_on_its_trajectory(teacher):
+    out = teacher.generate(PROMPTS[:1], SEEDS[:1], 32, 32)
+    seen = {}
+
+    def grab(pipe, i, t, kw):
+        seen[i] = kw["latents"].clone()
+        return kw
+
+    grid = torch.linspace(1.0, 1 / 8, 8).tolist()
+    ref = teacher.pipe(PROMPTS[:1], height=32, width=32, sigmas=grid, num_inference_steps=8, guidance_scale=0.0,
+                       latents=out.noise.clone(), output_type="latent", max_sequence_length=128,
+                       callback_on_step_end=grab).images
+    torch.testing.assert_close(out.latent, ref.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.mid, seen[3].float(), atol=1e-5, rtol=1e-5)  # after 4 of 8 steps
+    assert out.images.shape == (1, 32, 32, 3) and out.images.dtype.name == "uint8"
+
+
+def test_per_seed_outputs_do_not_depend_on_batch(teacher):
+    batch = teacher.generate(PROMPTS, SEEDS, 32, 32, decode=False)
+    for i in range(3):
+        one = teacher.generate([PROMPTS[i]], [SEEDS[i]], 32, 32, decode=False)
+        assert torch.equal(one.noise[0], batch.noise[0 + i])
+        torch.testing.assert_close(one.latent[0], batch.latent[i], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(one.mid[0], batch.mid[i], atol=1e-5, rtol=1e-4)
+    assert noise_fingerprint(batch.noise[0]) == noise_fingerprint(teacher.make_noise([SEEDS[0]], (16, 16, 16))[0])
+
+
+def test_sampler_hash_tracks_every_setting(teacher):
+    base = teacher.sampler.hash
+    assert teacher.make_sampler().hash == base
+    for kw in ({"num_steps": 4}, {"guidance_scale": 1.5}, {"mid_sigma": 0.5}, {"max_sequence_length": 64}):
+        assert teacher.make_sampler(**kw).hash != base, kw
+
+
+def test_guidance_runs_doubled_batch(tiny_pipeline_dir):
+    t = Teacher.load(tiny_pipeline_dir, device="cpu", guidance_scale=2.0)
+    a = t.generate(PROMPTS[:1], SEEDS[:1], 32, 32, decode=False)
+    b = Teacher.load(tiny_pipeline_dir, device="cpu").generate(PROMPTS[:1], SEEDS[:1], 32, 32, decode=False)
+    assert not torch.allclose(a.latent, b.latent)
+
+
+def test_components_and_description(teacher):
+    caps = teacher.encode_prompts(PROMPTS)
+    assert len(caps) == 3 and caps[0].shape[1] == teacher.text_encoder.config.hidden_size
+    assert teacher.latent_shape(64, 32) == (16, 32, 16)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        teacher.latent_shape(30, 32)
+    d = teacher.describe()
+    assert d["sampler_hash"] == teacher.sampler.hash and d["dtype"] == "float32" and d["device"] == "cpu"
+    img = teacher.generate(PROMPTS[:1], SEEDS[:1], 32, 32).images
+    z = teacher.encode_images(img)
+    assert z.shape == (1, 16, 16, 16)
+
+
+def test_hub_id_goes_through_from_pretrained(monkeypatch, tiny_pipeline_dir):
+    """A hub id is handed to from_pretrained with its revision (no hub here: intercept the call)."""
+    from diffusers import ZImagePipeline
+
+    seen = {}
+    real = ZImagePipeline.from_pretrained
+
+    def fake(path, **kw):
+        seen.update(path=path, **kw)
+        return real(tiny_pipeline_dir, dtype=kw["dtype"])
+
+    monkeypatch.setattr(ZImagePipeline, "from_pretrained", fake)
+    t = Teacher.load("Tongyi-MAI/Z-Image-Turbo@abc123", device="cpu")
+    assert seen["path"] == "Tongyi-MAI/Z-Image-Turbo" and seen["revision"] == "abc123"
+    assert seen["dtype"] == torch.float32 and t.describe()["teacher"] == "Tongyi-MAI/Z-Image-Turbo"
