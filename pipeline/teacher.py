@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .zimage_batched import batched_forward, supports_batched
+
 log = logging.getLogger(__name__)
 
 TOY_TEACHER_DIR = Path(__file__).parent / "toy" / "teacher"
@@ -89,6 +91,23 @@ class TeacherOutput:
 def noise_fingerprint(noise: torch.Tensor) -> str:
     """sha256 of one sample's fp32 noise bytes (recorded so a later run can check its noise)."""
     return hashlib.sha256(noise.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def transformer_velocity(model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor | float,
+                         caps: list[torch.Tensor], batched: bool = True) -> torch.Tensor:
+    """Run a ``ZImageTransformer2DModel`` on a batch: (B, C, h, w) at σ → fp32 ``v`` (B, C, h, w).
+
+    The stock model takes a list of (C, 1, h, w) latents, ``t = 1 - σ`` and a list of (L_i, D)
+    captions; ``batched`` uses :func:`batched_forward` (same result, far fewer kernel launches).
+    """
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])
+    dtype = next(model.parameters()).dtype
+    caps = [c.to(dtype) for c in caps]
+    if batched and supports_batched(model, x.shape[-2], x.shape[-1]):
+        return batched_forward(model, x.to(dtype), 1.0 - sigma, caps).float()
+    xs = list(x.to(dtype).unsqueeze(2).unbind(0))  # B × (C, 1, h, w)
+    out = model(xs, 1.0 - sigma, caps, return_dict=False)[0]
+    return torch.stack([o.float() for o in out]).squeeze(2)
 
 
 def default_device() -> torch.device:
@@ -198,11 +217,7 @@ class Teacher:
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor | float, caps: list[torch.Tensor],
                  transformer: torch.nn.Module | None = None) -> torch.Tensor:
         """Model output ``v = x0 - ε`` at noise level σ (scalar or (B,)), as fp32 (B, C, h, w)."""
-        model = transformer or self.transformer
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])
-        xs = list(x.to(model.dtype).unsqueeze(2).unbind(0))  # B × (C, 1, h, w)
-        out = model(xs, 1.0 - sigma, caps, return_dict=False)[0]
-        return torch.stack([o.float() for o in out]).squeeze(2)
+        return transformer_velocity(transformer or self.transformer, x, sigma, caps)
 
     def make_noise(self, seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
         """(B, *shape) fp32 noise, one CPU generator per seed: independent of batch and device."""

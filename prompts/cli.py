@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prompts", help="build, inspect and split prompt manifests",
                        description="Prompt manifests: the list of (prompt_id, prompt, seed, …) rows that "
                                    "teacher generation turns into shards.")
-    ps = p.add_subparsers(dest="prompts_cmd", required=True, metavar="{build,inspect,split}",
+    ps = p.add_subparsers(dest="prompts_cmd", required=True, metavar="{build,inspect,split,toy}",
                           help="what to do with manifests")
 
     b = ps.add_parser("build", help="build a manifest from prompt files or datasets",
@@ -68,6 +68,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--salt", default="", help="changes which prompts go to eval (default: none)")
     s.add_argument("-o", "--out-dir", default=None, help="folder for the two files (default: beside MANIFEST)")
     s.set_defaults(func=_split)
+
+
+    t = ps.add_parser("toy", help="write a manifest of toy-world (shapes) captions",
+                      description="Sample captions of the procedural shapes world (each attribute left out "
+                                  "with probability --omit-prob) into a manifest; the attributes a caption "
+                                  "names are kept as columns (shape, colour, size, position, background).")
+    t.add_argument("-n", "--num-prompts", type=int, required=True, help="rows to write")
+    t.add_argument("-o", "--output", required=True, metavar="MANIFEST.parquet", help="manifest to write")
+    t.add_argument("--seed", type=int, default=0, help="seed of the captions and row seeds (default: 0)")
+    t.add_argument("--size", type=int, default=64, help="image side recorded as height and width (default: 64)")
+    t.add_argument("--omit-prob", type=float, default=0.35,
+                   help="probability that a caption leaves each attribute out (default: 0.35)")
+    t.set_defaults(func=_toy)
+
+
+def _toy(args: argparse.Namespace) -> int:
+    from .toy import build_toy_manifest
+
+    s = build_toy_manifest(args.num_prompts, args.output, seed=args.seed, height=args.size, width=args.size,
+                           omit_prob=args.omit_prob)
+    print(f"wrote {s.manifest}: {s.rows} toy prompts")
+    print(f"manifest hash: {s.manifest_hash}")
+    return 0
 
 
 def _build(args: argparse.Namespace) -> int:

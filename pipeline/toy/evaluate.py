@@ -1,0 +1,110 @@
+"""Measure the toy teacher against the quality bar (README, "The toy teacher").
+
+    python -m twostep.pipeline.toy.evaluate [--teacher toy] [-n 500] [--out docs/toy_teacher]
+
+On ``n`` toy eval prompts (fixed seed, disjoint from training's), the teacher samples at 8 steps
+and naively at 2 steps from the same noise. Reported: the checker's accuracy on the attributes each
+caption names (all-correct rate included), and the Fréchet distance in the checker's feature space
+from each sample set to ``n`` ground-truth renders of random scenes. Writes ``metrics.json`` and
+``grid.png`` (row pairs: 8 steps above, naive 2 steps below, same prompt and seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from twostep.prompts.manifest import derive_seed
+from twostep.prompts.toy import sample_scene, sample_toy_prompts
+
+from ..metrics import frechet_distance
+from ..teacher import Teacher
+from .checker import load_checker
+from .render import render_batch
+
+log = logging.getLogger("twostep.toy.evaluate")
+
+
+def sample_set(teacher: Teacher, prompts: list[str], seeds: list[int], size: int, batch: int, desc: str) -> np.ndarray:
+    out = []
+    for i in tqdm(range(0, len(prompts), batch), desc=desc):
+        out.append(teacher.generate(prompts[i:i + batch], seeds[i:i + batch], size, size).images)
+    return np.concatenate(out)
+
+
+def grid(rows: list[np.ndarray], scale: int = 2) -> Image.Image:
+    """Stack image rows (each (K, H, W, 3)) into one PNG-able picture with 2-px gutters."""
+    k, h, w, _ = rows[0].shape
+    canvas = np.full((len(rows) * (h + 2), k * (w + 2), 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            canvas[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = img
+    return Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+
+
+def evaluate_teacher(teacher: Teacher, n: int = 500, seed: int = 20261122, batch: int = 100,
+                     size: int = 64) -> tuple[dict, np.ndarray, np.ndarray, list[dict]]:
+    rows = list(sample_toy_prompts(n, seed))
+    prompts = [r["prompt"] for r in rows]
+    seeds = [derive_seed(seed, f"eval-{i}") for i in range(n)]
+    checker = load_checker()
+    t0 = time.perf_counter()
+    img8 = sample_set(teacher, prompts, seeds, size, batch, "teacher 8 steps")
+    t8 = time.perf_counter() - t0
+    two = Teacher(teacher.pipe, teacher.name, device=teacher.device, num_steps=2)
+    t0 = time.perf_counter()
+    img2 = sample_set(two, prompts, seeds, size, batch, "teacher naive 2 steps")
+    t2 = time.perf_counter() - t0
+    rng = np.random.default_rng(seed + 1)
+    truth = render_batch([sample_scene(rng) for _ in range(n)], size)
+    f_truth, f8, f2 = (checker.features(x) for x in (truth, img8, img2))
+    named = [{k: v for k, v in r.items() if k != "prompt"} for r in rows]
+    fd8, fd2 = frechet_distance(f8, f_truth), frechet_distance(f2, f_truth)
+    rng = np.random.default_rng(seed + 2)
+    truth2 = render_batch([sample_scene(rng) for _ in range(n)], size)
+    metrics = {
+        "n": n, "seed": seed, "teacher": teacher.name, "sampler_hash": teacher.sampler.hash,
+        "steps8": {"accuracy": checker.score(img8, named), "fd_to_renders": round(fd8, 3),
+                   "seconds": round(t8, 1)},
+        "naive2": {"accuracy": checker.score(img2, named), "fd_to_renders": round(fd2, 3),
+                   "seconds": round(t2, 1)},
+        "fd_ratio_naive2_over_8": round(fd2 / fd8, 2) if fd8 > 0 else None,
+        "fd_renders_vs_renders": round(frechet_distance(checker.features(truth2), f_truth), 3),
+        "device": teacher.device.type,
+    }
+    return metrics, img8, img2, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="toy", help="teacher: toy or a pipeline folder (default: toy)")
+    ap.add_argument("-n", "--num-samples", type=int, default=500, help="eval prompts (default: 500)")
+    ap.add_argument("--seed", type=int, default=20261122, help="eval prompt and noise seed")
+    ap.add_argument("--batch-size", type=int, default=100, help="samples per teacher call")
+    ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("--out", default="docs/toy_teacher", help="folder for metrics.json and grid.png")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    teacher = Teacher.load(args.teacher, device=args.device)
+    metrics, img8, img2, _ = evaluate_teacher(teacher, args.num_samples, args.seed, args.batch_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    k = 12
+    grid([img8[:k], img2[:k], img8[k:2 * k], img2[k:2 * k]]).save(out / "grid.png")
+    a8, a2 = metrics["steps8"]["accuracy"], metrics["naive2"]["accuracy"]
+    print(f"8 steps:       all named attributes right {a8['all']:.3f}  FD to renders {metrics['steps8']['fd_to_renders']}")
+    print(f"naive 2 steps: all named attributes right {a2['all']:.3f}  FD to renders {metrics['naive2']['fd_to_renders']}")
+    print(f"FD ratio (2 / 8): {metrics['fd_ratio_naive2_over_8']}; wrote {out / 'metrics.json'} and {out / 'grid.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,350 @@
+"""Train the toy teacher: a real ``ZImagePipeline`` folder for the shapes world.
+
+    python -m twostep.pipeline.toy.train_teacher --out runs/toy-teacher [--preset cpu|gpu] [...]
+
+Stages, each resumable (running the same command again continues where it stopped):
+1. render a fixed set of scenes (64×64) from a seed;
+2. train a small ``AutoencoderKL`` (4× down, 4 latent channels: 16×16 latents) on them, then set its
+   ``shift_factor``/``scaling_factor`` to the latents' mean and 1/std, as Z-Image's VAE has;
+3. train a small ``ZImageTransformer2DModel`` by flow matching (``x_σ = (1-σ)x0 + σε``, target
+   ``v = x0 - ε``, σ drawn with the scheduler's shift of 3) on those latents, conditioned on the
+   features of a frozen, randomly initialised small ``Qwen3Model`` over a word-level
+   ``Qwen2Tokenizer``, with an EMA of the weights;
+4. save the pipeline (weights in fp16: the shipped folder stays under 20 MB) and
+   ``training_record.json`` (config, loss curve, time, device).
+
+Captions are drawn afresh for every sample of every step, so each scene is seen with many
+partial captions: the model must learn the spread of images a partial caption allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from twostep.prompts.toy import TOY_WORDS, caption, sample_scene
+
+from ..teacher import transformer_velocity
+from ..zimage import build_pipeline
+from .render import render_batch
+
+log = logging.getLogger("twostep.toy.train_teacher")
+
+
+@dataclass
+class ToyTeacherConfig:
+    """Everything that decides the toy teacher; written to training_record.json."""
+
+    seed: int = 0
+    """Seed of the scene set, the initial weights and the training noise."""
+    num_scenes: int = 60000
+    """Distinct rendered scenes (captions are re-drawn each time a scene is used)."""
+    image_size: int = 64
+    """Image side in pixels."""
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    """AutoencoderKL block widths; len - 1 halvings (3 → 4× down)."""
+    latent_channels: int = 4
+    """Latent channels (= the transformer's in_channels)."""
+    vae_steps: int = 3000
+    """VAE training steps."""
+    vae_batch: int = 128
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-6
+    """KL weight (small: the latent should be smooth but informative)."""
+    dim: int = 192
+    """Transformer width."""
+    n_layers: int = 6
+    n_refiner_layers: int = 2
+    n_heads: int = 6
+    axes_dims: tuple[int, int, int] = (8, 12, 12)
+    """RoPE axes (sum = head dim)."""
+    text_dim: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    max_tokens: int = 48
+    """Caption tokens after the chat template (the tokenizer's model_max_length)."""
+    steps: int = 12000
+    """Transformer training steps."""
+    batch: int = 256
+    lr: float = 5e-4
+    warmup: int = 500
+    ema: float = 0.999
+    shift: float = 3.0
+    """σ-sampling shift, the scheduler's (more steps at high noise, where layout is decided)."""
+    max_minutes: float = 0.0
+    """Stop transformer training after this many minutes (0 = no limit); the run stays resumable."""
+
+    @classmethod
+    def preset(cls, name: str) -> ToyTeacherConfig:
+        if name == "gpu":
+            return cls()
+        if name == "cpu":  # fits this project's 2-core CI-class machine in under an hour
+            return cls(num_scenes=20000, vae_steps=1500, vae_batch=32, steps=3000, batch=48, max_minutes=40)
+        raise ValueError(f"unknown preset {name!r} (cpu or gpu)")
+
+
+def _render_scenes(cfg: ToyTeacherConfig) -> tuple[list, np.ndarray]:
+    rng = np.random.default_rng(cfg.seed)
+    scenes = [sample_scene(rng) for _ in range(cfg.num_scenes)]
+    chunks = [scenes[i:i + 2000] for i in range(0, len(scenes), 2000)]
+    with ProcessPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1))) as pool:
+        images = np.concatenate(list(pool.map(partial(render_batch, size=cfg.image_size), chunks)))
+    return scenes, images
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _round_fp16_(module: torch.nn.Module) -> None:
+    """Round weights to fp16 values, so training sees exactly what the fp16 folder will hold."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.half().float())
+
+
+def train_vae(pipe, images: np.ndarray, cfg: ToyTeacherConfig, device: torch.device, record: dict) -> None:
+    vae = pipe.vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    losses = []
+    for step in tqdm(range(cfg.vae_steps), desc="vae", mininterval=2.0):
+        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g)
+        x = _to_tensor(images[idx.numpy()]).to(device)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(rec, x) + 0.1 * F.l1_loss(rec, x) + cfg.vae_kl * kl
+        for group in opt.param_groups:
+            group["lr"] = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            losses.append([step, round(loss.item(), 6)])
+    vae.eval()
+    _round_fp16_(vae)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(_to_tensor(images[i:i + 512]).to(device)).latent_dist.mode()
+                       for i in range(0, min(len(images), 8192), 512)])
+        rec = vae.decode(z[:256]).sample
+        psnr = -10 * torch.log10(F.mse_loss((rec.clamp(-1, 1) + 1) / 2, (_to_tensor(images[:256]).to(device) + 1) / 2))
+    mean, std = z.mean().item(), z.std().item()
+    vae.register_to_config(shift_factor=round(mean, 4), scaling_factor=round(1.0 / std, 4))
+    record["vae"] = {"losses": losses, "psnr_db": round(psnr.item(), 2), "shift_factor": round(mean, 4),
+                     "scaling_factor": round(1.0 / std, 4)}
+    log.info("VAE: PSNR %.2f dB, latent mean %.4f std %.4f", psnr.item(), mean, std)
+
+
+def _init_from(pipe, folder: Path, record: dict) -> None:
+    """Continue from a saved toy teacher: its VAE, text encoder and transformer (fp16 on disk → fp32)."""
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Model
+
+    pipe.vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).eval()
+    pipe.transformer = ZImageTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.float32)
+    pipe.text_encoder = Qwen3Model.from_pretrained(folder / "text_encoder", dtype=torch.float32).eval()
+    earlier = json.loads((folder / "training_record.json").read_text())
+    record["init"] = {"from": str(folder), "record": earlier}
+    record["vae"] = earlier["vae"]
+    log.info("continuing from %s (%d transformer steps done there)", folder,
+             earlier.get("transformer", {}).get("steps_done", 0))
+
+
+@torch.no_grad()
+def encode_latents(pipe, images: np.ndarray, device: torch.device) -> torch.Tensor:
+    vae = pipe.vae
+    out = []
+    for i in range(0, len(images), 512):
+        z = vae.encode(_to_tensor(images[i:i + 512]).to(device)).latent_dist.mode()
+        out.append((z - vae.config.shift_factor) * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+def _sample_sigma(n: int, shift: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    u = torch.rand(n, generator=g)
+    return (shift * u / (1 + (shift - 1) * u)).to(device)
+
+
+class _CaptionBatches(torch.utils.data.IterableDataset):
+    """Endless batches of (scene indices, tokenised fresh captions), built in loader workers.
+
+    Tokenising with the chat template is CPU work of ~1 ms a caption; in the training loop it
+    would starve a GPU, so workers do it in parallel (each with its own seeded stream).
+    """
+
+    def __init__(self, scenes: list, tokenizer, batch: int, max_tokens: int, seed: int):
+        self.scenes, self.tok, self.batch, self.max_tokens, self.seed = scenes, tokenizer, batch, max_tokens, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info else 0
+        rng = np.random.default_rng([self.seed, wid])
+        while True:
+            idx = rng.integers(0, len(self.scenes), self.batch)
+            texts = [self.tok.apply_chat_template([{"role": "user", "content": caption(self.scenes[i], rng)[0]}],
+                                                  tokenize=False, add_generation_prompt=True, enable_thinking=True)
+                     for i in idx]
+            enc = self.tok(texts, padding="max_length", max_length=self.max_tokens, truncation=True,
+                           return_tensors="pt")
+            yield torch.from_numpy(idx), enc.input_ids, enc.attention_mask.bool()
+
+
+def _encode_tokens(pipe, ids: torch.Tensor, mask: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """Caption features as ZImagePipeline._encode_prompt computes them (2nd-to-last hidden state)."""
+    ids, mask = ids.to(device), mask.to(device)
+    hidden = pipe.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+    return [hidden[i][mask[i]] for i in range(len(ids))]
+
+
+def train_transformer(pipe, scenes, latents: torch.Tensor, cfg: ToyTeacherConfig, device: torch.device,
+                      out: Path, record: dict, workers: int = 0) -> None:
+    model = pipe.transformer.to(device).train()
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ckpt = out / "checkpoint.pt"
+    start, losses, seconds = 0, [], 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema = state["ema"]
+        opt.load_state_dict(state["opt"])
+        start, losses, seconds = int(state["step"]), state["losses"], float(state["seconds"])
+        log.info("resumed transformer training at step %d", start)
+    g = torch.Generator().manual_seed(cfg.seed + 2 + start)
+    batches = iter(torch.utils.data.DataLoader(
+        _CaptionBatches(scenes, pipe.tokenizer, cfg.batch, cfg.max_tokens, cfg.seed + 3 + start),
+        batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None))
+    latents = latents.to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    t0 = time.perf_counter() - seconds
+    step = start
+    bar = tqdm(range(start, cfg.steps), desc="transformer", initial=start, total=cfg.steps, mininterval=5.0)
+    for step in bar:
+        idx, ids, mask = next(batches)
+        x0 = latents[idx.to(device)]
+        with torch.no_grad():
+            caps = _encode_tokens(pipe, ids, mask, device)
+        eps = torch.randn(x0.shape, generator=g).to(device)
+        sigma = _sample_sigma(cfg.batch, cfg.shift, g, device)
+        s = sigma.view(-1, 1, 1, 1)
+        xs = (1 - s) * x0 + s * eps
+        with autocast:
+            v = transformer_velocity(model, xs, sigma, caps)
+        loss = F.mse_loss(v.float(), x0 - eps)
+        # Progress is steps done or, under a time budget, time spent: the LR anneals fully either way.
+        elapsed = time.perf_counter() - t0
+        frac = max(step / cfg.steps, elapsed / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            for k, v_ in model.state_dict().items():
+                ema[k].lerp_(v_, 1 - decay) if v_.is_floating_point() else ema[k].copy_(v_)
+        if step % 100 == 0:
+            losses.append([step, round(loss.item(), 5)])
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1 == cfg.steps
+        over = frac >= 1.0
+        if (step + 1) % 1000 == 0 or done or over:
+            torch.save({"model": model.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step + 1,
+                        "losses": losses, "seconds": time.perf_counter() - t0}, ckpt)
+        if over:
+            log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, step + 1)
+            break
+    model.load_state_dict(ema)
+    model.eval()
+    record["transformer"] = {"losses": losses, "steps_done": step + 1, "seconds": round(time.perf_counter() - t0, 1),
+                             "samples_seen": (step + 1) * cfg.batch}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for the pipeline, checkpoints and training_record.json")
+    ap.add_argument("--preset", choices=("cpu", "gpu"), default="gpu" if torch.cuda.is_available() else "cpu",
+                    help="size of the run: 'cpu' fits a 2-core machine in under an hour, 'gpu' is the shipped "
+                         "teacher's (default: gpu when CUDA is available)")
+    ap.add_argument("--steps", type=int, help="transformer training steps (overrides the preset)")
+    ap.add_argument("--vae-steps", type=int, help="VAE training steps (overrides the preset)")
+    ap.add_argument("--batch", type=int, help="transformer batch size (overrides the preset)")
+    ap.add_argument("--num-scenes", type=int, help="rendered scenes (overrides the preset)")
+    ap.add_argument("--max-minutes", type=float, help="stop transformer training after this long (resumable)")
+    ap.add_argument("--init", default=None, help="continue from a saved toy teacher folder (its VAE and "
+                    "transformer weights; fresh optimiser and LR schedule)")
+    ap.add_argument("--seed", type=int, default=None, help="seed of scenes, weights and noise (overrides the preset)")
+    ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--workers", type=int, default=min(8, max(0, (os.cpu_count() or 1) - 2)),
+                    help="data-loader processes that draw and tokenise captions (default: cores - 2, at most 8)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = ToyTeacherConfig.preset(args.preset)
+    for k in ("steps", "vae_steps", "batch", "num_scenes", "max_minutes", "seed"):
+        if getattr(args, k) is not None:
+            setattr(cfg, k, getattr(args, k))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    record: dict = {"config": asdict(cfg), "device": torch.cuda.get_device_name() if device.type == "cuda"
+                    else f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__}
+
+    scenes, images = _render_scenes(cfg)
+    log.info("rendered %d scenes in %.1fs", len(images), time.perf_counter() - t0)
+    words = (*TOY_WORDS, "user", "assistant")
+    pipe = build_pipeline(dim=cfg.dim, n_layers=cfg.n_layers, n_refiner_layers=cfg.n_refiner_layers,
+                          n_heads=cfg.n_heads, axes_dims=cfg.axes_dims, text_dim=cfg.text_dim,
+                          text_layers=cfg.text_layers, text_heads=cfg.text_heads, vae_channels=cfg.vae_channels,
+                          latent_channels=cfg.latent_channels, words=words, model_max_length=cfg.max_tokens,
+                          seed=cfg.seed)
+    pipe.vae.register_to_config(sample_size=cfg.image_size)
+    _round_fp16_(pipe.text_encoder)
+    pipe.text_encoder.to(device)
+    vae_dir = out / "vae_trained"
+    if args.init:
+        _init_from(pipe, Path(args.init), record)
+        pipe.vae.to(device)
+        pipe.text_encoder.to(device)
+    elif (vae_dir / "config.json").exists():
+        from diffusers import AutoencoderKL
+
+        pipe.vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
+        record["vae"] = json.loads((out / "vae_record.json").read_text())
+    else:
+        train_vae(pipe, images, cfg, device, record)
+        pipe.vae.save_pretrained(vae_dir)
+        (out / "vae_record.json").write_text(json.dumps(record["vae"]))
+    latents = encode_latents(pipe, images, device)
+    train_transformer(pipe, scenes, latents, cfg, device, out, record, workers=args.workers)
+
+    record["total_seconds"] = round(time.perf_counter() - t0, 1)
+    for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        m.to("cpu", torch.float16)
+    pipe.save_pretrained(out / "pipeline")
+    (out / "pipeline" / "training_record.json").write_text(json.dumps(record, indent=1))
+    log.info("saved the toy teacher to %s (%.1f min)", out / "pipeline", record["total_seconds"] / 60)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
