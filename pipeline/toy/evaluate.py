@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from twostep.prompts.manifest import derive_seed
-from twostep.prompts.toy import sample_scene, sample_toy_prompts
+from twostep.prompts.toy import ATTRIBUTES, sample_scene, sample_toy_prompts
 
 from ..metrics import frechet_distance
 from ..teacher import Teacher
@@ -49,11 +49,25 @@ def grid(rows: list[np.ndarray], scale: int = 2) -> Image.Image:
     return Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
 
 
+def manifest_rows(path: str, n: int) -> tuple[list[dict], list[int]]:
+    """The first ``n`` rows of a toy manifest: prompts with named attributes, and their seeds."""
+    import pyarrow.parquet as pq
+
+    cols = ["prompt", "seed", *ATTRIBUTES]
+    table = pq.read_table(path, columns=cols).slice(0, n)
+    rows = table.drop(["seed"]).to_pylist()
+    return rows, table.column("seed").to_pylist()
+
+
 def evaluate_teacher(teacher: Teacher, n: int = 500, seed: int = 20261122, batch: int = 100,
-                     size: int = 64) -> tuple[dict, np.ndarray, np.ndarray, list[dict]]:
-    rows = list(sample_toy_prompts(n, seed))
+                     size: int = 64, manifest: str | None = None) -> tuple[dict, np.ndarray, np.ndarray, list[dict]]:
+    if manifest:
+        rows, seeds = manifest_rows(manifest, n)
+        n = len(rows)
+    else:
+        rows = list(sample_toy_prompts(n, seed))
+        seeds = [derive_seed(seed, f"eval-{i}") for i in range(n)]
     prompts = [r["prompt"] for r in rows]
-    seeds = [derive_seed(seed, f"eval-{i}") for i in range(n)]
     checker = load_checker()
     t0 = time.perf_counter()
     img8 = sample_set(teacher, prompts, seeds, size, batch, "teacher 8 steps")
@@ -70,7 +84,7 @@ def evaluate_teacher(teacher: Teacher, n: int = 500, seed: int = 20261122, batch
     rng = np.random.default_rng(seed + 2)
     truth2 = render_batch([sample_scene(rng) for _ in range(n)], size)
     metrics = {
-        "n": n, "seed": seed, "teacher": teacher.name, "sampler_hash": teacher.sampler.hash,
+        "n": n, "seed": seed, "manifest": manifest, "teacher": teacher.name, "sampler_hash": teacher.sampler.hash,
         "steps8": {"accuracy": checker.score(img8, named), "fd_to_renders": round(fd8, 3),
                    "seconds": round(t8, 1)},
         "naive2": {"accuracy": checker.score(img2, named), "fd_to_renders": round(fd2, 3),
@@ -86,14 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="toy", help="teacher: toy or a pipeline folder (default: toy)")
     ap.add_argument("-n", "--num-samples", type=int, default=500, help="eval prompts (default: 500)")
-    ap.add_argument("--seed", type=int, default=20261122, help="eval prompt and noise seed")
+    ap.add_argument("--seed", type=int, default=20261122,
+                    help="seed of the eval prompts and noise (and of the ground-truth render set)")
+    ap.add_argument("--manifest", default=None,
+                    help="take prompts, named attributes and seeds from the first N rows of a toy manifest "
+                         "(twostep prompts toy) instead of sampling them")
     ap.add_argument("--batch-size", type=int, default=100, help="samples per teacher call")
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ap.add_argument("--out", default="docs/toy_teacher", help="folder for metrics.json and grid.png")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     teacher = Teacher.load(args.teacher, device=args.device)
-    metrics, img8, img2, _ = evaluate_teacher(teacher, args.num_samples, args.seed, args.batch_size)
+    metrics, img8, img2, _ = evaluate_teacher(teacher, args.num_samples, args.seed, args.batch_size,
+                                              manifest=args.manifest)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -79,3 +79,15 @@ def test_frechet_distance_known_values():
     assert frechet_distance(a, b) == pytest.approx(16.0, rel=0.05)
     with pytest.raises(ValueError):
         frechet_distance(a, a[:, :4])
+
+
+def test_evaluate_on_a_toy_manifest(tmp_path, toy):
+    from twostep.pipeline.toy.evaluate import evaluate_teacher
+    from twostep.prompts.toy import build_toy_manifest
+
+    build_toy_manifest(12, tmp_path / "toy.parquet", seed=5)
+    metrics, img8, img2, rows = evaluate_teacher(toy, n=8, batch=4, manifest=str(tmp_path / "toy.parquet"))
+    assert metrics["n"] == 8 and img8.shape == img2.shape == (8, 64, 64, 3) and len(rows) == 8
+    acc = metrics["steps8"]["accuracy"]
+    assert 0.0 <= acc["all"] <= 1.0 and metrics["steps8"]["fd_to_renders"] > 0
+    assert not np.array_equal(img8, img2)  # 2 naive steps differ from 8 for the same noise
