@@ -10,6 +10,7 @@ from . import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from twostep.pipeline import cli as pipeline_cli
     from twostep.prompts import cli as prompts_cli
 
     parser = argparse.ArgumentParser(
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="the stage to run; 'twostep COMMAND --help' explains its flags")
     prompts_cli.add_parser(sub)
+    pipeline_cli.add_parsers(sub)
     return parser
 
 

@@ -1,0 +1,107 @@
+"""``twostep generate`` and ``twostep verify``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+log = logging.getLogger("twostep.generate")
+
+
+def _json_arg(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="teacher generation: manifest → WebDataset shard store (Ray job)",
+                       description="Generate teacher samples for every manifest row into a shard store, on a "
+                                   "local or existing Ray cluster. Idempotent and resumable: rerunning the same "
+                                   "command does only the shards not committed yet.")
+    g.add_argument("--manifest", required=True, help="manifest parquet (twostep prompts build/toy)")
+    g.add_argument("--out", required=True, metavar="STORE",
+                   help="store URL: a local folder, s3://bucket/prefix, gs://…")
+    g.add_argument("--teacher", default="toy", help="toy, a local ZImagePipeline folder, or a hub id[@revision]")
+    g.add_argument("--shard-size", type=int, default=256, help="manifest rows per shard (default: 256)")
+    g.add_argument("--batch-size", type=int, default=16, help="samples per teacher call (default: 16)")
+    g.add_argument("--num-workers", type=int, default=1, help="worker actors, each holding one teacher (default: 1)")
+    g.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per worker; 0 = CPU workers that split the cluster's CPUs (default: 0)")
+    g.add_argument("--image-format", choices=("webp", "jpg", "png", "none"), default="webp",
+                   help="image member per sample; none keeps latents only (default: webp, lossless)")
+    g.add_argument("--save", default="mid", help="extra arrays per sample, comma-separated: mid, noise "
+                   "(default: mid; '' for none)")
+    g.add_argument("--ray-address", default=None,
+                   help="existing Ray cluster (default: RAY_ADDRESS, else start a local one)")
+    g.add_argument("--max-shard-retries", type=int, default=2, help="retries of a failing shard (default: 2)")
+    g.add_argument("--on-sample-error", choices=("skip", "fail"), default="skip",
+                   help="skip: record a failing sample in failed.parquet and commit the rest of its shard; "
+                        "fail: fail the shard (default: skip)")
+    g.add_argument("--storage-options", type=_json_arg, default={},
+                   help="fsspec storage options as JSON, e.g. '{\"endpoint_url\": \"http://…\"}'")
+    g.add_argument("--num-steps", type=int, default=None, help="override the teacher's steps (default: 8)")
+    g.add_argument("--guidance-scale", type=float, default=None, help="override guidance (default: 0)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a store made with another manifest, teacher or sampler")
+    g.set_defaults(func=_generate)
+
+    v = sub.add_parser("verify", help="check a shard store; optionally regenerate samples and compare",
+                       description="Check every shard against index.json (present, size, sha256, sample count, "
+                                   "keys = manifest rows) and report what is missing or corrupt.")
+    v.add_argument("store", metavar="STORE", help="store URL")
+    v.add_argument("--regenerate", type=int, default=0, metavar="K",
+                   help="regenerate K random samples with the recorded teacher and compare latents")
+    v.add_argument("--seed", type=int, default=0, help="which samples --regenerate picks (default: 0)")
+    v.add_argument("--device", default=None, help="device for --regenerate (default: cuda if available)")
+    v.add_argument("--storage-options", type=_json_arg, default={}, help="fsspec storage options as JSON")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.set_defaults(func=_verify)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .job import GenerateConfig, run_generation
+    from .store import StoreError
+
+    overrides = {k: v for k, v in (("num_steps", args.num_steps), ("guidance_scale", args.guidance_scale))
+                 if v is not None}
+    try:
+        cfg = GenerateConfig(manifest=args.manifest, out=args.out, teacher=args.teacher, shard_size=args.shard_size,
+                             batch_size=args.batch_size, num_workers=args.num_workers,
+                             gpus_per_worker=args.gpus_per_worker, image_format=args.image_format,
+                             save=tuple(s for s in args.save.split(",") if s), ray_address=args.ray_address,
+                             max_shard_retries=args.max_shard_retries, on_sample_error=args.on_sample_error,
+                             overwrite=args.overwrite, storage_options=args.storage_options,
+                             sampler_overrides=overrides)
+        index = run_generation(cfg)
+    except (StoreError, ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+    print(f"{index['status']}: {index['samples']} samples in {len(index['shards'])}/{index['num_shards']} shards, "
+          f"{index['failed_samples']} failed samples, {index['seconds']:.0f}s; store: {args.out}")
+    return 0 if index["status"] == "complete" else 1
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify_store
+
+    report = verify_store(args.store, args.storage_options or None, args.regenerate, args.seed, args.device)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{'OK' if report['ok'] else 'PROBLEMS'}: {report.get('shards', 0)} shards, "
+              f"{report.get('samples', 0)} samples")
+        for p in report["problems"]:
+            print("  " + p)
+        if "regenerate" in report:
+            r = report["regenerate"]
+            print(f"  regenerated {len(r['samples'])} samples: "
+                  + ("identical latents" if r["identical"] else f"max |difference| {r['max_abs_diff']:.3g}")
+                  + ("" if r["same_software"] else " (recorded with other software versions)")
+                  + ("" if r["sampler_hash_matches"] else "; SAMPLER SETTINGS DIFFER"))
+    return 0 if report["ok"] else 1

@@ -1,0 +1,258 @@
+"""The generation job (Ray driver): manifest → shard store, resumable, with retries.
+
+The unit of work is a shard (a fixed row range of the manifest). The driver takes the store's
+lease, checks that an existing store was made with the same manifest, teacher and sampler, then
+hands uncommitted shards to ``ShardWorker`` actors. A task that raises is retried up to
+``max_shard_retries`` times; an actor that dies (killed, OOM, preempted) is replaced by a new one
+and its shard is put back in the queue (``ray.util.ActorPool`` does neither: ray #50313). At the end it writes ``index.json``, ``failed.parquet`` and
+the dataset card from the committed shards' stats, so a driver that died leaves a store the next
+run completes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from twostep.prompts.manifest import read_meta
+
+from .store import STORE_FORMAT, Store, StoreError
+from .worker import ShardWorker, WorkerConfig
+
+log = logging.getLogger("twostep.generate")
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of ``twostep generate``."""
+
+    manifest: str
+    out: str
+    teacher: str = "toy"
+    shard_size: int = 256
+    batch_size: int = 16
+    num_workers: int = 1
+    gpus_per_worker: float = 0.0
+    image_format: str = "webp"
+    save: tuple[str, ...] = ("mid",)
+    ray_address: str | None = None
+    max_shard_retries: int = 2
+    on_sample_error: str = "skip"
+    overwrite: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    sampler_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.image_format not in ("webp", "jpg", "png", "none"):
+            raise ValueError(f"--image-format must be webp, jpg, png or none, not {self.image_format!r}")
+        bad = set(self.save) - {"mid", "noise"}
+        if bad:
+            raise ValueError(f"--save accepts mid and noise, not {sorted(bad)}")
+        if self.on_sample_error not in ("skip", "fail"):
+            raise ValueError("--on-sample-error must be skip or fail")
+        if self.shard_size < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("--shard-size, --batch-size and --num-workers must be >= 1")
+
+
+def fingerprint(manifest_hash: str, cfg: GenerateConfig, facts: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """What makes two runs write the same store; its hash goes into every shard's stats."""
+    ident = {"format": STORE_FORMAT, "manifest_hash": manifest_hash, "shard_size": cfg.shard_size,
+             "teacher": facts["teacher"], "revision": facts["revision"], "sampler_hash": facts["sampler_hash"],
+             "image_format": cfg.image_format, "save": sorted(cfg.save)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16], ident
+
+
+def run_generation(cfg: GenerateConfig) -> dict[str, Any]:
+    """Run the job; returns the summary written into index.json."""
+    import ray
+
+    t0 = time.time()
+    manifest_hash, _ = read_meta(cfg.manifest)
+    if not manifest_hash:
+        raise StoreError(f"{cfg.manifest}: no manifest hash in its footer; build it with twostep prompts build")
+    rows = pq.read_metadata(cfg.manifest).num_rows
+    num_shards = math.ceil(rows / cfg.shard_size)
+    store = Store(cfg.out, cfg.storage_options or None)
+    owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    store.acquire_lease(owner)
+    try:
+        if cfg.overwrite:
+            store.remove_all()
+        store.put_file("manifest.parquet", cfg.manifest) if not store.exists("manifest.parquet") else None
+        _init_ray(ray, cfg)
+        actors = _Actors(ray, cfg, store)
+        facts = actors.describe()
+        fp, ident = fingerprint(manifest_hash, cfg, facts)
+        _check_store(store, fp, ident, cfg)
+        store.put_json("index.json", {"status": "in progress", "fingerprint": fp, "identity": ident,
+                                      "num_shards": num_shards, "shards": []})
+        todo = [i for i in range(num_shards) if not store.committed(i, fp)]
+        log.info("%d shards of %d rows; %d committed already, %d to do; store %s",
+                 num_shards, cfg.shard_size, num_shards - len(todo), len(todo), cfg.out)
+        failed_shards = _dispatch(ray, actors, todo, cfg, store, owner, fp)
+        summary = write_index(store, fp, ident, num_shards, facts, time.time() - t0, failed_shards)
+    finally:
+        store.release_lease(owner)
+    return summary
+
+
+def _init_ray(ray, cfg: GenerateConfig) -> None:
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # the embedded default: a local cluster sized to this machine
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+class _Actors:
+    """The worker actors, with their CPU/GPU shares and torch thread counts."""
+
+    def __init__(self, ray, cfg: GenerateConfig, store: Store):
+        self.ray, self.cfg = ray, cfg
+        cpus = ray.available_resources().get("CPU", 1)
+        self.cpus = 1 if cfg.gpus_per_worker else max(1, int(cpus // cfg.num_workers))
+        self.wcfg = WorkerConfig(store_url=cfg.out, manifest=store.path("manifest.parquet"), teacher=cfg.teacher,
+                                 shard_size=cfg.shard_size, batch_size=cfg.batch_size,
+                                 image_format=cfg.image_format, save=tuple(cfg.save),
+                                 on_sample_error=cfg.on_sample_error, sampler_overrides=cfg.sampler_overrides,
+                                 storage_options=cfg.storage_options or None,
+                                 threads=0 if cfg.gpus_per_worker else self.cpus)
+        if not store.local:  # remote workers read the manifest copy through fsspec too
+            self.wcfg.manifest = f"{store.fs.protocol[0] if isinstance(store.fs.protocol, tuple) else store.fs.protocol}://{store.path('manifest.parquet')}"
+        # Workers see the driver's TWOSTEP_* variables wherever they run.
+        env = {k: v for k, v in os.environ.items() if k.startswith("TWOSTEP_")}
+        remote = ray.remote(ShardWorker).options(num_cpus=self.cpus, num_gpus=cfg.gpus_per_worker,
+                                                 max_restarts=0, max_task_retries=0,
+                                                 runtime_env={"env_vars": env} if env else None)
+        self.remote = remote
+        self.handles = [remote.remote(self.wcfg) for _ in range(cfg.num_workers)]
+
+    def describe(self) -> dict[str, Any]:
+        facts = self.ray.get([h.describe.remote() for h in self.handles])
+        for f in facts[1:]:
+            if f["sampler_hash"] != facts[0]["sampler_hash"]:
+                raise StoreError("workers disagree on the sampler settings; check the teacher folder on every node")
+        return facts[0]
+
+    def replace(self, k: int) -> None:
+        self.handles[k] = self.remote.remote(self.wcfg)
+
+
+def _check_store(store: Store, fp: str, ident: dict, cfg: GenerateConfig) -> None:
+    index = store.read_json("index.json")
+    if index and index.get("fingerprint") != fp:
+        old = index.get("identity", {})
+        diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+        raise StoreError(f"{cfg.out} was made with other settings ({', '.join(diff)} differ); "
+                         "use another --out, or --overwrite to replace it")
+
+
+def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, store: Store, owner: str,
+              fp: str) -> dict[int, str]:
+    """Run shards on the actors until all are committed or out of retries."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    queue, attempts, failed = deque(todo), dict.fromkeys(todo, 0), {}
+    inflight: dict[Any, tuple[int, int]] = {}
+    idle = deque(range(len(actors.handles)))
+    samples = failures = 0
+    t0, renewed = time.time(), time.time()
+    bar = tqdm(total=len(todo), desc="shards", unit="shard")
+    while queue or inflight:
+        while queue and idle:
+            k, shard = idle.popleft(), queue.popleft()
+            inflight[actors.handles[k].run.remote(shard, fp)] = (k, shard)
+        done, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
+        for ref in done:
+            k, shard = inflight.pop(ref)
+            try:
+                stats = ray.get(ref)
+                samples += stats["samples"]
+                failures += len(stats["failures"])
+                bar.update(1)
+            except RayActorError as e:  # the process died: start a new actor, put the shard back
+                log.warning("worker %d died on shard %d (%s); replacing it and requeueing", k, shard,
+                            type(e).__name__)
+                _retry(shard, attempts, cfg, queue, failed, f"worker died: {type(e).__name__}")
+                actors.replace(k)
+            except RayTaskError as e:
+                log.warning("shard %d failed: %s", shard, str(e).splitlines()[-1][:300])
+                _retry(shard, attempts, cfg, queue, failed, str(e).splitlines()[-1][:500])
+            idle.append(k)
+            rate = samples / max(time.time() - t0, 1e-9)
+            bar.set_postfix(img_s=f"{rate:.2f}", failed_samples=failures, failed_shards=len(failed))
+        if time.time() - renewed > 60:  # the lease lasts 300 s
+            store.renew_lease(owner)
+            renewed = time.time()
+    bar.close()
+    return failed
+
+
+def _retry(shard: int, attempts: dict, cfg: GenerateConfig, queue: deque, failed: dict, reason: str) -> None:
+    attempts[shard] += 1
+    if attempts[shard] > cfg.max_shard_retries:
+        failed[shard] = reason
+        log.error("shard %d gave up after %d attempts: %s", shard, attempts[shard], reason)
+    else:
+        queue.append(shard)
+
+
+def write_index(store: Store, fp: str, ident: dict, num_shards: int, facts: dict, seconds: float,
+                failed_shards: dict[int, str]) -> dict[str, Any]:
+    """index.json, failed.parquet and README.md from the committed shards' stats."""
+    shards, failed_rows, missing = [], [], []
+    for i in range(num_shards):
+        stats = store.committed(i, fp)
+        if stats is None:
+            missing.append(i)
+            continue
+        shards.append({k: stats[k] for k in ("url", "samples", "sha256", "bytes", "shard")})
+        failed_rows += [{**f, "shard": i} for f in stats["failures"]]
+    samples = sum(s["samples"] for s in shards)
+    index = {"status": "complete" if not missing else "incomplete", "fingerprint": fp, "identity": ident,
+             "num_shards": num_shards, "shards": shards, "missing_shards": missing,
+             "failed_shards": {str(k): v for k, v in failed_shards.items()}, "samples": samples,
+             "failed_samples": len(failed_rows), "teacher": facts, "seconds": round(seconds, 1)}
+    store.put_json("index.json", index)
+    table = pa.Table.from_pylist(failed_rows, schema=pa.schema(
+        [("prompt_id", pa.string()), ("row", pa.int64()), ("reason", pa.string()), ("shard", pa.int64())]))
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    store.put_bytes("failed.parquet", buf.getvalue().to_pybytes())
+    store.put_bytes("README.md", _card(index).encode())
+    return index
+
+
+def _card(index: dict) -> str:
+    ident, t = index["identity"], index["teacher"]
+    return f"""# twostep teacher samples
+
+Generated by `twostep generate` from a prompt manifest (`manifest.parquet`, hash `{ident['manifest_hash']}`).
+
+- teacher: `{t['teacher']}` (revision {t['revision']}), {t['sampler']['num_steps']} steps, guidance {t['sampler']['guidance_scale']}, sigmas {t['sampler']['sigmas']}, sampler hash `{t['sampler_hash']}`
+- {index['samples']} samples in {len(index['shards'])} of {index['num_shards']} shards ({ident['shard_size']} rows each); {index['failed_samples']} failed samples (`failed.parquet`); status: {index['status']}
+- members per sample: `txt`, `json`, `latent.npy` (float16){', `mid.npy` (state at σ=' + str(t['sampler']['mid_sigma']) + ', float16)' if 'mid' in ident['save'] else ''}{', `noise.npy` (float32)' if 'noise' in ident['save'] else ''}{', `' + ident['image_format'] + '`' if ident['image_format'] != 'none' else ''}
+- versions: {json.dumps(t['versions'])}; dtype {t['dtype']} on {t['device']}
+
+Read it with `webdataset.WebDataset("shards/{{000000..{len(index['shards']) - 1:06d}}}.tar")`,
+`datasets.load_dataset("webdataset", data_files=...)` or `ray.data.read_webdataset`.
+Check it with `twostep verify STORE`.
+"""
+
+
+def config_dict(cfg: GenerateConfig) -> dict[str, Any]:
+    return asdict(cfg)

@@ -1,0 +1,180 @@
+"""The generation worker: holds one teacher and turns a shard number into a committed shard.
+
+Plain Python (tested without Ray); the job wraps it in a Ray actor. Within a shard, encoding
+(npy, image, json) runs on a background thread while the teacher generates the next batch, so
+the teacher does not wait on CPU-side I/O; the finished tar is uploaded, then its stats (the
+commit marker) are written. No sample bytes go through the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from .store import Store, image_bytes, npy_bytes, tar_bytes
+from .teacher import Teacher, noise_fingerprint
+
+log = logging.getLogger(__name__)
+
+# Test hook: when set to a file path that does not exist yet, the worker creates it and kills its
+# own process at the start of its next shard (simulates a preempted or OOM-killed worker once).
+CRASH_ONCE_ENV = "TWOSTEP_TEST_CRASH_ONCE"
+
+
+@dataclass
+class WorkerConfig:
+    """What every worker needs; the job passes the same one to all."""
+
+    store_url: str
+    manifest: str
+    """Path or URL of the manifest (the store's own copy)."""
+    teacher: str = "toy"
+    shard_size: int = 256
+    batch_size: int = 16
+    image_format: str = "webp"
+    """webp | jpg | png | none (latents only)."""
+    save: tuple[str, ...] = ("mid",)
+    """Extra arrays per sample: any of mid, noise."""
+    on_sample_error: str = "skip"
+    sampler_overrides: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] | None = None
+    threads: int = 0
+    """torch CPU threads (0 = leave torch's default)."""
+    device: str | None = None
+
+
+class ShardWorker:
+    """Loads the teacher once; :meth:`run` generates and commits one shard."""
+
+    def __init__(self, cfg: WorkerConfig):
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.store = Store(cfg.store_url, cfg.storage_options)
+        self.teacher = Teacher.load(cfg.teacher, device=cfg.device, **cfg.sampler_overrides)
+        with fsspec_open(cfg.manifest, cfg.storage_options) as f:
+            self.manifest = pq.read_table(f)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.facts = self.teacher.describe()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.facts, "worker": self.name}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, shard: int, fingerprint: str) -> dict[str, Any]:
+        """Generate manifest rows ``[shard·N, (shard+1)·N)`` and commit them; returns the stats.
+
+        ``fingerprint`` (the job's settings hash) goes into the stats, so a rerun recognises the shard.
+        """
+        _maybe_crash()
+        t0 = time.perf_counter()
+        n = self.cfg.shard_size
+        rows = self.manifest.slice(shard * n, n).to_pylist()
+        default = self.teacher.default_size
+        order = sorted(range(len(rows)), key=lambda i: (rows[i].get("height") or default,
+                                                        rows[i].get("width") or default, i))
+        encoded: dict[int, Future] = {}
+        failures: list[dict[str, Any]] = []
+        for group in _batches(order, rows, default, self.cfg.batch_size):
+            for i, result in self._generate(rows, group, default):
+                if isinstance(result, Exception):
+                    if self.cfg.on_sample_error == "fail":
+                        raise RuntimeError(f"shard {shard}: sample {rows[i]['prompt_id']} failed: {result!r}") from result
+                    failures.append({"prompt_id": rows[i]["prompt_id"], "row": shard * n + i,
+                                     "reason": f"{type(result).__name__}: {result}"})
+                else:
+                    encoded[i] = self._pool.submit(self._encode, rows[i], *result)
+        samples = [encoded[i].result() for i in sorted(encoded)]  # manifest order
+        tar = tar_bytes(samples)
+        stats = {"samples": len(samples), "failures": failures, "rows": len(rows), "worker": self.name,
+                 "seconds": round(time.perf_counter() - t0, 3), "fingerprint": fingerprint}
+        return self.store.commit_shard(shard, tar, stats)
+
+    def _generate(self, rows: list[dict], idx: list[int], default: int):
+        """Yield (row index, (noise, mid, latent, image, seconds) or the exception) for one batch.
+
+        A batch that raises is retried one sample at a time, so one bad sample fails alone.
+        """
+        h, w = rows[idx[0]].get("height") or default, rows[idx[0]].get("width") or default
+        try:
+            t0 = time.perf_counter()
+            out = self.teacher.generate([rows[i]["prompt"] for i in idx], [rows[i]["seed"] for i in idx], h, w,
+                                        decode=self.cfg.image_format != "none",
+                                        negative_prompts=[rows[i].get("negative_prompt") or "" for i in idx])
+            per = (time.perf_counter() - t0) / len(idx)
+            for k, i in enumerate(idx):
+                yield i, (out.noise[k], None if out.mid is None else out.mid[k], out.latent[k],
+                          None if out.images is None else out.images[k], per, h, w)
+        except Exception as e:
+            if len(idx) == 1:
+                yield idx[0], e
+                return
+            log.warning("batch of %d failed (%s); retrying one sample at a time", len(idx), e)
+            for i in idx:
+                yield from self._generate(rows, [i], default)
+
+    def _encode(self, row: dict, noise: torch.Tensor, mid: torch.Tensor | None, latent: torch.Tensor,
+                image: np.ndarray | None, seconds: float, h: int, w: int) -> dict[str, Any]:
+        """One sample's tar members (all bytes)."""
+        meta = {"prompt_id": row["prompt_id"], "seed": int(row["seed"]), "height": h, "width": w,
+                "noise_sha256": noise_fingerprint(noise), "seconds": round(seconds, 4),
+                **self.facts}
+        for k, v in row.items():
+            if k not in ("prompt", "prompt_id", "seed", "height", "width"):
+                meta.setdefault(k, v)
+        sample = {"__key__": row["prompt_id"], "txt": row["prompt"].encode(),
+                  "json": _json_bytes(meta), "latent.npy": npy_bytes(latent.numpy().astype(np.float16))}
+        if "mid" in self.cfg.save and mid is not None:
+            sample["mid.npy"] = npy_bytes(mid.numpy().astype(np.float16))
+        if "noise" in self.cfg.save:
+            sample["noise.npy"] = npy_bytes(noise.numpy().astype(np.float32))
+        if image is not None and self.cfg.image_format != "none":
+            sample[self.cfg.image_format] = image_bytes(image, self.cfg.image_format)
+        return sample
+
+
+def _batches(order: list[int], rows: list[dict], default: int, size: int):
+    """Consecutive runs of ``order`` with one (height, width), at most ``size`` long."""
+    batch: list[int] = []
+    key = None
+    for i in order:
+        k = (rows[i].get("height") or default, rows[i].get("width") or default)
+        if batch and (k != key or len(batch) == size):
+            yield batch
+            batch = []
+        batch.append(i)
+        key = k
+    if batch:
+        yield batch
+
+
+def _json_bytes(obj: Any) -> bytes:
+    import json
+
+    return json.dumps(obj, sort_keys=True, default=str).encode()
+
+
+def fsspec_open(url: str, storage_options: dict | None):
+    import fsspec
+
+    return fsspec.open(url, "rb", **(storage_options or {}))
+
+
+def _maybe_crash() -> None:
+    marker = os.environ.get(CRASH_ONCE_ENV)
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        log.warning("%s set: killing this worker process (test hook)", CRASH_ONCE_ENV)
+        os._exit(17)

@@ -1,0 +1,209 @@
+"""Teacher generation on a real local Ray cluster: store format, real readers, resume, faults, S3."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from twostep.pipeline.job import GenerateConfig, run_generation
+from twostep.pipeline.store import Store, StoreError
+from twostep.pipeline.verify import verify_store
+from twostep.pipeline.worker import CRASH_ONCE_ENV
+from twostep.prompts.toy import build_toy_manifest
+
+ROWS, SHARD = 20, 8  # 3 shards: 8 + 8 + 4
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "toy.parquet"
+    build_toy_manifest(ROWS, path, seed=11)
+    return str(path)
+
+
+def _cfg(manifest, out, **kw):
+    return GenerateConfig(manifest=manifest, out=str(out), shard_size=SHARD, batch_size=4,
+                          num_workers=kw.pop("num_workers", 2), **kw)
+
+
+def _arrays(out) -> dict[str, bytes]:
+    """key.member → bytes of every array and text member (the json holds timings, so it differs)."""
+    import webdataset as wds
+
+    urls = sorted(glob.glob(f"{out}/shards/*.tar"))
+    return {f"{s['__key__']}.{k}": v for s in wds.WebDataset(urls, shardshuffle=False)
+            for k, v in s.items() if k.endswith(".npy") or k in ("txt", "webp")}
+
+
+@pytest.fixture(scope="module")
+def clean_store(ray_cluster, manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "store"
+    index = run_generation(_cfg(manifest, out, save=("mid", "noise")))
+    return out, index
+
+
+def test_clean_run_writes_the_documented_store(clean_store, manifest):
+    out, index = clean_store
+    assert index["status"] == "complete" and index["samples"] == ROWS and len(index["shards"]) == 3
+    for rel in ("index.json", "manifest.parquet", "failed.parquet", "README.md", "shards/000002.json"):
+        assert os.path.exists(f"{out}/{rel}"), rel
+    assert not os.path.exists(f"{out}/lease.json")
+    assert pq.read_table(f"{out}/failed.parquet").num_rows == 0
+    stats = json.load(open(f"{out}/shards/000002.json"))
+    assert stats["samples"] == 4 and stats["failures"] == [] and stats["worker"]
+    assert verify_store(str(out))["ok"]
+
+
+def test_real_readers(clean_store, manifest):
+    import datasets
+    import ray.data
+    import webdataset as wds
+
+    out, _ = clean_store
+    ids = pq.read_table(manifest).column("prompt_id").to_pylist()
+    urls = sorted(glob.glob(f"{out}/shards/*.tar"))
+    got = list(wds.WebDataset(urls, shardshuffle=False))
+    assert [s["__key__"] for s in got] == ids
+    s0 = got[0]
+    latent = np.load(io.BytesIO(s0["latent.npy"]), allow_pickle=False)
+    mid = np.load(io.BytesIO(s0["mid.npy"]), allow_pickle=False)
+    noise = np.load(io.BytesIO(s0["noise.npy"]), allow_pickle=False)
+    assert latent.dtype == mid.dtype == np.float16 and noise.dtype == np.float32 and latent.shape == (4, 16, 16)
+    meta = json.loads(s0["json"])
+    assert meta["prompt_id"] == ids[0] and meta["sampler"]["num_steps"] == 8 and meta["sampler_hash"]
+    assert set(s0) >= {"txt", "json", "latent.npy", "mid.npy", "noise.npy", "webp"}
+    hf = datasets.load_dataset("webdataset", data_files={"train": urls}, split="train")
+    assert hf.num_rows == ROWS and hf[0]["webp"].size == (64, 64)
+    rd = ray.data.read_webdataset(urls).take_all()
+    assert sorted(r["__key__"] for r in rd) == sorted(ids)
+
+
+def test_rerun_is_idempotent_and_refuses_other_settings(clean_store, manifest, ray_cluster):
+    out, _ = clean_store
+    before = {p: os.path.getmtime(p) for p in glob.glob(f"{out}/shards/*")}
+    index = run_generation(_cfg(manifest, out, save=("mid", "noise")))
+    assert index["status"] == "complete"
+    assert {p: os.path.getmtime(p) for p in glob.glob(f"{out}/shards/*")} == before  # nothing redone
+    with pytest.raises(StoreError, match="image_format"):
+        run_generation(_cfg(manifest, out, save=("mid", "noise"), image_format="png"))
+
+
+def test_lease_refuses_a_second_driver(clean_store, manifest):
+    out, _ = clean_store
+    Store(str(out)).acquire_lease("someone-else")
+    try:
+        with pytest.raises(StoreError, match="being written by someone-else"):
+            run_generation(_cfg(manifest, out, save=("mid", "noise")))
+    finally:
+        Store(str(out)).release_lease("someone-else")
+
+
+def test_worker_killed_mid_shard(ray_cluster, manifest, clean_store, tmp_path):
+    """A worker process dies at the start of a shard: it is replaced, the shard requeued, and the store
+    equals a clean run's (same keys, same latent, mid, noise and image bytes)."""
+    marker = tmp_path / "crashed"
+    os.environ[CRASH_ONCE_ENV] = str(marker)
+    try:
+        index = run_generation(_cfg(manifest, tmp_path / "store", save=("mid", "noise")))
+    finally:
+        del os.environ[CRASH_ONCE_ENV]
+    assert marker.exists()  # the crash happened
+    assert index["status"] == "complete" and index["samples"] == ROWS
+    assert verify_store(str(tmp_path / "store"))["ok"]
+    assert _arrays(tmp_path / "store") == _arrays(clean_store[0])
+
+
+def test_failing_shard_is_retried_then_recorded(ray_cluster, manifest, tmp_path):
+    # a teacher folder that cannot load makes every attempt fail: the job must end, not hang
+    with pytest.raises(Exception, match="model_index.json|not a diffusers pipeline"):
+        run_generation(_cfg(manifest, tmp_path / "store", teacher=str(tmp_path), max_shard_retries=1))
+
+
+def test_killed_driver_then_rerun_equals_clean_run(manifest, clean_store, tmp_path):
+    out = tmp_path / "store"
+    cmd = [sys.executable, "-m", "twostep.cli", "generate", "--manifest", manifest, "--out", str(out),
+           "--shard-size", str(SHARD), "--batch-size", "4", "--num-workers", "2", "--save", "mid,noise"]  # same threads as the clean run
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not glob.glob(f"{out}/shards/*.json") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # driver and its local cluster, mid-job
+    proc.wait(timeout=60)
+    assert glob.glob(f"{out}/shards/*.json"), "no shard committed before the kill"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _arrays(out) == _arrays(clean_store[0])
+    assert verify_store(str(out))["ok"]
+
+
+def test_verify_reports_corruption(clean_store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(clean_store[0], copy)
+    with open(copy / "shards" / "000001.tar", "r+b") as f:
+        f.seek(700)
+        f.write(b"corrupt!")
+    os.remove(copy / "shards" / "000002.tar")
+    report = verify_store(str(copy))
+    assert not report["ok"]
+    assert any("000001.tar: sha256 differs" in p for p in report["problems"])
+    assert any("000002.tar: missing" in p for p in report["problems"])
+
+
+def test_verify_regenerate(clean_store):
+    report = verify_store(str(clean_store[0]), regenerate=2, device="cpu")
+    r = report["regenerate"]
+    assert report["ok"] and len(r["samples"]) == 2 and r["sampler_hash_matches"]
+    assert all(s["noise_matches"] for s in r["samples"]) and r["max_abs_diff"] < 1e-2
+
+
+@pytest.fixture
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1 (as s3fs's own tests use it)."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+    import s3fs
+
+    s3fs.S3FileSystem(**opts).mkdir("twostep-test")
+    yield opts
+    server.stop()
+
+
+def test_bucket_store_on_s3_protocol_server(ray_cluster, manifest, s3_server, clean_store):
+    url = "s3://twostep-test/stores/toy"
+    index = run_generation(_cfg(manifest, url, save=("mid", "noise"), storage_options=s3_server))
+    assert index["status"] == "complete" and index["samples"] == ROWS
+    report = verify_store(url, s3_server)
+    assert report["ok"] and report["samples"] == ROWS, report["problems"]
+    store = Store(url, s3_server)
+    assert store.exists("shards/000002.json") and store.exists("README.md") and not store.exists("lease.json")
+    local = json.load(open(f"{clean_store[0]}/index.json"))
+    assert [s["sha256"] for s in index["shards"]] and len(index["shards"]) == len(local["shards"])

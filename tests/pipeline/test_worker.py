@@ -1,0 +1,48 @@
+"""The shard worker in-process (no Ray): a failing sample is isolated and recorded."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from twostep.pipeline.job import write_index
+from twostep.pipeline.store import Store
+from twostep.pipeline.worker import ShardWorker, WorkerConfig
+from twostep.prompts.toy import build_toy_manifest
+
+
+@pytest.fixture
+def worker(tmp_path):
+    build_toy_manifest(6, tmp_path / "toy.parquet", seed=2)
+    cfg = WorkerConfig(store_url=str(tmp_path / "store"), manifest=str(tmp_path / "toy.parquet"), shard_size=6,
+                       batch_size=3, image_format="png", save=())
+    w = ShardWorker(cfg)
+    bad = pq.read_table(tmp_path / "toy.parquet").column("prompt").to_pylist()[4]
+    real = w.teacher.generate
+
+    def flaky(prompts, *a, **kw):
+        if bad in prompts:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(prompts, *a, **kw)
+
+    w.teacher.generate = flaky
+    return w
+
+
+def test_failing_sample_is_recorded_and_the_rest_commits(worker):
+    stats = worker.run(0, "fp")
+    assert stats["samples"] == 5 and len(stats["failures"]) == 1
+    f = stats["failures"][0]
+    assert f["row"] == 4 and "out of memory" in f["reason"]
+    index = write_index(worker.store, "fp", {"shard_size": 6, "manifest_hash": "x", "save": [],
+                                             "image_format": "png"}, 1, worker.describe(), 1.0, {})
+    assert index["failed_samples"] == 1 and index["status"] == "complete"
+    failed = pq.read_table(f"{worker.cfg.store_url}/failed.parquet").to_pylist()
+    assert failed[0]["prompt_id"] == f["prompt_id"] and failed[0]["shard"] == 0
+
+
+def test_on_sample_error_fail_fails_the_shard(worker):
+    worker.cfg.on_sample_error = "fail"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        worker.run(0, "fp")
+    assert not Store(worker.cfg.store_url).exists("shards/000000.json")
