@@ -136,7 +136,7 @@ class _Actors:
         # Workers see the driver's TWOSTEP_* variables wherever they run.
         env = {k: v for k, v in os.environ.items() if k.startswith("TWOSTEP_")}
         remote = ray.remote(ShardWorker).options(num_cpus=self.cpus, num_gpus=cfg.gpus_per_worker,
-                                                 max_restarts=0, max_task_retries=0,
+                                                 max_restarts=0, max_task_retries=0, max_concurrency=2,
                                                  runtime_env={"env_vars": env} if env else None)
         self.remote = remote
         self.handles = [remote.remote(self.wcfg) for _ in range(cfg.num_workers)]
@@ -167,18 +167,20 @@ def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, store:
     from ray.exceptions import RayActorError, RayTaskError
 
     queue, attempts, failed = deque(todo), dict.fromkeys(todo, 0), {}
-    inflight: dict[Any, tuple[int, int]] = {}
-    idle = deque(range(len(actors.handles)))
+    inflight: dict[Any, tuple[int, int, Any]] = {}  # ref → (actor slot, shard, actor handle)
+    # Two slots per actor: shard k+1 generates while shard k uploads (the worker serialises generation).
+    idle = deque([k for k in range(len(actors.handles)) for _ in range(2)])
     samples = failures = 0
     t0, renewed = time.time(), time.time()
     bar = tqdm(total=len(todo), desc="shards", unit="shard")
     while queue or inflight:
         while queue and idle:
             k, shard = idle.popleft(), queue.popleft()
-            inflight[actors.handles[k].run.remote(shard, fp)] = (k, shard)
+            handle = actors.handles[k]
+            inflight[handle.run.remote(shard, fp)] = (k, shard, handle)
         done, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
         for ref in done:
-            k, shard = inflight.pop(ref)
+            k, shard, handle = inflight.pop(ref)
             try:
                 stats = ray.get(ref)
                 samples += stats["samples"]
@@ -188,7 +190,8 @@ def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, store:
                 log.warning("worker %d died on shard %d (%s); replacing it and requeueing", k, shard,
                             type(e).__name__)
                 _retry(shard, attempts, cfg, queue, failed, f"worker died: {type(e).__name__}")
-                actors.replace(k)
+                if handle is actors.handles[k]:  # its other in-flight shard fails too: replace once
+                    actors.replace(k)
             except RayTaskError as e:
                 log.warning("shard %d failed: %s", shard, str(e).splitlines()[-1][:300])
                 _retry(shard, attempts, cfg, queue, failed, str(e).splitlines()[-1][:500])

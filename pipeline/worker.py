@@ -1,9 +1,10 @@
 """The generation worker: holds one teacher and turns a shard number into a committed shard.
 
-Plain Python (tested without Ray); the job wraps it in a Ray actor. Within a shard, encoding
-(npy, image, json) runs on a background thread while the teacher generates the next batch, so
-the teacher does not wait on CPU-side I/O; the finished tar is uploaded, then its stats (the
-commit marker) are written. No sample bytes go through the driver.
+Plain Python (tested without Ray); the job wraps it in a Ray actor that runs two shards at once
+(``max_concurrency=2``). The teacher never waits on I/O: within a shard, encoding (npy, image,
+json) runs on a background thread while the teacher generates the next batch; across shards, a
+lock lets one shard generate while the previous one builds its tar, uploads it and writes its
+stats (the commit marker). No sample bytes go through the driver.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -66,6 +68,7 @@ class ShardWorker:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.facts = self.teacher.describe()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+        self._teacher_lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
         return {**self.facts, "worker": self.name}
@@ -78,8 +81,15 @@ class ShardWorker:
 
         ``fingerprint`` (the job's settings hash) goes into the stats, so a rerun recognises the shard.
         """
-        _maybe_crash()
         t0 = time.perf_counter()
+        with self._teacher_lock:  # one shard generates at a time; the previous one uploads meanwhile
+            samples, failures, nrows = self._generate_shard(shard)
+        tar = tar_bytes(samples)
+        stats = {"samples": len(samples), "failures": failures, "rows": nrows, "worker": self.name,
+                 "seconds": round(time.perf_counter() - t0, 3), "fingerprint": fingerprint}
+        return self.store.commit_shard(shard, tar, stats)
+
+    def _generate_shard(self, shard: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
         n = self.cfg.shard_size
         rows = self.manifest.slice(shard * n, n).to_pylist()
         default = self.teacher.default_size
@@ -96,11 +106,8 @@ class ShardWorker:
                                      "reason": f"{type(result).__name__}: {result}"})
                 else:
                     encoded[i] = self._pool.submit(self._encode, rows[i], *result)
-        samples = [encoded[i].result() for i in sorted(encoded)]  # manifest order
-        tar = tar_bytes(samples)
-        stats = {"samples": len(samples), "failures": failures, "rows": len(rows), "worker": self.name,
-                 "seconds": round(time.perf_counter() - t0, 3), "fingerprint": fingerprint}
-        return self.store.commit_shard(shard, tar, stats)
+            _maybe_crash()  # test hook: dies here, after the shard's first batch
+        return [encoded[i].result() for i in sorted(encoded)], failures, len(rows)  # manifest order
 
     def _generate(self, rows: list[dict], idx: list[int], default: int):
         """Yield (row index, (noise, mid, latent, image, seconds) or the exception) for one batch.
