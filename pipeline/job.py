@@ -90,7 +90,7 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any]:
     try:
         if cfg.overwrite:
             store.remove_all()
-        store.put_file("manifest.parquet", cfg.manifest) if not store.exists("manifest.parquet") else None
+        _copy_manifest(store, cfg, manifest_hash)
         _init_ray(ray, cfg)
         actors = _Actors(ray, cfg, store)
         facts = actors.describe()
@@ -125,14 +125,13 @@ class _Actors:
         self.ray, self.cfg = ray, cfg
         cpus = ray.available_resources().get("CPU", 1)
         self.cpus = 1 if cfg.gpus_per_worker else max(1, int(cpus // cfg.num_workers))
-        self.wcfg = WorkerConfig(store_url=cfg.out, manifest=store.path("manifest.parquet"), teacher=cfg.teacher,
+        # Workers read the store's copy of the manifest, which every node of a cluster can reach.
+        self.wcfg = WorkerConfig(store_url=cfg.out, manifest=store.url_of("manifest.parquet"), teacher=cfg.teacher,
                                  shard_size=cfg.shard_size, batch_size=cfg.batch_size,
                                  image_format=cfg.image_format, save=tuple(cfg.save),
                                  on_sample_error=cfg.on_sample_error, sampler_overrides=cfg.sampler_overrides,
                                  storage_options=cfg.storage_options or None,
                                  threads=0 if cfg.gpus_per_worker else self.cpus)
-        if not store.local:  # remote workers read the manifest copy through fsspec too
-            self.wcfg.manifest = f"{store.fs.protocol[0] if isinstance(store.fs.protocol, tuple) else store.fs.protocol}://{store.path('manifest.parquet')}"
         # Workers see the driver's TWOSTEP_* variables wherever they run.
         env = {k: v for k, v in os.environ.items() if k.startswith("TWOSTEP_")}
         remote = ray.remote(ShardWorker).options(num_cpus=self.cpus, num_gpus=cfg.gpus_per_worker,
@@ -150,6 +149,18 @@ class _Actors:
 
     def replace(self, k: int) -> None:
         self.handles[k] = self.remote.remote(self.wcfg)
+
+
+def _copy_manifest(store: Store, cfg: GenerateConfig, manifest_hash: str) -> None:
+    """Put the manifest into the store, or check that the copy there is the same manifest."""
+    if store.exists("manifest.parquet"):
+        with store.fs.open(store.path("manifest.parquet"), "rb") as f:
+            stored = (pq.read_metadata(f).metadata or {}).get(b"twostep.manifest_hash", b"").decode()
+        if stored == manifest_hash:
+            return
+        raise StoreError(f"{cfg.out} holds another manifest (hash {stored[:12]}…, yours {manifest_hash[:12]}…); "
+                         "use another --out, or --overwrite to replace it")
+    store.put_file("manifest.parquet", cfg.manifest)
 
 
 def _check_store(store: Store, fp: str, ident: dict, cfg: GenerateConfig) -> None:

@@ -95,6 +95,10 @@ class Store:
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
+    def url_of(self, rel: str) -> str:
+        """Full URL of a store member, with its protocol (``s3://…``, ``file://…``)."""
+        return self.fs.unstrip_protocol(self.path(rel))
+
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 

@@ -207,3 +207,10 @@ def test_bucket_store_on_s3_protocol_server(ray_cluster, manifest, s3_server, cl
     assert store.exists("shards/000002.json") and store.exists("README.md") and not store.exists("lease.json")
     local = json.load(open(f"{clean_store[0]}/index.json"))
     assert [s["sha256"] for s in index["shards"]] and len(index["shards"]) == len(local["shards"])
+
+
+def test_store_of_another_manifest_is_refused(ray_cluster, clean_store, tmp_path):
+    other = tmp_path / "other.parquet"
+    build_toy_manifest(ROWS, other, seed=99)
+    with pytest.raises(StoreError, match="holds another manifest"):
+        run_generation(_cfg(str(other), clean_store[0], save=("mid", "noise")))
