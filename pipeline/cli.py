@@ -24,7 +24,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        description="Generate teacher samples for every manifest row into a shard store, on a "
                                    "local or existing Ray cluster. Idempotent and resumable: rerunning the same "
                                    "command does only the shards not committed yet.")
-    g.add_argument("--manifest", required=True, help="manifest parquet (twostep prompts build/toy)")
+    g.add_argument("--manifest", required=True,
+                   help="local manifest parquet (twostep prompts build/toy); the job copies it into the store")
     g.add_argument("--out", required=True, metavar="STORE",
                    help="store URL: a local folder, s3://bucket/prefix, gs://…")
     g.add_argument("--teacher", default="toy", help="toy, a local ZImagePipeline folder, or a hub id[@revision]")
@@ -59,6 +60,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="regenerate K random samples with the recorded teacher and compare latents")
     v.add_argument("--seed", type=int, default=0, help="which samples --regenerate picks (default: 0)")
     v.add_argument("--device", default=None, help="device for --regenerate (default: cuda if available)")
+    v.add_argument("--teacher", default=None, help="where the recorded teacher is on this machine, for "
+                   "--regenerate (default: the recorded id: toy, a folder path or a hub id)")
     v.add_argument("--storage-options", type=_json_arg, default={}, help="fsspec storage options as JSON")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=_verify)
@@ -90,7 +93,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .verify import verify_store
 
-    report = verify_store(args.store, args.storage_options or None, args.regenerate, args.seed, args.device)
+    report = verify_store(args.store, args.storage_options or None, args.regenerate, args.seed, args.device,
+                          args.teacher)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -145,7 +145,7 @@ class Teacher:
                 raise FileNotFoundError(f"the toy teacher is not in {TOY_TEACHER_DIR}; train it with "
                                         "python -m twostep.pipeline.toy.train_teacher")
         elif os.path.isdir(spec):
-            path, name = spec, os.path.basename(os.path.normpath(spec))
+            path, name = spec, os.path.abspath(spec)
             if not os.path.exists(os.path.join(spec, "model_index.json")):
                 raise FileNotFoundError(f"{spec}: not a diffusers pipeline folder (no model_index.json)")
         else:

@@ -33,7 +33,7 @@ def _members(tar: bytes) -> dict[str, dict[str, bytes]]:
 
 
 def verify_store(url: str, storage_options: dict | None = None, regenerate: int = 0, seed: int = 0,
-                 device: str | None = None) -> dict[str, Any]:
+                 device: str | None = None, teacher: str | None = None) -> dict[str, Any]:
     """Return a report: ok, per-problem lists, and regeneration differences."""
     store = Store(url, storage_options)
     index = store.read_json("index.json")
@@ -75,17 +75,18 @@ def verify_store(url: str, storage_options: dict | None = None, regenerate: int 
     report: dict[str, Any] = {"ok": not problems, "problems": problems, "shards": len(listed),
                               "samples": sum(len(s) for s in checked.values())}
     if regenerate and checked:
-        report["regenerate"] = _regenerate(store, index, checked, regenerate, seed, device)
+        report["regenerate"] = _regenerate(store, index, checked, regenerate, seed, device, teacher)
         report["ok"] = report["ok"] and report["regenerate"]["sampler_hash_matches"]
     return report
 
 
-def _regenerate(store: Store, index: dict, checked: dict, k: int, seed: int, device: str | None) -> dict[str, Any]:
+def _regenerate(store: Store, index: dict, checked: dict, k: int, seed: int, device: str | None,
+                teacher_spec: str | None) -> dict[str, Any]:
     from .teacher import Teacher, noise_fingerprint
 
     facts = index["teacher"]
     s = facts["sampler"]
-    spec = facts["teacher"] if facts["revision"] is None else f"{facts['teacher']}@{facts['revision']}"
+    spec = teacher_spec or (facts["teacher"] if facts["revision"] is None else f"{facts['teacher']}@{facts['revision']}")
     teacher = Teacher.load(spec, device=device, num_steps=s["num_steps"], guidance_scale=s["guidance_scale"],
                            mid_sigma=s["mid_sigma"], max_sequence_length=s["max_sequence_length"])
     pool = [(i, key) for i in sorted(checked) for key in sorted(checked[i])]

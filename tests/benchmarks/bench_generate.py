@@ -1,4 +1,7 @@
-"""Benchmark: generation throughput with 2 workers vs 1, one torch thread each (toy teacher, CPU).
+"""Benchmark: generation throughput: the job with 1 and 2 workers vs a bare loop (toy teacher, CPU).
+
+The bare loop calls the same teacher with the same batch size in one process with one torch
+thread (no encoding, no tar, no Ray); the job's workers get one CPU and one torch thread each.
 
 Each configuration runs ``twostep generate`` end to end on a fresh local Ray cluster with exactly as
 many CPUs as workers (so one torch thread per worker), A B A B; reported: steady-state committed
@@ -57,6 +60,24 @@ def run_once(manifest: str, workers: int, rows: int, tmp: Path) -> dict:
         ray.shutdown()
 
 
+def bare_loop(manifest: str, batch: int) -> dict:
+    """The same teacher called in a plain loop in this process, one thread, same batches."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from twostep.pipeline.teacher import Teacher
+
+    torch.set_num_threads(1)
+    rows = pq.read_table(manifest).to_pylist()
+    teacher = Teacher.load("toy", device="cpu")
+    teacher.generate([rows[0]["prompt"]], [rows[0]["seed"]], 64, 64)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), batch):
+        b = rows[i:i + batch]
+        teacher.generate([r["prompt"] for r in b], [r["seed"] for r in b], 64, 64)
+    return {"images_per_s": round(len(rows) / (time.perf_counter() - t0), 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=96, help="manifest rows per run")
@@ -67,12 +88,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         build_toy_manifest(args.rows, tmp / "toy.parquet", seed=1)
-        res: dict[int, list[dict]] = {1: [], 2: []}
+        res: dict[int, list[dict]] = {0: [], 1: [], 2: []}  # 0 = the bare loop
         for _ in range(args.repeats):
+            res[0].append(bare_loop(str(tmp / "toy.parquet"), 8))
             for w in (1, 2):
                 res[w].append(run_once(str(tmp / "toy.parquet"), w, args.rows, tmp))
         med = {w: {k: round(statistics.median(r[k] for r in v), 3) for k in v[0]} for w, v in res.items()}
-        print(json.dumps({"one_worker": med[1], "two_workers": med[2],
+        print(json.dumps({"bare_loop": med[0], "one_worker": med[1], "two_workers": med[2],
+                          "ratio_one_worker_over_bare": round(med[1]["images_per_s"] / med[0]["images_per_s"], 2),
                           "ratio_two_over_one": round(med[2]["images_per_s"] / med[1]["images_per_s"], 2),
                           "runs": res}, indent=1))
 

@@ -163,9 +163,12 @@ def test_verify_reports_corruption(clean_store, tmp_path):
     with open(copy / "shards" / "000001.tar", "r+b") as f:
         f.seek(700)
         f.write(b"corrupt!")
+    with open(copy / "shards" / "000000.tar", "r+b") as f:
+        f.truncate(3000)
     os.remove(copy / "shards" / "000002.tar")
     report = verify_store(str(copy))
     assert not report["ok"]
+    assert any("000000.tar: 3000 bytes, index says" in p for p in report["problems"])
     assert any("000001.tar: sha256 differs" in p for p in report["problems"])
     assert any("000002.tar: missing" in p for p in report["problems"])
 
@@ -214,3 +217,15 @@ def test_store_of_another_manifest_is_refused(ray_cluster, clean_store, tmp_path
     build_toy_manifest(ROWS, other, seed=99)
     with pytest.raises(StoreError, match="holds another manifest"):
         run_generation(_cfg(str(other), clean_store[0], save=("mid", "noise")))
+
+
+def test_tiny_zimage_pipeline_through_the_job(ray_cluster, tiny_pipeline_dir, tmp_path):
+    """The real Z-Image code path: byte-level tokenizer, 16-channel latents, 32×32 images."""
+    build_toy_manifest(6, tmp_path / "m.parquet", seed=4, height=32, width=32)
+    index = run_generation(GenerateConfig(manifest=str(tmp_path / "m.parquet"), out=str(tmp_path / "store"),
+                                          teacher=tiny_pipeline_dir, shard_size=4, batch_size=2, num_workers=1,
+                                          image_format="png"))
+    assert index["status"] == "complete" and index["samples"] == 6
+    assert index["teacher"]["sampler"]["num_steps"] == 8
+    report = verify_store(str(tmp_path / "store"), regenerate=1, device="cpu")
+    assert report["ok"] and report["regenerate"]["samples"][0]["noise_matches"]
