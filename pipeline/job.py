@@ -180,7 +180,7 @@ def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, store:
     queue, attempts, failed = deque(todo), dict.fromkeys(todo, 0), {}
     inflight: dict[Any, tuple[int, int, Any]] = {}  # ref → (actor slot, shard, actor handle)
     # Two slots per actor: shard k+1 generates while shard k uploads (the worker serialises generation).
-    idle = deque([k for k in range(len(actors.handles)) for _ in range(2)])
+    idle = deque([k for _ in range(2) for k in range(len(actors.handles))])  # 0, 1, …, 0, 1, …: spread first
     samples = failures = 0
     t0, renewed = time.time(), time.time()
     bar = tqdm(total=len(todo), desc="shards", unit="shard")
