@@ -70,6 +70,8 @@ def test_clean_run_writes_the_documented_store(clean_store, manifest):
     assert pq.read_table(f"{out}/failed.parquet").num_rows == 0
     stats = json.load(open(f"{out}/shards/000002.json"))
     assert stats["samples"] == 4 and stats["failures"] == [] and stats["worker"]
+    first_two = {json.load(open(f"{out}/shards/00000{i}.json"))["worker"] for i in (0, 1)}
+    assert len(first_two) == 2  # the first shards go to different workers
     assert verify_store(str(out))["ok"]
 
 
