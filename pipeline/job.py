@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 from collections import deque
@@ -69,7 +70,8 @@ class GenerateConfig:
 def fingerprint(manifest_hash: str, cfg: GenerateConfig, facts: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """What makes two runs write the same store; its hash goes into every shard's stats."""
     ident = {"format": STORE_FORMAT, "manifest_hash": manifest_hash, "shard_size": cfg.shard_size,
-             "teacher": facts["teacher"], "revision": facts["revision"], "sampler_hash": facts["sampler_hash"],
+             "teacher": facts["teacher"], "revision": facts["revision"], "weights": facts.get("weights"),
+             "dtype": facts["dtype"], "device": facts["device"], "sampler_hash": facts["sampler_hash"],
              "image_format": cfg.image_format, "save": sorted(cfg.save)}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16], ident
 
@@ -87,6 +89,7 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any]:
     store = Store(cfg.out, cfg.storage_options or None)
     owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     store.acquire_lease(owner)
+    keeper = _LeaseKeeper(store, owner)
     try:
         if cfg.overwrite:
             store.remove_all()
@@ -96,16 +99,47 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any]:
         facts = actors.describe()
         fp, ident = fingerprint(manifest_hash, cfg, facts)
         _check_store(store, fp, ident, cfg)
-        store.put_json("index.json", {"status": "in progress", "fingerprint": fp, "identity": ident,
-                                      "num_shards": num_shards, "shards": []})
+        if not store.exists("index.json"):  # records the settings at once, for a rerun after a crash
+            store.put_json("index.json", {"status": "in progress", "fingerprint": fp, "identity": ident,
+                                          "num_shards": num_shards, "shards": []})
         todo = [i for i in range(num_shards) if not store.committed(i, fp)]
         log.info("%d shards of %d rows; %d committed already, %d to do; store %s",
                  num_shards, cfg.shard_size, num_shards - len(todo), len(todo), cfg.out)
-        failed_shards = _dispatch(ray, actors, todo, cfg, store, owner, fp)
+        failed_shards = _dispatch(ray, actors, todo, cfg, keeper, fp)
+        keeper.check()
         summary = write_index(store, fp, ident, num_shards, facts, time.time() - t0, failed_shards)
     finally:
+        keeper.stop()
         store.release_lease(owner)
     return summary
+
+
+class _LeaseKeeper(threading.Thread):
+    """Renews the store's lease every minute from the moment it is taken (teacher loading and
+    index writing included); if another driver took it meanwhile, :meth:`check` raises."""
+
+    def __init__(self, store: Store, owner: str, every: float = 60.0):
+        super().__init__(daemon=True, name="lease")
+        self.store, self.owner, self.every = store, owner, every
+        self.lost: str | None = None
+        self._halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.every):
+            held = (self.store.read_json("lease.json") or {}).get("owner")
+            if held != self.owner:
+                self.lost = held
+                return
+            self.store.renew_lease(self.owner)
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise StoreError(f"{self.store.url}: the lease was taken by {self.lost}; stopping so two drivers "
+                             "do not write one store")
+
+    def stop(self) -> None:
+        self._halt.set()
 
 
 def _init_ray(ray, cfg: GenerateConfig) -> None:
@@ -123,10 +157,14 @@ class _Actors:
 
     def __init__(self, ray, cfg: GenerateConfig, store: Store):
         self.ray, self.cfg = ray, cfg
-        cpus = ray.available_resources().get("CPU", 1)
+        cpus = ray.cluster_resources().get("CPU", 1)
+        if not cfg.gpus_per_worker and cpus < cfg.num_workers:
+            raise ValueError(f"--num-workers {cfg.num_workers} needs at least as many CPUs; the Ray cluster has "
+                             f"{cpus:g}")
         self.cpus = 1 if cfg.gpus_per_worker else max(1, int(cpus // cfg.num_workers))
         # Workers read the store's copy of the manifest, which every node of a cluster can reach.
-        self.wcfg = WorkerConfig(store_url=cfg.out, manifest=store.url_of("manifest.parquet"), teacher=cfg.teacher,
+        self.wcfg = WorkerConfig(store_url=store.url_of(""), manifest=store.url_of("manifest.parquet"),
+                                 teacher=cfg.teacher,
                                  shard_size=cfg.shard_size, batch_size=cfg.batch_size,
                                  image_format=cfg.image_format, save=tuple(cfg.save),
                                  on_sample_error=cfg.on_sample_error, sampler_overrides=cfg.sampler_overrides,
@@ -148,6 +186,8 @@ class _Actors:
         return facts[0]
 
     def replace(self, k: int) -> None:
+        """A new actor in slot k; the old one is killed (it may only be unreachable, not dead)."""
+        self.ray.kill(self.handles[k], no_restart=True)
         self.handles[k] = self.remote.remote(self.wcfg)
 
 
@@ -172,17 +212,17 @@ def _check_store(store: Store, fp: str, ident: dict, cfg: GenerateConfig) -> Non
                          "use another --out, or --overwrite to replace it")
 
 
-def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, store: Store, owner: str,
+def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, keeper: _LeaseKeeper,
               fp: str) -> dict[int, str]:
     """Run shards on the actors until all are committed or out of retries."""
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import RayActorError, RayError, RayTaskError
 
     queue, attempts, failed = deque(todo), dict.fromkeys(todo, 0), {}
     inflight: dict[Any, tuple[int, int, Any]] = {}  # ref → (actor slot, shard, actor handle)
     # Two slots per actor: shard k+1 generates while shard k uploads (the worker serialises generation).
     idle = deque([k for _ in range(2) for k in range(len(actors.handles))])  # 0, 1, …, 0, 1, …: spread first
     samples = failures = 0
-    t0, renewed = time.time(), time.time()
+    t0 = time.time()
     bar = tqdm(total=len(todo), desc="shards", unit="shard")
     while queue or inflight:
         while queue and idle:
@@ -206,12 +246,13 @@ def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, store:
             except RayTaskError as e:
                 log.warning("shard %d failed: %s", shard, str(e).splitlines()[-1][:300])
                 _retry(shard, attempts, cfg, queue, failed, str(e).splitlines()[-1][:500])
+            except RayError as e:  # lost objects, unserialisable errors, system errors: retry the shard
+                log.warning("shard %d: %s", shard, e)
+                _retry(shard, attempts, cfg, queue, failed, f"{type(e).__name__}: {str(e)[:400]}")
             idle.append(k)
             rate = samples / max(time.time() - t0, 1e-9)
             bar.set_postfix(img_s=f"{rate:.2f}", failed_samples=failures, failed_shards=len(failed))
-        if time.time() - renewed > 60:  # the lease lasts 300 s
-            store.renew_lease(owner)
-            renewed = time.time()
+        keeper.check()
     bar.close()
     return failed
 

@@ -110,6 +110,27 @@ def transformer_velocity(model: torch.nn.Module, x: torch.Tensor, sigma: torch.T
     return torch.stack([o.float() for o in out]).squeeze(2)
 
 
+def weights_id(path: str, revision: str | None = None) -> str | None:
+    """sha256 over a pipeline folder's weight and config files (name and content, in order), or
+    ``commit:<sha>`` of a hub snapshot. Stores record it, so retrained weights never mix with old
+    samples. Reads every byte once (about 10 s for Z-Image-Turbo's 20 GB on a fast disk)."""
+    if not os.path.isdir(path):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return "commit:" + os.path.basename(snapshot_download(path, revision=revision, local_files_only=True))
+        except Exception:
+            return None
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".json", ".bin", ".txt", ".jinja", ".model"):
+            h.update(str(f.relative_to(path)).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -124,6 +145,8 @@ class Teacher:
         self.device = device or pipe.device
         self.dtype = pipe.transformer.dtype
         self.sampler = self.make_sampler(**sampler_overrides)
+        self.weights: str | None = None
+        """Identity of the weights: sha256 over a local folder's files, or the hub commit."""
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -157,7 +180,9 @@ class Teacher:
         pipe.set_progress_bar_config(disable=True)
         for m in (pipe.transformer, pipe.text_encoder, pipe.vae):
             m.requires_grad_(False).eval()
-        return cls(pipe, name=name, revision=revision, device=device, **sampler_overrides)
+        teacher = cls(pipe, name=name, revision=revision, device=device, **sampler_overrides)
+        teacher.weights = weights_id(path, revision)
+        return teacher
 
     # --- sampler -----------------------------------------------------------------------------
 
@@ -282,7 +307,8 @@ class Teacher:
         import transformers
 
         return {
-            "teacher": self.name, "revision": self.revision, "sampler": self.sampler.to_dict(),
+            "teacher": self.name, "revision": self.revision, "weights": self.weights,
+            "sampler": self.sampler.to_dict(),
             "sampler_hash": self.sampler.hash, "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device.type, "versions": {"torch": torch.__version__,
                                                       "diffusers": diffusers.__version__,

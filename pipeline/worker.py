@@ -124,13 +124,18 @@ class ShardWorker:
             for k, i in enumerate(idx):
                 yield i, (out.noise[k], None if out.mid is None else out.mid[k], out.latent[k],
                           None if out.images is None else out.images[k], per, h, w)
-        except Exception as e:
+        except Exception as e:  # isolate the failing sample(s)
             if len(idx) == 1:
                 yield idx[0], e
                 return
             log.warning("batch of %d failed (%s); retrying one sample at a time", len(idx), e)
-            for i in idx:
-                yield from self._generate(rows, [i], default)
+            alone = [r for i in idx for r in self._generate(rows, [i], default)]
+            if all(isinstance(r, Exception) for _, r in alone):
+                # Every sample fails alone too: the teacher or device is broken, not a sample.
+                # Fail the shard (it is retried, on a fresh actor if this one dies) rather than
+                # committing it with every row marked failed.
+                raise RuntimeError(f"every sample of a batch failed; first error: {e!r}") from e
+            yield from alone
 
     def _encode(self, row: dict, noise: torch.Tensor, mid: torch.Tensor | None, latent: torch.Tensor,
                 image: np.ndarray | None, seconds: float, h: int, w: int) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from .manifest import (
 )
 from .normalize import (
     InvalidPrompt,
+    check_extra,
     check_optional_text,
     check_prompt_id,
     check_seed,
@@ -169,6 +170,8 @@ def _validate(row: Row, opts: BuildOptions) -> tuple[dict[str, Any], dict[str, A
         "source": check_optional_text("source", f.get("source")) or display_name(row.source),
     }
     extra = {k: v for k, v in f.items() if k not in _RESERVED and not k.startswith("__index_level")}
+    for k, v in extra.items():
+        check_extra(k, v)
     out["extra"] = json.dumps(extra, ensure_ascii=False, default=str) if extra else None
     return out, extra
 
@@ -199,7 +202,8 @@ class _Pass1:
             return False
         text = rec["prompt"]
         self._tk.append(hash64(text.casefold()) if self.opts.case_insensitive else int(text_id(text), 16))
-        self._ik.append(hash64("id:" + rec["prompt_id"]) if rec["prompt_id"] else int(text_id(text), 16))
+        # ids given by the input and ids derived from text share one key space
+        self._ik.append(hash64("id:" + (rec["prompt_id"] or text_id(text))))
         for name in self.seen_columns:
             self.seen_columns[name] |= rec[name] is not None
         for k, v in extra.items():

@@ -12,8 +12,9 @@ import unicodedata
 _WS = re.compile(r"\s+")
 # Cc = C0/C1 control characters. Whitespace controls (\t, \n, \r, …) become spaces first.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-# Reading text with errors="surrogateescape" turns each undecodable byte into U+DC80..U+DCFF.
-_BAD_UTF8 = re.compile(r"[\udc80-\udcff]")
+# Reading text with errors="surrogateescape" turns each undecodable byte into U+DC80..U+DCFF; other
+# lone surrogates come from JSON escapes such as "\ud800". Neither can be written as UTF-8.
+_BAD_UTF8 = re.compile(r"[\ud800-\udfff]")
 
 
 class InvalidPrompt(ValueError):
@@ -59,6 +60,12 @@ def check_optional_text(name: str, raw: object) -> str | None:
     return normalize(raw)
 
 
+def check_extra(name: str, value: object) -> None:
+    """Extra columns are kept as they are, but their text must be valid UTF-8."""
+    if isinstance(value, str) and _BAD_UTF8.search(value):
+        raise InvalidPrompt(f"column {name!r} contains invalid UTF-8")
+
+
 def check_size(name: str, raw: object) -> int | None:
     """Validate an image side (``height``/``width``): a positive multiple of 16, or empty.
 
@@ -71,7 +78,7 @@ def check_size(name: str, raw: object) -> int | None:
         raise InvalidPrompt(f"field {name!r} is a boolean, expected an integer")
     if isinstance(raw, float) and raw.is_integer():
         raw = int(raw)
-    if isinstance(raw, str) and raw.strip().isdigit():
+    if isinstance(raw, str) and raw.strip().isdecimal():
         raw = int(raw.strip())
     if not isinstance(raw, int):
         raise InvalidPrompt(f"field {name!r} is {raw!r}, expected an integer")
@@ -84,7 +91,7 @@ def check_seed(raw: object) -> int | None:
     """Validate a seed carried by the input: an integer in [0, 2**63)."""
     if raw is None or raw == "":
         return None
-    if isinstance(raw, str) and raw.strip().isdigit():
+    if isinstance(raw, str) and raw.strip().isdecimal():
         raw = int(raw.strip())
     if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < 2**63:
         raise InvalidPrompt(f"field 'seed' is {raw!r}, expected an integer in [0, 2**63)")
@@ -104,7 +111,7 @@ def check_prompt_id(raw: object) -> str | None:
         return None
     if not isinstance(raw, str):
         raw = str(raw)
-    if len(raw) > 128 or not _ID_OK.match(raw):
+    if len(raw) > 128 or not _ID_OK.fullmatch(raw):
         raise InvalidPrompt(
             f"field 'prompt_id' is {raw!r}: use at most 128 letters, digits, '_' or '-' (no dots)"
         )

@@ -15,6 +15,7 @@ import csv
 import gzip
 import io
 import json
+import logging
 import os
 import sys
 import zlib
@@ -22,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
+
+log = logging.getLogger(__name__)
 
 TEXT_COLUMN_CANDIDATES = ("prompt", "text", "caption")
 _BATCH = 8192
@@ -113,7 +116,7 @@ def _iter_text_file(spec: str, kind: str, text_column: str | None) -> Iterator[R
         with _open_binary(spec) as raw:
             # surrogateescape keeps undecodable bytes visible, so one bad line is rejected
             # instead of the whole file.
-            stream = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+            stream = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
             reader = {"txt": _txt_rows, "jsonl": _jsonl_rows}.get(kind, _csv_rows)
             for row in reader(spec, stream, kind, text_column):
                 last = row.row
@@ -221,7 +224,12 @@ def _iter_hf(spec: str, kind: str, text_column: str | None, split: str) -> Itera
             raise InputError(spec, f"split {split!r} not found; available: {sorted(ds)} (use --hf-split)")
         ds = ds[split]
     features = ds.features
-    if features is not None:
+    if features is not None:  # media columns (images, audio) are not prompt metadata: leave them out
+        media = [c for c, f in features.items() if isinstance(f, (datasets.Image, datasets.Audio))]
+        if media:
+            log.warning("%s: leaving out media columns %s", spec, media)
+            ds = ds.remove_columns(media)
+            features = ds.features
         col = _pick_column(spec, list(features), text_column)
         feat = features[col]
         if not (isinstance(feat, datasets.Value) and feat.dtype in ("string", "large_string")):

@@ -46,3 +46,13 @@ def test_on_sample_error_fail_fails_the_shard(worker):
     with pytest.raises(RuntimeError, match="out of memory"):
         worker.run(0, "fp")
     assert not Store(worker.cfg.store_url).exists("shards/000000.json")
+
+
+def test_a_broken_teacher_fails_the_shard_instead_of_committing_it_empty(worker):
+    def broken(*a, **kw):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+
+    worker.teacher.generate = broken
+    with pytest.raises(RuntimeError, match="every sample of a batch failed"):
+        worker.run(0, "fp")
+    assert not Store(worker.cfg.store_url).exists("shards/000000.json")

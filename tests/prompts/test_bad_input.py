@@ -138,3 +138,27 @@ def test_stale_rejects_file_is_removed(tmp_path):
     assert rejects_path(out).exists()
     build_manifest([_txt(tmp_path, f"{GOOD}\n".encode(), "b.txt")], out, BuildOptions())
     assert not rejects_path(out).exists()
+
+
+def test_byte_order_mark_is_not_part_of_the_header(tmp_path):
+    src = _txt(tmp_path, "\ufeffprompt,score\nhello there,1\n".encode(), "bom.csv")
+    s = build_manifest([src], tmp_path / "m.parquet", BuildOptions(on_invalid="fail"))
+    assert s.rows == 1 and pq.read_table(tmp_path / "m.parquet").column("score").to_pylist() == ["1"]  # CSV text kept as it is
+
+
+def test_lone_surrogates_and_bad_extra_columns_are_rejected_per_row(tmp_path):
+    src = _txt(tmp_path, (json.dumps({"prompt": GOOD}) + "\n" + '{"prompt": "bad \\ud800 escape"}\n').encode()
+               + b'{"prompt": "fine text", "author": "caf\xe9"}\n', "p.jsonl")
+    s = build_manifest([src], tmp_path / "m.parquet", BuildOptions())
+    reasons = [r["reason"] for r in _rejects(tmp_path / "m.parquet")]
+    assert s.rows == 1 and len(reasons) == 2
+    assert "invalid UTF-8 in prompt" in reasons[0] and "column 'author' contains invalid UTF-8" in reasons[1]
+
+
+def test_input_id_equal_to_a_derived_id_is_a_reused_id(tmp_path):
+    from twostep.prompts import text_id
+
+    src = _jsonl(tmp_path, [{"prompt": GOOD}, {"prompt": "other text", "prompt_id": text_id(GOOD)}])
+    build_manifest([src], tmp_path / "m.parquet", BuildOptions())
+    [rej] = _rejects(tmp_path / "m.parquet")
+    assert rej["row"] == 2 and "reused with different text" in rej["reason"]
