@@ -96,7 +96,8 @@ def _regenerate(store: Store, index: dict, checked: dict, k: int, seed: int, dev
         members = checked[i][key]
         meta = json.loads(members["json"])
         stored = np.load(io.BytesIO(members["latent.npy"]), allow_pickle=False).astype(np.float32)
-        out = teacher.generate([members["txt"].decode()], [meta["seed"]], meta["height"], meta["width"], decode=False)
+        out = teacher.generate([members["txt"].decode()], [meta["seed"]], meta["height"], meta["width"], decode=False,
+                               negative_prompts=[meta.get("negative_prompt") or ""])
         fresh = out.latent[0].numpy().astype(np.float16).astype(np.float32)
         diffs.append({"key": key, "max_abs_diff": float(np.abs(fresh - stored).max()),
                       "noise_matches": meta.get("noise_sha256") == noise_fingerprint(out.noise[0])})
