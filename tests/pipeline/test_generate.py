@@ -231,3 +231,25 @@ def test_tiny_zimage_pipeline_through_the_job(ray_cluster, tiny_pipeline_dir, tm
     assert index["teacher"]["sampler"]["num_steps"] == 8
     report = verify_store(str(tmp_path / "store"), regenerate=1, device="cpu")
     assert report["ok"] and report["regenerate"]["samples"][0]["noise_matches"]
+
+
+def test_more_workers_than_cpus_fails_at_once(ray_cluster, manifest, tmp_path):
+    with pytest.raises(ValueError, match="--num-workers 3 needs at least as many CPUs"):
+        run_generation(_cfg(manifest, tmp_path / "store", num_workers=3))
+    assert not os.path.exists(tmp_path / "store" / "lease.json")  # released on the way out
+
+
+def test_a_driver_whose_lease_was_taken_stops(tmp_path):
+    from twostep.pipeline.job import _LeaseKeeper
+
+    store = Store(str(tmp_path / "store"))
+    store.acquire_lease("me:1:a")
+    keeper = _LeaseKeeper(store, "me:1:a", every=0.05)
+    try:
+        keeper.check()  # still ours
+        store.put_json("lease.json", {"owner": "other:2:b", "expires": time.time() + 300})
+        time.sleep(0.3)
+        with pytest.raises(StoreError, match="the lease was taken by other:2:b"):
+            keeper.check()
+    finally:
+        keeper.stop()
