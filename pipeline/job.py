@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -308,6 +308,3 @@ Read it with `webdataset.WebDataset("shards/{{000000..{len(index['shards']) - 1:
 Check it with `twostep verify STORE`.
 """
 
-
-def config_dict(cfg: GenerateConfig) -> dict[str, Any]:
-    return asdict(cfg)

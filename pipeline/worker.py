@@ -9,6 +9,7 @@ stats (the commit marker). No sample bytes go through the driver.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import torch
@@ -63,7 +65,7 @@ class ShardWorker:
         self.cfg = cfg
         self.store = Store(cfg.store_url, cfg.storage_options)
         self.teacher = Teacher.load(cfg.teacher, device=cfg.device, **cfg.sampler_overrides)
-        with fsspec_open(cfg.manifest, cfg.storage_options) as f:
+        with fsspec.open(cfg.manifest, "rb", **(cfg.storage_options or {})) as f:
             self.manifest = pq.read_table(f)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.facts = self.teacher.describe()
@@ -147,7 +149,7 @@ class ShardWorker:
             if k not in ("prompt", "prompt_id", "seed", "height", "width"):
                 meta.setdefault(k, v)
         sample = {"__key__": row["prompt_id"], "txt": row["prompt"].encode(),
-                  "json": _json_bytes(meta), "latent.npy": npy_bytes(latent.numpy().astype(np.float16))}
+                  "json": json.dumps(meta, sort_keys=True, default=str).encode(), "latent.npy": npy_bytes(latent.numpy().astype(np.float16))}
         if "mid" in self.cfg.save and mid is not None:
             sample["mid.npy"] = npy_bytes(mid.numpy().astype(np.float16))
         if "noise" in self.cfg.save:
@@ -172,16 +174,6 @@ def _batches(order: list[int], rows: list[dict], default: int, size: int):
         yield batch
 
 
-def _json_bytes(obj: Any) -> bytes:
-    import json
-
-    return json.dumps(obj, sort_keys=True, default=str).encode()
-
-
-def fsspec_open(url: str, storage_options: dict | None):
-    import fsspec
-
-    return fsspec.open(url, "rb", **(storage_options or {}))
 
 
 def _maybe_crash() -> None:

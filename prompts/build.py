@@ -201,9 +201,10 @@ class _Pass1:
             self.rejects.add(row.source, row.row, str(e), row.fields.get("prompt"))
             return False
         text = rec["prompt"]
-        self._tk.append(hash64(text.casefold()) if self.opts.case_insensitive else int(text_id(text), 16))
+        tid = text_id(text)
+        self._tk.append(hash64(text.casefold()) if self.opts.case_insensitive else int(tid, 16))
         # ids given by the input and ids derived from text share one key space
-        self._ik.append(hash64("id:" + (rec["prompt_id"] or text_id(text))))
+        self._ik.append(hash64("id:" + (rec["prompt_id"] or tid)))
         for name in self.seen_columns:
             self.seen_columns[name] |= rec[name] is not None
         for k, v in extra.items():

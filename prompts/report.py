@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .manifest import compute_hash, iter_batches, read_meta
+from .manifest import ManifestHasher, iter_batches, read_meta
 
 # Length histogram bin edges, in characters.
 LENGTH_BINS = (0, 25, 50, 100, 200, 400, 800, 1600)
@@ -19,19 +19,21 @@ LENGTH_BINS = (0, 25, 50, 100, 200, 400, 800, 1600)
 def inspect_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """Counts, prompt-length histogram, build record and hash check of a manifest."""
     stored, build = read_meta(path)
-    actual = compute_hash(path)
     lengths: list[np.ndarray] = []
     sizes: Counter[str] = Counter()
     sources: Counter[str] = Counter()
     names = pq.read_schema(path).names
     cols = [c for c in ("prompt", "height", "width", "source") if c in names]
-    for batch in iter_batches(path, columns=cols):
+    hasher = ManifestHasher(names)
+    for batch in iter_batches(path):  # one pass: the hash check and the counts
+        hasher.update(batch)
         lengths.append(pc.utf8_length(batch.column("prompt")).to_numpy())
         if "height" in cols and "width" in cols:
             for h, w in zip(batch.column("height").to_pylist(), batch.column("width").to_pylist()):
                 sizes[f"{h}x{w}" if h and w else "default"] += 1
         if "source" in cols:
             sources.update(batch.column("source").to_pylist())
+    actual = hasher.hexdigest()
     n = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int32)
     edges = [*LENGTH_BINS, max(int(n.max()) + 1 if len(n) else 1, LENGTH_BINS[-1] + 1)]
     counts, _ = np.histogram(n, bins=edges)
