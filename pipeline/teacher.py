@@ -93,6 +93,12 @@ def noise_fingerprint(noise: torch.Tensor) -> str:
     return hashlib.sha256(noise.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+def seed_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """One sample's fp32 initial noise from its seed on a CPU generator (the store's convention;
+    the trainer regenerates it this way and checks :func:`noise_fingerprint`)."""
+    return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(seed)))
+
+
 def transformer_velocity(model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor | float,
                          caps: list[torch.Tensor], batched: bool = True) -> torch.Tensor:
     """Run a ``ZImageTransformer2DModel`` on a batch: (B, C, h, w) at σ → fp32 ``v`` (B, C, h, w).
@@ -246,8 +252,7 @@ class Teacher:
 
     def make_noise(self, seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
         """(B, *shape) fp32 noise, one CPU generator per seed: independent of batch and device."""
-        return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)))
-                            for s in seeds])
+        return torch.stack([seed_noise(s, shape) for s in seeds])
 
     # --- sampling ----------------------------------------------------------------------------
 

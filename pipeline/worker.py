@@ -59,12 +59,13 @@ class WorkerConfig:
 class ShardWorker:
     """Loads the teacher once; :meth:`run` generates and commits one shard."""
 
-    def __init__(self, cfg: WorkerConfig):
+    def __init__(self, cfg: WorkerConfig, teacher: Teacher | None = None):
+        """``teacher``: an already loaded one (in-process use, benchmarks); default: load ``cfg.teacher``."""
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         self.store = Store(cfg.store_url, cfg.storage_options)
-        self.teacher = Teacher.load(cfg.teacher, device=cfg.device, **cfg.sampler_overrides)
+        self.teacher = teacher or Teacher.load(cfg.teacher, device=cfg.device, **cfg.sampler_overrides)
         with fsspec.open(cfg.manifest, "rb", **(cfg.storage_options or {})) as f:
             self.manifest = pq.read_table(f)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
