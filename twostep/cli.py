@@ -12,6 +12,8 @@ from . import __version__
 def build_parser() -> argparse.ArgumentParser:
     from twostep.pipeline import cli as pipeline_cli
     from twostep.prompts import cli as prompts_cli
+    from twostep.trainer import cli as trainer_cli
+    from twostep.trainer import sample as sample_cli
 
     parser = argparse.ArgumentParser(
         prog="twostep",
@@ -25,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="the stage to run; 'twostep COMMAND --help' explains its flags")
     prompts_cli.add_parser(sub)
     pipeline_cli.add_parsers(sub)
+    trainer_cli.add_parser(sub)
+    sample_cli.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,214 @@
+"""The trainer end to end on CPU: tiny random-weight Z-Image teacher, a store written by the real
+generation worker, real accelerate, real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from twostep.trainer.config import ConfigError, load_config, to_yaml
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory, tiny_pipeline_dir) -> str:
+    """16 toy prompts through the tiny teacher: 4 shards of 4 (latent, mid), with index.json."""
+    from twostep.pipeline.job import write_index
+    from twostep.pipeline.worker import ShardWorker, WorkerConfig
+    from twostep.prompts.toy import build_toy_manifest
+
+    tmp = tmp_path_factory.mktemp("store")
+    build_toy_manifest(16, tmp / "m.parquet", height=32, width=32)
+    url = str(tmp / "store")
+    worker = ShardWorker(WorkerConfig(store_url=url, manifest=str(tmp / "m.parquet"), teacher=tiny_pipeline_dir,
+                                      shard_size=4, batch_size=4, image_format="none"))
+    for shard in range(4):
+        worker.run(shard, "fp")
+    write_index(worker.store, "fp", {"shard_size": 4, "manifest_hash": "m" * 16, "save": ["mid"], "image_format": "none"},
+                4, worker.describe(), 1.0, {})
+    return url
+
+
+def tiny_cfg(store: str, teacher: str, *extra: str):
+    return load_config("toy", [f"data.data={store}", f"model.teacher={teacher}", "data.batch_size=2",
+                               "data.num_workers=1", "model.disc_layers=[0, 1]", "model.disc_hidden=16",
+                               "log_with=none", "sample_every=0", "export=false", "max_steps=4",
+                               "checkpoint_every=2", "loss.adv_warmup_steps=0",
+                               "optim.warmup_steps=0", "optim.lr=1e-3", "optim.disc_lr=1e-3", *extra])
+
+
+# --- config ----------------------------------------------------------------------------------------
+
+
+def test_config_overrides_types_and_errors(tmp_path):
+    cfg = load_config("toy", ["optim.lr=1e-4", "loss.e2e=false", "model.disc_layers=[0, 2]", "max_steps=7"])
+    assert cfg.optim.lr == 1e-4 and cfg.loss.e2e is False and cfg.model.disc_layers == [0, 2] and cfg.max_steps == 7
+    assert load_config(None).model.teacher == "toy"
+    with pytest.raises(ConfigError, match="unknown key 'lrr'"):
+        load_config("toy", ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="loss.step1_loss must be"):
+        load_config("toy", ["loss.step1_loss=sometimes"])
+    with pytest.raises(ConfigError, match="max_steps must be an integer"):
+        load_config("toy", ["max_steps=many"])
+    with pytest.raises(ConfigError, match="neither a file nor a bundled config"):
+        load_config("no-such-config")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(bad))
+    # The printed YAML loads back to the same config.
+    path = tmp_path / "round.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(str(path)) == cfg
+    for name in ("toy", "zimage_turbo_8gpu"):
+        load_config(name)
+
+
+def test_dry_run_prints_the_resolved_config():
+    out = subprocess.run([sys.executable, "-m", "twostep.cli", "train", "--config", "toy", "--data", "somewhere",
+                          "--dry-run", "loss.e2e=false"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "e2e: false" in out.stdout and "data: somewhere" in out.stdout
+
+
+# --- one step --------------------------------------------------------------------------------------
+
+
+def _parts(tiny_store, tiny_pipeline_dir, tmp_path, *extra):
+    from twostep.trainer.loop import setup
+
+    return setup(tiny_cfg(tiny_store, tiny_pipeline_dir, *extra), tmp_path / "run")
+
+
+def _one_step(p, step=0):
+    from twostep.trainer.loop import discriminator_step, generator_step
+
+    batch = next(iter(p.loader))
+    caps = p.teacher.encode_prompts(batch["prompt"])
+    out = generator_step(p, batch, caps, step, log_now=True)
+    out.update(discriminator_step(p, batch, caps, step))
+    return out
+
+
+def test_one_step_updates_both_students_and_the_heads(tiny_store, tiny_pipeline_dir, tmp_path):
+    p = _parts(tiny_store, tiny_pipeline_dir, tmp_path)
+    student = p.accelerator.unwrap_model(p.student)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    heads = {k: v.clone() for k, v in p.disc.state_dict().items()}
+    teacher = {k: v.clone() for k, v in p.teacher.transformer.state_dict().items()}
+    out = _one_step(p)
+    assert "skipped" not in out
+    for k in ("loss/paired", "loss/step1_regress", "loss/adv", "loss/step1_adv", "loss/disc",
+              "disc/real_logit", "disc/fake_logit", "grad_norm/adv", "grad_norm/paired"):
+        assert k in out and torch.isfinite(torch.as_tensor(out[k])), k
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("transformer.") for k in changed)
+    assert any(k.startswith("transformer_2.") for k in changed)
+    assert all(not torch.equal(v, heads[k]) for k, v in p.disc.state_dict().items() if k.endswith("mlp.2.weight"))
+    assert all(torch.equal(v, teacher[k]) for k, v in p.teacher.transformer.state_dict().items())  # frozen
+
+
+@pytest.mark.parametrize("e2e", [True, False])
+def test_step1_gets_gradients_through_step2_only_when_e2e(tiny_store, tiny_pipeline_dir, tmp_path, e2e):
+    p = _parts(tiny_store, tiny_pipeline_dir, tmp_path, f"loss.e2e={str(e2e).lower()}", "loss.step1_loss=none")
+    student = p.accelerator.unwrap_model(p.student)
+    batch = next(iter(p.loader))
+    caps = p.teacher.encode_prompts(batch["prompt"])
+    _, _, x0 = student(batch["noise"], caps, e2e=e2e)
+    torch.nn.functional.mse_loss(x0, batch["latent"]).backward()
+    g1 = [q.grad for q in student.transformer.parameters() if q.grad is not None and q.grad.abs().sum() > 0]
+    g2 = [q.grad for q in student.transformer_2.parameters() if q.grad is not None and q.grad.abs().sum() > 0]
+    assert g2, "step 2 always learns from the final loss"
+    assert bool(g1) == e2e
+
+
+def test_shared_student_and_step1_target_in_x0_space(tiny_store, tiny_pipeline_dir, tmp_path):
+    from twostep.trainer.losses import step1_target
+
+    p = _parts(tiny_store, tiny_pipeline_dir, tmp_path, "model.decoupled=false")
+    student = p.accelerator.unwrap_model(p.student)
+    assert student.transformer_2 is None and student.step_model(2) is student.transformer
+    batch = next(iter(p.loader))
+    # The teacher's own mid is (1-σ)·x0_implied + σ·ε: the target inverts exactly that.
+    target = step1_target(batch["mid"], batch["noise"], 0.75)
+    assert torch.allclose(0.25 * target + 0.75 * batch["noise"], batch["mid"], atol=1e-5)
+
+
+# --- resume, non-finite, preemption ---------------------------------------------------------------------
+
+
+def _params(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
+    out = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def test_2n_steps_equal_n_steps_resume_n_steps(tiny_store, tiny_pipeline_dir, tmp_path):
+    from twostep.trainer.loop import train
+
+    train(tiny_cfg(tiny_store, tiny_pipeline_dir, "max_steps=6", "checkpoint_every=3"), tmp_path / "straight")
+    train(tiny_cfg(tiny_store, tiny_pipeline_dir, "max_steps=3", "checkpoint_every=3"), tmp_path / "resumed")
+    result = train(tiny_cfg(tiny_store, tiny_pipeline_dir, "max_steps=6", "checkpoint_every=3"), tmp_path / "resumed")
+    assert result["step"] == 6
+    a, b = _params(tmp_path / "straight"), _params(tmp_path / "resumed")
+    assert a.keys() == b.keys() and len(a) > 10
+    assert any("ema" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    data = json.loads((tmp_path / "resumed" / "checkpoints" / "step-00000006" / "data-rank0.json").read_text())
+    assert data == json.loads((tmp_path / "straight" / "checkpoints" / "step-00000006" / "data-rank0.json").read_text())
+    run = json.loads((tmp_path / "resumed" / "run.json").read_text())
+    assert run["manifest_hash"] == "m" * 16 and run["code_version"].startswith("twostep")
+    assert (tmp_path / "resumed" / "config.yaml").exists()
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_store, tiny_pipeline_dir, tmp_path, monkeypatch):
+    from twostep.trainer import loop
+
+    run = tmp_path / "run"
+    loop.train(tiny_cfg(tiny_store, tiny_pipeline_dir, "max_steps=2", "checkpoint_every=2"), run)
+    good = _params(run)
+    real = loop.L.step1_target
+    monkeypatch.setattr(loop.L, "step1_target", lambda *a: real(*a) * float("nan"))
+    with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss.*step-00000002"):
+        loop.train(tiny_cfg(tiny_store, tiny_pipeline_dir, "max_steps=8", "max_nonfinite=3", "checkpoint_every=2"), run)
+    after = _params(run)
+    assert all(torch.equal(good[k], after[k]) for k in good)  # the last checkpoint is intact
+
+
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tiny_store, tiny_pipeline_dir, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "twostep.cli", "train", "--config", "toy", "--out", str(run), "--data", tiny_store,
+           "--teacher", tiny_pipeline_dir, "data.batch_size=2", "data.num_workers=0", "model.disc_layers=[0, 1]",
+           "model.disc_hidden=16", "log_with=none", "sample_every=0", "export=false", "max_steps=100000",
+           "checkpoint_every=100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "run.json").exists():
+        time.sleep(0.5)
+    time.sleep(8)  # some steps
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert "preempted: checkpoint saved at step" in out
+    saved = sorted((run / "checkpoints").glob("step-*"))
+    assert len(saved) == 1
+    step = json.loads((saved[0] / "progress.json").read_text())["step"]
+    assert step > 0
+    cmd[cmd.index("max_steps=100000")] = f"max_steps={step + 2}"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {saved[0]} (step {step})" in done.stderr
+    assert json.loads((run / "result.json").read_text())["step"] == step + 2

@@ -1,0 +1,59 @@
+"""``twostep train``: the streaming trainer's command (``accelerate launch -m twostep.cli train …`` for
+several GPUs or nodes)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("twostep.train")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train the 2-step student on a teacher shard store",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the step-decoupled 2-step student end to end against the teacher's samples.\n\n"
+                    "Resume = run the same command again: the latest checkpoint in RUN_DIR/checkpoints is\n"
+                    "found and models, optimisers, EMA, step and data position are restored. Several GPUs:\n"
+                    "  accelerate launch [--config_file trainer/configs/accelerate/fsdp_8gpu.yaml] \\\n"
+                    "      -m twostep.cli train --config zimage_turbo_8gpu --out RUN_DIR\n\n"
+                    "Overrides are key=value pairs on the config's dotted keys, e.g.\n"
+                    "  loss.e2e=false model.decoupled=false optim.lr=1e-4 max_steps=2000",
+        epilog="Outputs: RUN_DIR/config.yaml, run.json (manifest hash, code version), checkpoints/, "
+               "samples/, TensorBoard logs, student/ (the exported diffusers pipeline), result.json.")
+    p.add_argument("--config", default="toy",
+                   help="YAML config file, or the name of a bundled one in trainer/configs (default: toy)")
+    p.add_argument("--data", default=None,
+                   help="teacher samples: a store (folder/URL with index.json) or shard URLs; sets data.data")
+    p.add_argument("--teacher", default=None, help="toy, a ZImagePipeline folder or a hub id; sets model.teacher")
+    p.add_argument("--out", required=False, default=None, help="run directory (checkpoints, logs, samples, export)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (dotted keys)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config, to_yaml
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.data={args.data}")
+    if args.teacher:
+        overrides.append(f"model.teacher={args.teacher}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"twostep train: {e}") from None
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        return 0
+    if not args.out:
+        raise SystemExit("twostep train: --out RUN_DIR is required (except with --dry-run)")
+    if not cfg.data.data:
+        raise SystemExit("twostep train: no data: pass --data STORE_OR_SHARDS or set data.data in the config")
+    from .loop import train
+
+    result = train(cfg, args.out)
+    log.info("done at step %d; run directory %s", result["step"], args.out)
+    return 0

@@ -1,0 +1,413 @@
+"""The training loop: one visible loop, a generator step and a discriminator step per iteration.
+
+    setup → [resume] → for step: batch → caption features → generator_step → discriminator_step
+                                 → EMA → log → samples → checkpoint (interval, SIGTERM) → export
+
+Every process runs the same loop (accelerate: DDP, or FSDP for the full-size students). Decisions
+that must agree across ranks (skip a non-finite step, stop, save on SIGTERM) are all-reduced first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+import subprocess
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from twostep import __version__
+from twostep.pipeline.teacher import Teacher
+
+from . import losses as L
+from .checkpoint import EMA, Checkpoints
+from .config import TrainConfig, to_dict, to_yaml
+from .data import ShardStream, StreamLoader, resolve_shards
+from .discriminator import Discriminator
+from .student import TwoStepStudent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Parts:
+    """Everything the loop touches, built once by :func:`setup`."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    teacher: Teacher
+    student: Any  # TwoStepStudent, wrapped by accelerate
+    disc: Any  # Discriminator (heads), wrapped by accelerate
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    ema: EMA | None
+    loader: StreamLoader
+    external: Any = None
+    run_dir: Path = Path(".")
+    progress: dict[str, Any] = field(default_factory=dict)
+
+
+def _generator(cfg: TrainConfig, rank: int, step: int, salt: int) -> torch.Generator:
+    """Per-step CPU generator, a function of (seed, rank, step): resume needs no RNG state."""
+    key = hashlib.sha256(f"{cfg.seed}:{rank}:{step}:{salt}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+
+
+def _code_version() -> str:
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"twostep {__version__}" + (f" ({rev})" if rev else "")
+
+
+def setup(cfg: TrainConfig, run_dir: str | Path) -> Parts:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=mp, log_with=None if cfg.log_with == "none" else cfg.log_with,
+                              project_dir=str(run_dir))
+    run_dir = Path(run_dir)
+    teacher = Teacher.load(cfg.model.teacher, device=accelerator.device)
+    shards, index = resolve_shards(cfg.data.data, cfg.data.storage_options or None)
+    _check_store(index, teacher, cfg)
+    stream = ShardStream(shards, seed=cfg.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                         shuffle=cfg.data.shuffle, storage_options=cfg.data.storage_options or None)
+    loader = StreamLoader(stream, cfg.data.batch_size, num_workers=cfg.data.num_workers)
+
+    torch.manual_seed(cfg.seed)  # heads' initial weights (identical on every rank)
+    m = cfg.model
+    student = TwoStepStudent(teacher.transformer, m.sigma_mid, m.decoupled, m.lora_rank, m.gradient_checkpointing)
+    disc = Discriminator(teacher.transformer, m.disc_layers, m.disc_hidden).to(accelerator.device)
+    opt_g = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                              betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.optim.disc_lr, betas=cfg.optim.betas,
+                              weight_decay=cfg.optim.weight_decay)
+    student, disc, opt_g, opt_d = accelerator.prepare(student, disc, opt_g, opt_d)
+    ema = EMA(accelerator.unwrap_model(student), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    external = None
+    if cfg.loss.real_source == "external":
+        from .external import ExternalLatents
+
+        external = ExternalLatents(cfg.data.external, teacher, cfg.data.batch_size, seed=cfg.seed,
+                                   rank=accelerator.process_index, world_size=accelerator.num_processes)
+    parts = Parts(cfg, accelerator, teacher, student, disc, opt_g, opt_d, ema, loader, external, run_dir,
+                  {"step": 0, "nonfinite_total": 0, "nonfinite_streak": 0})
+    parts.progress["fsdp"] = accelerator.distributed_type == DistributedType.FSDP
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_run_record(parts, index)
+    return parts
+
+
+def _check_store(index: dict, teacher: Teacher, cfg: TrainConfig) -> None:
+    """Refuse a store whose mid state is not at the student's boundary."""
+    sampler = (index.get("teacher") or {}).get("sampler") or {}
+    mid = sampler.get("mid_sigma")
+    if mid is not None and abs(float(mid) - cfg.model.sigma_mid) > 1e-6:
+        raise ValueError(f"{cfg.data.data}: its mid states are at σ={mid}, but model.sigma_mid is {cfg.model.sigma_mid}")
+    t = (index.get("teacher") or {}).get("teacher")
+    if t and teacher.name != t:
+        log.warning("the store was generated by teacher %s; training with teacher %s", t, teacher.name)
+
+
+def _write_run_record(p: Parts, index: dict) -> None:
+    cfg_text = to_yaml(p.cfg)
+    old = p.run_dir / "config.yaml"
+    if old.exists() and old.read_text() != cfg_text:
+        log.warning("%s differs from this run's config; resuming with the new one (saved as config.yaml, "
+                    "the old one as config.previous.yaml)", old)
+        old.rename(p.run_dir / "config.previous.yaml")
+    old.write_text(cfg_text)
+    record = {"code_version": _code_version(), "manifest_hash": (index.get("identity") or {}).get("manifest_hash"),
+              "store_fingerprint": index.get("fingerprint"), "store_samples": index.get("samples"),
+              "data": p.cfg.data.data, "teacher": p.teacher.describe(), "world_size": p.accelerator.num_processes,
+              "device": str(p.accelerator.device), "mixed_precision": p.accelerator.mixed_precision,
+              "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (p.run_dir / "run.json").write_text(json.dumps(record, indent=1, default=str))
+
+
+# --- the two updates ---------------------------------------------------------------------------------
+
+
+def _ramp(cfg: TrainConfig, step: int) -> float:
+    w = cfg.loss.adv_warmup_steps
+    return 1.0 if w <= 0 else min(1.0, (step + 1) / w)
+
+
+def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, log_now: bool) -> dict[str, float]:
+    """Student update: the 2-step forward (end to end unless ``loss.e2e`` is false) and its losses."""
+    cfg, lc, acc = p.cfg, p.cfg.loss, p.accelerator
+    disc = acc.unwrap_model(p.disc)  # heads are not updated here: bypass DDP's reducer
+    g = _generator(cfg, acc.process_index, step, 1)
+    noise, latent = batch["noise"], batch["latent"]
+    terms: dict[str, torch.Tensor] = {}
+    with acc.autocast():
+        x0_1, x_mid, x0 = p.student(noise, caps, e2e=lc.e2e)
+        if lc.paired_weight > 0:
+            terms["paired"] = lc.paired_weight * torch.nn.functional.mse_loss(x0, latent)
+        if lc.step1_loss in ("regress", "both") and lc.step1_weight > 0:
+            target = L.step1_target(_need_mid(batch), noise, cfg.model.sigma_mid)
+            terms["step1_regress"] = lc.step1_weight * torch.nn.functional.mse_loss(x0_1, target)
+        ramp = _ramp(cfg, step)
+        if lc.adv_weight > 0 or lc.feature_matching_weight > 0:
+            sigma = L.sample_sigma(len(x0), lc.sigma_mean, lc.sigma_std, g).to(x0.device)
+            eps = torch.randn(x0.shape, generator=g).to(x0.device)
+            logits, feats = disc(L.renoise(x0, sigma, eps), sigma, caps, return_features=True)
+            if lc.adv_weight > 0:
+                terms["adv"] = lc.adv_weight * ramp * L.g_loss(logits, lc.gan_loss)
+            if lc.feature_matching_weight > 0:
+                with torch.no_grad():
+                    real_feats = disc.features(L.renoise(latent, sigma, eps), sigma, caps)
+                terms["feature_matching"] = lc.feature_matching_weight * L.feature_matching(real_feats, feats)
+        if lc.step1_loss in ("adv", "both") and lc.step1_adv_weight > 0:
+            s_mid = torch.full((len(x_mid),), cfg.model.sigma_mid, device=x_mid.device)
+            terms["step1_adv"] = lc.step1_adv_weight * ramp * L.g_loss(disc(x_mid, s_mid, caps), lc.gan_loss)
+    if not terms:
+        raise ValueError("no student loss is enabled (all weights are 0 and step1_loss is none)")
+    total = sum(terms.values())
+    out = {f"loss/{k}": v.detach() for k, v in terms.items()}
+    if log_now:  # how hard each term pulls on the student's outputs (cheap: no parameter grads)
+        for k, v in terms.items():
+            grads = torch.autograd.grad(v, [x0, x0_1], retain_graph=True, allow_unused=True)
+            out[f"grad_norm/{k}"] = torch.sqrt(sum((gr.float() ** 2).sum() for gr in grads if gr is not None)
+                                               or torch.zeros(()))
+    if not _all_finite(acc, total):
+        p.opt_g.zero_grad(set_to_none=True)
+        return {**out, "skipped": 1.0}
+    acc.backward(total)
+    norm = acc.clip_grad_norm_(p.student.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip else None
+    if norm is not None and not _all_finite(acc, norm):
+        p.opt_g.zero_grad(set_to_none=True)
+        return {**out, "skipped": 1.0}
+    p.opt_g.step()
+    p.opt_g.zero_grad(set_to_none=True)
+    out["loss/student_total"] = total.detach()
+    if norm is not None:
+        out["grad_norm/student"] = norm.detach()
+    p.progress["_fake"] = (x0.detach(), x_mid.detach())
+    return out
+
+
+def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int) -> dict[str, float]:
+    """Heads update: teacher latents (or external images) are real, the student's outputs fake."""
+    cfg, lc, acc = p.cfg, p.cfg.loss, p.accelerator
+    fake, fake_mid = p.progress.pop("_fake")
+    if not lc.uses_adversarial:
+        return {}
+    g = _generator(cfg, acc.process_index, step, 2)
+    real, real_caps = batch["latent"], caps
+    if p.external is not None:
+        f = p.teacher.vae_scale_factor
+        real, real_caps = p.external.next_batch(len(fake), fake.shape[-2] * f, fake.shape[-1] * f)
+    out = {}
+    p.opt_d.zero_grad(set_to_none=True)  # drops what the generator step left on the heads
+    with acc.autocast():
+        terms = []
+        if lc.adv_weight > 0:
+            sigma = L.sample_sigma(len(fake), lc.sigma_mean, lc.sigma_std, g).to(fake.device)
+            eps = torch.randn(fake.shape, generator=g).to(fake.device)
+            real_in = L.renoise(real, sigma[:len(real)], eps[:len(real)])
+            d_real = p.disc(real_in, sigma[:len(real)], real_caps)
+            d_fake = p.disc(L.renoise(fake, sigma, eps), sigma, caps)
+            terms.append(L.d_loss(d_real, d_fake, lc.gan_loss))
+            out.update({"disc/real_logit": d_real.detach().mean(), "disc/fake_logit": d_fake.detach().mean()})
+            if lc.r1_weight > 0:
+                r1 = L.approx_r1(p.disc, real_in, sigma[:len(real)], real_caps, lc.r1_noise, g, d_real)
+                terms.append(lc.r1_weight * r1)
+                out["loss/r1"] = r1.detach()
+        if lc.step1_loss in ("adv", "both") and lc.step1_adv_weight > 0:
+            s_mid = torch.full((len(fake_mid),), cfg.model.sigma_mid, device=fake.device)
+            d_real_mid = p.disc(_need_mid(batch), s_mid, caps)
+            d_fake_mid = p.disc(fake_mid, s_mid, caps)
+            terms.append(L.d_loss(d_real_mid, d_fake_mid, lc.gan_loss))
+            out.update({"disc/real_mid_logit": d_real_mid.detach().mean(),
+                        "disc/fake_mid_logit": d_fake_mid.detach().mean()})
+        total = sum(terms)
+    out["loss/disc"] = total.detach()
+    if not _all_finite(acc, total):
+        return {**out, "skipped": 1.0}
+    acc.backward(total)
+    if cfg.optim.grad_clip:
+        acc.clip_grad_norm_(p.disc.parameters(), cfg.optim.grad_clip)
+    p.opt_d.step()
+    p.opt_d.zero_grad(set_to_none=True)
+    return out
+
+
+def _need_mid(batch: dict) -> torch.Tensor:
+    if "mid" not in batch:
+        raise ValueError("the step-1 loss needs the teacher's mid state, but the store has no mid.npy "
+                         "(generate with --save mid, or set loss.step1_loss=none)")
+    return batch["mid"]
+
+
+def _all_finite(acc, value: torch.Tensor) -> bool:
+    """True when ``value`` is finite on every rank (all ranks then take the same branch)."""
+    bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=acc.device)
+    return bool(acc.reduce(bad, reduction="sum").item() == 0)
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+
+def _set_lr(p: Parts, step: int) -> None:
+    w = p.cfg.optim.warmup_steps
+    f = 1.0 if w <= 0 else min(1.0, (step + 1) / w)
+    for opt, lr in ((p.opt_g, p.cfg.optim.lr), (p.opt_d, p.cfg.optim.disc_lr)):
+        for group in opt.param_groups:
+            group["lr"] = lr * f
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class _Preempted:
+    """SIGTERM → save at the end of the current step and exit (preemptible machines)."""
+
+    def __init__(self):
+        self.flag = False
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a test runner thread): no handler
+            self._old = None
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint at the end of this step")
+        self.flag = True
+
+    def any_rank(self, acc) -> bool:
+        t = torch.tensor([1.0 if self.flag else 0.0], device=acc.device)
+        return bool(acc.reduce(t, reduction="sum").item() > 0)
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train (or resume) in ``run_dir``; returns the final progress record."""
+    from .samples import SampleGrid
+
+    p = setup(cfg, run_dir)
+    acc, ckpts = p.accelerator, Checkpoints(p.run_dir, cfg.keep_checkpoints)
+    fsdp = p.progress.pop("fsdp")
+    latest = ckpts.latest()
+    if latest is not None:
+        data_state, progress = ckpts.load(acc, latest, p.ema, ema_sharded=fsdp)
+        p.loader.load_state_dict(data_state)
+        p.progress.update(progress)
+        log.info("resumed from %s (step %d)", latest, p.progress["step"])
+    if cfg.log_with != "none":
+        acc.init_trackers("twostep", config=_flat(to_dict(cfg)))
+    grid = SampleGrid(p) if acc.is_main_process else None
+    preempt = _Preempted()
+    start = p.progress["step"]
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train",
+               disable=not acc.is_main_process, mininterval=2.0)
+    batches = iter(p.loader)
+    t_last, metrics = time.perf_counter(), {}
+    try:
+        for step in bar:
+            batch = _to_device(next(batches), acc.device)
+            if grid is not None:
+                grid.remember(batch)
+            _set_lr(p, step)
+            log_now = (step + 1) % cfg.log_every == 0
+            caps = p.teacher.encode_prompts(batch["prompt"])
+            out = generator_step(p, batch, caps, step, log_now)
+            if "skipped" in out:
+                p.progress.pop("_fake", None)
+            else:
+                out.update(discriminator_step(p, batch, caps, step))
+            if "skipped" in out:
+                p.progress["nonfinite_total"] += 1
+                p.progress["nonfinite_streak"] += 1
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step,
+                            p.progress["nonfinite_streak"])
+                if p.progress["nonfinite_streak"] >= cfg.max_nonfinite:
+                    raise RuntimeError(
+                        f"{cfg.max_nonfinite} steps in a row had a non-finite loss or gradient (step {step}); "
+                        f"stopping. The last checkpoint ({ckpts.latest()}) is intact: lower optim.lr, check the "
+                        "data, or raise max_nonfinite, then run the same command to resume from it.")
+            else:
+                p.progress["nonfinite_streak"] = 0
+                if p.ema is not None:
+                    p.ema.update(acc.unwrap_model(p.student), step)
+            p.progress["step"] = step + 1
+            if log_now:
+                dt = time.perf_counter() - t_last
+                t_last = time.perf_counter()
+                metrics = {k: float(v) for k, v in out.items()}
+                metrics.update({"time/step_s": dt / cfg.log_every, "data/corrupt_shards": p.loader.corrupt_shards,
+                                "train/nonfinite_total": p.progress["nonfinite_total"]})
+                if torch.cuda.is_available():
+                    metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                acc.log(metrics, step=step + 1)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss/")})
+            if grid is not None and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+                grid.save(step + 1)
+            stop = preempt.any_rank(acc)
+            due = (step + 1) % cfg.checkpoint_every == 0 or stop or step + 1 == cfg.max_steps
+            if due and p.progress["nonfinite_streak"] == 0:  # never checkpoint inside a bad streak
+                ckpts.save(acc, step + 1, p.ema, p.loader.state_dict(), _public(p.progress), ema_sharded=fsdp)
+            if stop:
+                log.warning("preempted: checkpoint saved at step %d; run the same command to resume", step + 1)
+                return {**_public(p.progress), "preempted": True}
+    finally:
+        preempt.restore()
+        if cfg.log_with != "none":
+            acc.end_training()
+    if grid is not None:
+        grid.save(p.progress["step"])
+    if cfg.export:
+        export(p)
+    result = {**_public(p.progress), "metrics": metrics}
+    if acc.is_main_process:
+        (p.run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _public(progress: dict) -> dict:
+    return {k: v for k, v in progress.items() if not k.startswith("_")}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return out
+
+
+def export(p: Parts) -> Path | None:
+    """The EMA student as a diffusers pipeline folder: RUN_DIR/student."""
+    from .export import export_student
+
+    acc = p.accelerator
+    student: TwoStepStudent = acc.unwrap_model(p.student)
+    out = p.run_dir / "student"
+    with p.ema.applied(student) if p.ema is not None else nullcontext():
+        t1, t2 = student.export_transformers()
+    if acc.is_main_process:
+        export_student(out, p.teacher.pipe, t1, t2, boundary_sigma=p.cfg.model.sigma_mid,
+                       extra={"config": to_dict(p.cfg), "step": p.progress["step"], "code_version": _code_version()})
+        log.info("exported the student to %s", out)
+    acc.wait_for_everyone()
+    return out
+
+

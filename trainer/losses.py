@@ -1,0 +1,60 @@
+"""Loss terms. Latents follow GUIDE §3: ``x_σ = (1-σ)·x0 + σ·ε``; the student's step-1 state is
+``x_mid = (1-σ_mid)·x̂0₁ + σ_mid·ε``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def renoise(x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Put clean latents (B, C, h, w) back at noise levels ``sigma`` (B,)."""
+    s = sigma.view(-1, 1, 1, 1).to(x0.dtype)
+    return (1 - s) * x0 + s * eps
+
+
+def sample_sigma(n: int, mean: float, std: float, g: torch.Generator) -> torch.Tensor:
+    """Logit-normal noise levels (B,): sigmoid(N(mean, std²)), kept inside (0.02, 0.98)."""
+    return torch.sigmoid(torch.randn(n, generator=g) * std + mean).clamp(0.02, 0.98)
+
+
+def step1_target(mid: torch.Tensor, noise: torch.Tensor, sigma_mid: float) -> torch.Tensor:
+    """The teacher's x0 implied by its own σ_mid state for the same noise: (mid − σ·ε) / (1 − σ).
+
+    The regression lives in x0 space: an error in x̂0₁ reaches the state scaled by (1 − σ_mid)
+    (1/16 of its square at σ_mid = 0.75), so a loss on the state itself would barely move step 1.
+    """
+    return (mid - sigma_mid * noise) / (1 - sigma_mid)
+
+
+def d_loss(real: torch.Tensor, fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """Discriminator loss on real and fake logits (B,)."""
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def g_loss(fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """Generator (student) adversarial loss on fake logits (B,)."""
+    return -fake.mean() if kind == "hinge" else F.softplus(-fake).mean()
+
+
+def feature_matching(real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor:
+    """Paired feature matching in the discriminator's feature space: mean over layers of the MSE
+    between the image tokens of the re-noised teacher and student latents (same ε, σ, caption),
+    each layer normalised by its real features' mean square so deep layers do not dominate."""
+    terms = [F.mse_loss(f.float(), r.float().detach()) / r.float().pow(2).mean().clamp_min(1e-6).detach()
+             for r, f in zip(real, fake)]
+    return torch.stack(terms).mean()
+
+
+def approx_r1(disc, x: torch.Tensor, sigma: torch.Tensor, caps: list[torch.Tensor], noise_std: float,
+              g: torch.Generator, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Approximate R1: E‖D(x + δ) − D(x)‖² / σ_δ², δ ~ N(0, σ_δ²), on real inputs.
+
+    Exact R1 needs a double backward through the frozen teacher, which fused attention kernels do not
+    support; this finite-difference form costs one more discriminator forward (GUIDE §8).
+    """
+    delta = torch.randn(x.shape, generator=g).to(x.device, x.dtype) * noise_std
+    base = logits if logits is not None else disc(x, sigma, caps)
+    return (disc(x + delta, sigma, caps) - base).pow(2).mean() / noise_std ** 2

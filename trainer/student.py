@@ -1,0 +1,92 @@
+"""The step-decoupled 2-step student: two parameter sets initialised from the teacher transformer.
+
+Step 1 maps pure noise (σ=1) to a clean estimate x̂0₁ and the state at σ_mid; step 2 maps that state
+to the final latent. The forward used in training is the exact 2-step sampler that
+:class:`~twostep.trainer.pipeline_twostep.TwoStepZImagePipeline` runs at inference (both call
+:func:`~twostep.trainer.pipeline_twostep.two_step`), so what is trained is what is exported.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+
+from twostep.pipeline.teacher import transformer_velocity
+
+from .pipeline_twostep import two_step
+
+log = logging.getLogger(__name__)
+
+# The attention and feed-forward projections of every Z-Image block (diffusers module names).
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
+
+
+def _trainable_copy(transformer: nn.Module, lora_rank: int, gradient_checkpointing: bool) -> nn.Module:
+    """A copy of the teacher transformer: fp32 and fully trainable, or frozen with a LoRA adapter."""
+    model = copy.deepcopy(transformer)
+    if lora_rank:
+        from peft import LoraConfig
+
+        model.requires_grad_(False)
+        model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS,
+                                     init_lora_weights="gaussian"))
+        for p in model.parameters():  # adapters train in fp32 on a (possibly bf16) frozen base
+            if p.requires_grad:
+                p.data = p.data.float()
+    else:
+        model.float().requires_grad_(True)
+    model.train()
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+class TwoStepStudent(nn.Module):
+    """``transformer`` runs step 1 (σ=1 → σ_mid); ``transformer_2`` step 2 (σ_mid → 0), or None when
+    the two steps share one parameter set (``decoupled=False``)."""
+
+    def __init__(self, teacher_transformer: nn.Module, sigma_mid: float = 0.75, decoupled: bool = True,
+                 lora_rank: int = 0, gradient_checkpointing: bool = False):
+        super().__init__()
+        self.sigma_mid = float(sigma_mid)
+        self.transformer = _trainable_copy(teacher_transformer, lora_rank, gradient_checkpointing)
+        self.transformer_2 = (_trainable_copy(teacher_transformer, lora_rank, gradient_checkpointing)
+                              if decoupled else None)
+        self.lora_rank = lora_rank
+        n = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        log.info("student: %s, %.2fM trainable parameters%s", "two parameter sets" if decoupled else "one shared set",
+                 n / 1e6, f" (LoRA rank {lora_rank})" if lora_rank else "")
+
+    def step_model(self, step: int) -> nn.Module:
+        return self.transformer if step == 1 or self.transformer_2 is None else self.transformer_2
+
+    def forward(self, noise: torch.Tensor, caps: list[torch.Tensor], e2e: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """noise (B, C, h, w) at σ=1, caption features → (x̂0 of step 1, state at σ_mid, final x0).
+
+        ``e2e=False`` detaches the step-1 state, so final losses do not reach step 1.
+        """
+        def v1(x, s):
+            return transformer_velocity(self.step_model(1), x, s, caps)
+
+        def v2(x, s):
+            return transformer_velocity(self.step_model(2), x, s, caps)
+
+        return two_step(v1, v2, noise, self.sigma_mid, detach_mid=not e2e)
+
+    def export_transformers(self) -> tuple[nn.Module, nn.Module | None]:
+        """Stock ``ZImageTransformer2DModel`` copies (LoRA fused in) for export and sampling."""
+        out = []
+        for m in (self.transformer, self.transformer_2):
+            if m is None:
+                out.append(None)
+                continue
+            m = copy.deepcopy(m)
+            if self.lora_rank:
+                m.fuse_lora()
+                m.unload_lora()
+            out.append(m.eval().requires_grad_(False))
+        return out[0], out[1]
