@@ -89,6 +89,8 @@ def setup(cfg: TrainConfig, run_dir: str | Path) -> Parts:
     torch.manual_seed(cfg.seed)  # heads' initial weights (identical on every rank)
     m = cfg.model
     student = TwoStepStudent(teacher.transformer, m.sigma_mid, m.decoupled, m.lora_rank, m.gradient_checkpointing)
+    if m.gradient_checkpointing:  # the discriminator backpropagates to its input through the frozen teacher
+        teacher.transformer.enable_gradient_checkpointing()
     disc = Discriminator(teacher.transformer, m.disc_layers, m.disc_hidden).to(accelerator.device)
     opt_g = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr,
                               betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
@@ -180,7 +182,7 @@ def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, l
     out = {f"loss/{k}": v.detach() for k, v in terms.items()}
     if log_now:  # how hard each term pulls on the student's outputs (cheap: no parameter grads)
         for k, v in terms.items():
-            grads = torch.autograd.grad(v, [x0, x0_1], retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(v, [x0, x_mid, x0_1], retain_graph=True, allow_unused=True)
             out[f"grad_norm/{k}"] = torch.sqrt(sum((gr.float() ** 2).sum() for gr in grads if gr is not None)
                                                or torch.zeros(()))
     if not _all_finite(acc, total):

@@ -10,6 +10,7 @@ from . import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from twostep import eval as eval_cli
     from twostep.pipeline import cli as pipeline_cli
     from twostep.prompts import cli as prompts_cli
     from twostep.trainer import cli as trainer_cli
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline_cli.add_parsers(sub)
     trainer_cli.add_parser(sub)
     sample_cli.add_parser(sub)
+    eval_cli.add_parser(sub)
     return parser
 
 

@@ -212,3 +212,55 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tiny_store, tin
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {saved[0]} (step {step})" in done.stderr
     assert json.loads((run / "result.json").read_text())["step"] == step + 2
+
+
+# --- export ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [(), ("model.lora_rank=4",), ("model.decoupled=false",)])
+def test_exported_student_reproduces_the_trainers_two_step_output(tiny_store, tiny_pipeline_dir, tmp_path, extra):
+    from twostep.trainer.export import load_student
+    from twostep.trainer.loop import export
+
+    p = _parts(tiny_store, tiny_pipeline_dir, tmp_path, *extra)
+    for step in range(2):
+        assert "skipped" not in _one_step(p, step)
+        p.ema.update(p.accelerator.unwrap_model(p.student), step)
+    student = p.accelerator.unwrap_model(p.student)
+    if extra == ("model.lora_rank=4",):  # only adapters train; the base stays the teacher's
+        assert all(("lora" in n) == q.requires_grad for n, q in student.named_parameters())
+    out = export(p)
+    prompts = ["a red circle", "a small blue square at the top"]
+    noise = p.teacher.make_noise([5, 6], p.teacher.latent_shape(32, 32))
+    caps = p.teacher.encode_prompts(prompts)
+    with torch.no_grad(), p.ema.applied(student):
+        _, _, mine = student(noise, caps)
+    pipe = load_student(out)
+    assert (pipe.transformer_2 is None) == (extra == ("model.decoupled=false",))
+    theirs = pipe(prompt=prompts, latents=noise, height=32, width=32, output_type="latent").images
+    torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=1e-4)
+    info = json.loads((out / "twostep_student.json").read_text())
+    assert info["extra"]["step"] == 0 and info["extra"]["config"]["model"]["sigma_mid"] == 0.75
+
+
+# --- several processes -------------------------------------------------------------------------------
+
+
+def test_two_processes_under_accelerate_launch(tiny_store, tiny_pipeline_dir, tmp_path):
+    """DDP over gloo on 127.0.0.1: two ranks split the shards, agree on every step, save one checkpoint."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(Path(__file__).parents[2] / "trainer" / "configs" / "accelerate" / "ddp_cpu2.yaml"),
+           "--main_process_ip", "127.0.0.1", "--main_process_port", "29517",
+           "-m", "twostep.cli", "train", "--config", "toy", "--out", str(run), "--data", tiny_store,
+           "--teacher", tiny_pipeline_dir, "data.batch_size=2", "data.num_workers=1", "model.disc_layers=[0, 1]",
+           "model.disc_hidden=16", "log_with=none", "sample_every=0", "max_steps=3", "checkpoint_every=3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    ckpt = run / "checkpoints" / "step-00000003"
+    states = [json.loads((ckpt / f"data-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["rank"] for s in states] == [0, 1] and all(s["world_size"] == 2 for s in states)
+    assert all(s["batches"] == 3 for s in states)
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    assert (run / "student" / "model_index.json").exists()
