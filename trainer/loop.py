@@ -71,13 +71,16 @@ def _code_version() -> str:
 
 def setup(cfg: TrainConfig, run_dir: str | Path) -> Parts:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
+    # cpu=True without CUDA lets accelerate run several CPU processes (torchrun) as DDP over gloo.
     accelerator = Accelerator(mixed_precision=mp, log_with=None if cfg.log_with == "none" else cfg.log_with,
-                              project_dir=str(run_dir))
+                              project_dir=str(run_dir), cpu=not torch.cuda.is_available(),
+                              # Z-Image has parameters a given call does not use (pad tokens, other patch sizes)
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     run_dir = Path(run_dir)
     teacher = Teacher.load(cfg.model.teacher, device=accelerator.device)
     shards, index = resolve_shards(cfg.data.data, cfg.data.storage_options or None)

@@ -246,13 +246,12 @@ def test_exported_student_reproduces_the_trainers_two_step_output(tiny_store, ti
 # --- several processes -------------------------------------------------------------------------------
 
 
-def test_two_processes_under_accelerate_launch(tiny_store, tiny_pipeline_dir, tmp_path):
-    """DDP over gloo on 127.0.0.1: two ranks split the shards, agree on every step, save one checkpoint."""
+def test_two_processes_ddp_on_cpu(tiny_store, tiny_pipeline_dir, tmp_path):
+    """torchrun, 2 ranks (accelerate picks DDP over gloo on 127.0.0.1): the ranks split the shards, agree
+    on every step and write one checkpoint with both data positions."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(Path(__file__).parents[2] / "trainer" / "configs" / "accelerate" / "ddp_cpu2.yaml"),
-           "--main_process_ip", "127.0.0.1", "--main_process_port", "29517",
-           "-m", "twostep.cli", "train", "--config", "toy", "--out", str(run), "--data", tiny_store,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", "29517", "-m", "twostep.cli", "train", "--config", "toy", "--out", str(run), "--data", tiny_store,
            "--teacher", tiny_pipeline_dir, "data.batch_size=2", "data.num_workers=1", "model.disc_layers=[0, 1]",
            "model.disc_hidden=16", "log_with=none", "sample_every=0", "max_steps=3", "checkpoint_every=3"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400,
@@ -264,3 +263,20 @@ def test_two_processes_under_accelerate_launch(tiny_store, tiny_pipeline_dir, tm
     assert all(s["batches"] == 3 for s in states)
     assert json.loads((run / "run.json").read_text())["world_size"] == 2
     assert (run / "student" / "model_index.json").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_store, tiny_pipeline_dir, tmp_path):
+    grads = []
+    for gc in ("false", "true"):
+        p = _parts(tiny_store, tiny_pipeline_dir, tmp_path / gc, f"model.gradient_checkpointing={gc}")
+        student = p.accelerator.unwrap_model(p.student)
+        assert student.transformer.gradient_checkpointing == (gc == "true")
+        batch = next(iter(p.loader))
+        caps = p.teacher.encode_prompts(batch["prompt"])
+        _, _, x0 = student(batch["noise"], caps)
+        s = torch.full((len(x0),), 0.5)
+        (torch.nn.functional.mse_loss(x0, batch["latent"]) + p.disc(x0, s, caps).mean()).backward()
+        grads.append([q.grad.clone() for q in student.parameters() if q.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 10
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
