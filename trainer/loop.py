@@ -409,7 +409,7 @@ def export(p: Parts) -> Path | None:
     with p.ema.applied(student) if p.ema is not None else nullcontext():
         t1, t2 = student.export_transformers()
     if acc.is_main_process:
-        export_student(out, p.teacher.pipe, t1, t2, boundary_sigma=p.cfg.model.sigma_mid,
+        export_student(out, p.teacher.pipe, t1, t2, boundary_sigma=p.cfg.model.sigma_mid, overwrite=True,
                        extra={"config": to_dict(p.cfg), "step": p.progress["step"], "code_version": _code_version()})
         log.info("exported the student to %s", out)
     acc.wait_for_everyone()

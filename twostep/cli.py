@@ -10,6 +10,7 @@ from . import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from twostep import demo as demo_cli
     from twostep import eval as eval_cli
     from twostep.pipeline import cli as pipeline_cli
     from twostep.prompts import cli as prompts_cli
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer_cli.add_parser(sub)
     sample_cli.add_parser(sub)
     eval_cli.add_parser(sub)
+    demo_cli.add_parser(sub)
     return parser
 
 

@@ -6,8 +6,9 @@ Same prompts and the same initial noise for all three (each sample's seed on a C
 the store has it). Reported, on the attributes each caption names: the checker's accuracy and
 all-correct rate; the Fréchet distance in the checker's feature space to ground-truth renders; the
 floor (two teacher 8-step sets with different seeds); and the gap closed (GUIDE §4):
-``1 − (FD(student) − floor) / (FD(naive 2) − floor)``. Writes ``metrics.json`` and ``grid.png``
-(rows: teacher 8 steps, student 2 steps, teacher naive 2 steps).
+``1 − (FD(student) − floor) / (FD(naive 2) − floor)``, FDs taken to the teacher's 8-step set.
+Writes ``metrics.json``, ``report.md``, ``metrics.png`` (a plot) and ``grid.png`` (rows: teacher
+8 steps, student 2 steps, teacher naive 2 steps).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from twostep.pipeline.toy.checker import load_checker
 from twostep.pipeline.toy.evaluate import grid, manifest_rows, sample_set
 from twostep.pipeline.toy.render import render_batch
 from twostep.prompts.manifest import derive_seed
-from twostep.prompts.toy import sample_scene, sample_toy_prompts
+from twostep.prompts.toy import ATTRIBUTES, sample_scene, sample_toy_prompts
 from twostep.trainer.export import load_student
 
 log = logging.getLogger("twostep.eval")
@@ -111,22 +112,64 @@ def _arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="out/eval", help="folder for metrics.json and grid.png (default: out/eval)")
 
 
+ROWS = (("teacher8", "teacher, 8 steps"), ("student2", "student, 2 steps"), ("naive2", "teacher, naive 2 steps"))
+
+
+def write_report(metrics: dict, images: dict[str, np.ndarray], out: Path) -> Path:
+    """metrics.json, grid.png (rows as :data:`ROWS`), metrics.png (a bar plot) and report.md; returns the report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    k = min(12, metrics["n"])
+    grid([images[name][:k] for name, _ in ROWS]).save(out / "grid.png")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    labels = [label for _, label in ROWS]
+    axes[0].bar(labels, [metrics[n]["accuracy"]["all"] for n, _ in ROWS], color=["#555", "#2a7", "#c84"])
+    axes[0].set_title("all named attributes right")
+    axes[1].bar(labels, [metrics[n]["fd_to_teacher8"] for n, _ in ROWS], color=["#555", "#2a7", "#c84"])
+    axes[1].axhline(metrics["fd_floor_teacher8_vs_teacher8"], ls="--", c="k", lw=1, label="floor")
+    axes[1].set_title("FD to teacher 8 steps (lower is closer)")
+    axes[1].legend()
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=120)
+    plt.close(fig)
+    lines = [f"# twostep eval: {metrics['student']}", "",
+             f"{metrics['n']} toy prompts (seed {metrics['seed']}), teacher `{metrics['teacher']}`; the same noise for "
+             "all three rows. Accuracy over the attributes each caption names; FD in the toy checker's features.", "",
+             "| | all named right | " + " | ".join(ATTRIBUTES) + " | FD to renders | FD to teacher-8 | s |",
+             "|---|---|" + "---|" * len(ATTRIBUTES) + "---|---|---|"]
+    for name, label in ROWS:
+        m, a = metrics[name], metrics[name]["accuracy"]
+        cells = " | ".join("—" if a[x] is None else f"{a[x]:.3f}" for x in ATTRIBUTES)
+        lines.append(f"| {label} | {a['all']:.3f} | {cells} | {m['fd_to_renders']:.1f} | {m['fd_to_teacher8']:.1f} "
+                     f"| {m['seconds']} |")
+    gap = metrics["gap_closed"]
+    lines += ["", f"Floor (teacher 8 steps vs itself, other seeds): {metrics['fd_floor_teacher8_vs_teacher8']:.2f}. "
+              f"Gap closed: {'n/a' if gap is None else f'{gap:.3f}'}.", "",
+              "![metrics](metrics.png)", "", "Rows: " + ", ".join(label for _, label in ROWS) + ".", "",
+              "![grid](grid.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
+
+
 def run(args: argparse.Namespace) -> int:
     teacher = Teacher.load(args.teacher, device=args.device)
     metrics, images = evaluate(args.student, teacher, args.num_samples, args.seed, args.batch_size,
                                manifest=args.manifest)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    k = min(12, metrics["n"])
-    grid([images["teacher8"][:k], images["student2"][:k], images["naive2"][:k]]).save(out / "grid.png")
-    for name, label in (("teacher8", "teacher, 8 steps"), ("student2", "student, 2 steps"),
-                        ("naive2", "teacher, naive 2 steps")):
+    report = write_report(metrics, images, out)
+    for name, label in ROWS:
         m = metrics[name]
         print(f"{label:24s} all named attributes right {m['accuracy']['all']:.3f}  FD to renders "
               f"{m['fd_to_renders']:8.2f}  FD to teacher-8 {m['fd_to_teacher8']:8.2f}")
     print(f"floor (teacher-8 vs teacher-8, other seeds) {metrics['fd_floor_teacher8_vs_teacher8']:.2f}; "
-          f"gap closed {metrics['gap_closed']}; wrote {out / 'metrics.json'} and {out / 'grid.png'}")
+          f"gap closed {metrics['gap_closed']}; wrote {report}, {out / 'metrics.json'}, {out / 'grid.png'}")
     return 0
 
 
