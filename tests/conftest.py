@@ -23,3 +23,27 @@ def tiny_pipeline_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-zimage")
     build_pipeline(seed=0, model_max_length=128).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1 (as s3fs's own tests use it), bucket ``twostep-test``.
+
+    moto keeps its state per process, not per server: a bucket made by an earlier test is still
+    there, so the bucket is created only if missing."""
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    if not fs.exists("twostep-test"):
+        fs.mkdir("twostep-test")
+    yield opts
+    server.stop()

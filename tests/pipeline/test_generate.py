@@ -182,26 +182,6 @@ def test_verify_regenerate(clean_store):
     assert all(s["noise_matches"] for s in r["samples"]) and r["max_abs_diff"] < 1e-2
 
 
-@pytest.fixture
-def s3_server():
-    """moto's standalone S3 server on 127.0.0.1 (as s3fs's own tests use it)."""
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
-    import s3fs
-
-    s3fs.S3FileSystem(**opts).mkdir("twostep-test")
-    yield opts
-    server.stop()
-
-
 def test_bucket_store_on_s3_protocol_server(ray_cluster, manifest, s3_server, clean_store):
     url = "s3://twostep-test/stores/toy"
     index = run_generation(_cfg(manifest, url, save=("mid", "noise"), storage_options=s3_server))

@@ -10,7 +10,6 @@ import io
 import json
 import logging
 import os
-import socket
 import tarfile
 import threading
 
@@ -276,24 +275,6 @@ def test_resolve_shards_specs(store):
 
 
 # --- remote stores ------------------------------------------------------------------------------------
-
-@pytest.fixture
-def s3_server():
-    """moto's standalone S3 server on 127.0.0.1 (as s3fs's own tests use it)."""
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
-    import s3fs
-
-    s3fs.S3FileSystem(**opts).mkdir("twostep-test")
-    yield opts
-    server.stop()
-
 
 def test_read_a_store_on_s3(s3_server):
     url = "s3://twostep-test/stores/syn"
