@@ -115,3 +115,30 @@ def render_batch(scenes: Iterable[ToyScene], size: int = 64) -> np.ndarray:
     if not images:
         return np.zeros((0, size, size, 3), dtype=np.uint8)
     return np.stack(images)
+
+
+def write_render_shards(out, n: int = 2048, seed: int = 7, shard_size: int = 512, size: int = 64) -> list[str]:
+    """``n`` ground-truth renders of random scenes with captions as WebDataset shards
+    ``out/renders-NNNN.tar`` (``png`` + ``txt``): real images for the GAN ablation. Returns the paths."""
+    import io
+    from pathlib import Path
+
+    import webdataset as wds
+    from PIL import Image
+
+    from twostep.prompts.toy import caption, sample_scene
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng) for _ in range(n)]
+    images = render_batch(scenes, size)
+    paths = []
+    for s in range(0, n, shard_size):
+        paths.append(str(out / f"renders-{s // shard_size:04d}.tar"))
+        with wds.TarWriter(paths[-1]) as sink:
+            for i in range(s, min(n, s + shard_size)):
+                buf = io.BytesIO()
+                Image.fromarray(images[i]).save(buf, format="PNG")
+                sink.write({"__key__": f"render{i:06d}", "png": buf.getvalue(), "txt": caption(scenes[i], rng)[0]})
+    return paths
