@@ -151,8 +151,12 @@ def _ramp(cfg: TrainConfig, step: int) -> float:
     return 1.0 if w <= 0 else min(1.0, (step + 1) / w)
 
 
-def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, log_now: bool) -> dict[str, float]:
-    """Student update: the 2-step forward (end to end unless ``loss.e2e`` is false) and its losses."""
+def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, log_now: bool
+                   ) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor] | None]:
+    """Student update: the 2-step forward (end to end unless ``loss.e2e`` is false) and its losses.
+
+    Returns the metrics and the detached (final, step-1 state) outputs for the discriminator step,
+    or None as the outputs when the step was skipped (non-finite loss or gradient)."""
     cfg, lc, acc = p.cfg, p.cfg.loss, p.accelerator
     disc = acc.unwrap_model(p.disc)  # heads are not updated here: bypass DDP's reducer
     g = _generator(cfg, acc.process_index, step, 1)
@@ -190,25 +194,25 @@ def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, l
                                                or torch.zeros(()))
     if not _all_finite(acc, total):
         p.opt_g.zero_grad(set_to_none=True)
-        return {**out, "skipped": 1.0}
+        return {**out, "skipped": 1.0}, None
     acc.backward(total)
     norm = acc.clip_grad_norm_(p.student.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip else None
     if norm is not None and not _all_finite(acc, norm):
         p.opt_g.zero_grad(set_to_none=True)
-        return {**out, "skipped": 1.0}
+        return {**out, "skipped": 1.0}, None
     p.opt_g.step()
     p.opt_g.zero_grad(set_to_none=True)
     out["loss/student_total"] = total.detach()
     if norm is not None:
         out["grad_norm/student"] = norm.detach()
-    p.progress["_fake"] = (x0.detach(), x_mid.detach())
-    return out
+    return out, (x0.detach(), x_mid.detach())
 
 
-def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int) -> dict[str, float]:
+def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int,
+                       fakes: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
     """Heads update: teacher latents (or external images) are real, the student's outputs fake."""
     cfg, lc, acc = p.cfg, p.cfg.loss, p.accelerator
-    fake, fake_mid = p.progress.pop("_fake")
+    fake, fake_mid = fakes
     if not lc.uses_adversarial:
         return {}
     g = _generator(cfg, acc.process_index, step, 2)
@@ -332,11 +336,9 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
             _set_lr(p, step)
             log_now = (step + 1) % cfg.log_every == 0
             caps = p.teacher.encode_prompts(batch["prompt"])
-            out = generator_step(p, batch, caps, step, log_now)
-            if "skipped" in out:
-                p.progress.pop("_fake", None)
-            else:
-                out.update(discriminator_step(p, batch, caps, step))
+            out, fakes = generator_step(p, batch, caps, step, log_now)
+            if fakes is not None:
+                out.update(discriminator_step(p, batch, caps, step, fakes))
             if "skipped" in out:
                 p.progress["nonfinite_total"] += 1
                 p.progress["nonfinite_streak"] += 1

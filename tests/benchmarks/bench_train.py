@@ -63,8 +63,8 @@ def run_variant(variant: str, data: str, batch: int, steps: int, warmup: int) ->
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
-            generator_step(p, batch, caps, i, log_now=False)
-            discriminator_step(p, batch, caps, i)
+            _, fakes = generator_step(p, batch, caps, i, log_now=False)
+            discriminator_step(p, batch, caps, i, fakes)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if i >= warmup:

@@ -92,8 +92,8 @@ def _one_step(p, step=0):
 
     batch = next(iter(p.loader))
     caps = p.teacher.encode_prompts(batch["prompt"])
-    out = generator_step(p, batch, caps, step, log_now=True)
-    out.update(discriminator_step(p, batch, caps, step))
+    out, fakes = generator_step(p, batch, caps, step, log_now=True)
+    out.update(discriminator_step(p, batch, caps, step, fakes))
     return out
 
 
