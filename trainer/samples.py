@@ -14,23 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from twostep.pipeline.teacher import Teacher, transformer_velocity
+from twostep.pipeline.toy.evaluate import grid
 
 from .pipeline_twostep import two_step
 
 log = logging.getLogger(__name__)
-
-
-def image_grid(rows: list[np.ndarray], gutter: int = 2) -> np.ndarray:
-    """Rows of uint8 images (K, H, W, 3) → one (R·(H+g), K·(W+g), 3) picture."""
-    k, h, w, _ = rows[0].shape
-    canvas = np.full((len(rows) * (h + gutter), k * (w + gutter), 3), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            canvas[r * (h + gutter):r * (h + gutter) + h, c * (w + gutter):c * (w + gutter) + w] = img
-    return canvas
 
 
 class SampleGrid:
@@ -73,9 +63,10 @@ class SampleGrid:
                                 lambda x, s: transformer_velocity(student.step_model(2), x, s, caps),
                                 noise, student.sigma_mid)
         rows = [self._teacher_rows[0], teacher.decode(x0.float()), self._teacher_rows[1]]
-        picture = image_grid(rows)
+        image = grid(rows, scale=1)
         path = self.dir / f"step-{step:08d}.png"
-        Image.fromarray(picture).save(path)
+        image.save(path)
+        picture = np.asarray(image)
         for tracker in self.p.accelerator.trackers:
             if getattr(tracker, "name", "") == "tensorboard":
                 tracker.writer.add_image("samples/teacher8_student2_naive2", picture, step, dataformats="HWC")
