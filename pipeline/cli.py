@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 
@@ -25,7 +26,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    "local or existing Ray cluster. Idempotent and resumable: rerunning the same "
                                    "command does only the shards not committed yet.")
     g.add_argument("--manifest", required=True,
-                   help="local manifest parquet (twostep prompts build/toy); the job copies it into the store")
+                   help="manifest parquet (twostep prompts build/toy): a local path or a URL (s3://…, gs://…, "
+                        "https://…); the job copies it into the store")
     g.add_argument("--out", required=True, metavar="STORE",
                    help="store URL: a local folder, s3://bucket/prefix, gs://…")
     g.add_argument("--teacher", default="toy", help="toy, a local ZImagePipeline folder, or a hub id[@revision]")
@@ -50,6 +52,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--guidance-scale", type=float, default=None, help="override guidance (default: 0)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a store made with another manifest, teacher or sampler")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check the flags and print the resolved settings as JSON, then exit; reads no file, "
+                        "starts no Ray")
     g.set_defaults(func=_generate)
 
     v = sub.add_parser("verify", help="check a shard store; optionally regenerate samples and compare",
@@ -81,6 +86,9 @@ def _generate(args: argparse.Namespace) -> int:
                              max_shard_retries=args.max_shard_retries, on_sample_error=args.on_sample_error,
                              overwrite=args.overwrite, storage_options=args.storage_options,
                              sampler_overrides=overrides)
+        if args.dry_run:
+            print(json.dumps(dataclasses.asdict(cfg), indent=1))
+            return 0
         index = run_generation(cfg)
     except (StoreError, ValueError, FileNotFoundError) as e:
         log.error("%s", e)

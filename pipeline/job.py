@@ -11,11 +11,13 @@ run completes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
 import uuid
@@ -23,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
@@ -76,14 +79,25 @@ def fingerprint(manifest_hash: str, cfg: GenerateConfig, facts: dict[str, Any]) 
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16], ident
 
 
-def run_generation(cfg: GenerateConfig) -> dict[str, Any]:
-    """Run the job; returns the summary written into index.json."""
+def run_generation(cfg: GenerateConfig, _t0: float | None = None, _source: str | None = None) -> dict[str, Any]:
+    """Run the job; returns the summary written into index.json. ``cfg.manifest`` is a local path or
+    a URL (``s3://…``, ``gs://…``, ``https://…``; fetched with fsspec and ``cfg.storage_options``)."""
     import ray
 
-    t0 = time.time()
+    t0 = time.time() if _t0 is None else _t0
+    if "://" in cfg.manifest:  # a manifest in a bucket (the usual case on a cluster): work on a local copy
+        with tempfile.TemporaryDirectory(prefix="twostep-manifest-") as tmp:
+            local = os.path.join(tmp, "manifest.parquet")
+            log.info("fetching the manifest %s", cfg.manifest)
+            try:
+                fsspec.core.url_to_fs(cfg.manifest, **cfg.storage_options)[0].get(cfg.manifest, local)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"--manifest {cfg.manifest}: not found") from e
+            return run_generation(dataclasses.replace(cfg, manifest=local), _t0=t0, _source=cfg.manifest)
     manifest_hash, _ = read_meta(cfg.manifest)
     if not manifest_hash:
-        raise StoreError(f"{cfg.manifest}: no manifest hash in its footer; build it with twostep prompts build")
+        raise StoreError(f"{_source or cfg.manifest}: no manifest hash in its footer; build it with twostep prompts "
+                         "build")
     rows = pq.read_metadata(cfg.manifest).num_rows
     num_shards = math.ceil(rows / cfg.shard_size)
     store = Store(cfg.out, cfg.storage_options or None)

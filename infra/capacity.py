@@ -1,0 +1,224 @@
+"""Capacity planning for teacher generation and the store (infra/README.md, "Capacity").
+
+    python infra/capacity.py                                  # Z-Image-Turbo at 1024², 1M samples
+    python infra/capacity.py --pipeline DIR --height 512 --width 512 --samples 200000
+    python infra/capacity.py --bench gen_gpu.json             # + measured images/s of bench_generate_gpu.py
+
+FLOPs are counted, not estimated: each component is built on torch's ``meta`` device from its
+config (a pipeline folder's ``transformer/``, ``text_encoder/`` and ``vae/`` config.json, or the
+published Z-Image-Turbo configs below) and run once under ``torch.utils.flop_counter``; no weights
+are loaded and nothing is allocated. Per image, the 8-step teacher costs 8 transformer calls (no
+CFG: guidance 0), one text-encoder pass over the padded prompt and one VAE decode. The physical
+floor is that work at the GPU's dense bf16 peak; the measured rate comes from the GPU benchmark.
+Bytes per sample are exact for the npy members (float16 latents and ``mid``) and the tar headers;
+the image member's size depends on the content and is reported only as the raw-RGB upper bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Published configs of Tongyi-MAI/Z-Image-Turbo (transformer: 6.15B parameters, the count this
+# reproduces), its Qwen3-4B text encoder, and the FLUX VAE.
+ZIMAGE_TURBO = {
+    "transformer": {"all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16, "dim": 3840, "n_layers": 30,
+                    "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True,
+                    "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48],
+                    "axes_lens": [1024, 512, 512]},
+    "text_encoder": {"hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                     "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+    "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 256, 512, 512],
+            "layers_per_block": 2, "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "use_quant_conv": False,
+            "use_post_quant_conv": False, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+}
+H100_BF16_DENSE_TFLOPS = 989.0
+TAR_BLOCK = 512
+
+
+def load_configs(pipeline: str | None) -> dict[str, dict]:
+    """Component configs from a ZImagePipeline folder, or the published Z-Image-Turbo ones."""
+    if pipeline is None:
+        return ZIMAGE_TURBO
+    root = Path(pipeline)
+    out = {}
+    for name in ("transformer", "text_encoder", "vae"):
+        path = root / name / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; --pipeline must be a ZImagePipeline folder")
+        out[name] = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    return out
+
+
+def _count(fn) -> float:
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def vae_scale(vae_cfg: dict) -> int:
+    return 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+
+
+def transformer_flops(cfg: dict, latent_hw: tuple[int, int], caption_tokens: int) -> tuple[float, int]:
+    """FLOPs of one transformer call on one image, and the transformer's parameter count."""
+    from diffusers import ZImageTransformer2DModel
+
+    with torch.device("meta"):
+        model = ZImageTransformer2DModel.from_config(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    c = model.config
+    x = [torch.zeros(c.in_channels, 1, *latent_hw, device="meta")]
+    cap = [torch.zeros(caption_tokens, c.cap_feat_dim, device="meta")]
+    t = torch.zeros(1, device="meta")
+    return _count(lambda: model(x, t, cap)), params
+
+
+def text_encoder_flops(cfg: dict, tokens: int) -> float:
+    from transformers import Qwen3Config, Qwen3Model
+
+    with torch.device("meta"):
+        model = Qwen3Model(Qwen3Config(**cfg))
+    ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")
+    return _count(lambda: model(input_ids=ids))
+
+
+def vae_decode_flops(cfg: dict, height: int, width: int) -> float:
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(cfg)
+    s = vae_scale(cfg)
+    z = torch.zeros(1, cfg["latent_channels"], height // s, width // s, device="meta")
+    return _count(lambda: vae.decode(z))
+
+
+def tar_member(nbytes: int) -> int:
+    """Bytes a member takes in a tar: a 512-byte header plus the data padded to 512."""
+    return TAR_BLOCK + math.ceil(nbytes / TAR_BLOCK) * TAR_BLOCK
+
+
+def npy_bytes(shape: tuple[int, ...], itemsize: int = 2) -> int:
+    """Size of a float16 ``.npy`` file of ``shape`` (format 1.0: a header padded to 128 bytes here)."""
+    return 128 + math.prod(shape) * itemsize
+
+
+def sample_bytes(latent_shape: tuple[int, ...], arrays: int, text_bytes: int = 1024) -> int:
+    """Tar bytes of one sample without its image: ``arrays`` float16 latents (latent, mid, …) and the
+    json + txt members (``text_bytes`` each at most; 715 and 39 bytes on the toy store)."""
+    return arrays * tar_member(npy_bytes(latent_shape)) + 2 * tar_member(text_bytes)
+
+
+def plan(configs: dict, height: int, width: int, caption_tokens: int, text_tokens: int, steps: int,
+         samples: int, peak_tflops: float, save: int, measured_ips: float | None) -> dict:
+    s = vae_scale(configs["vae"])
+    latent_hw = (height // s, width // s)
+    t_call, params = transformer_flops(configs["transformer"], latent_hw, caption_tokens)
+    te = text_encoder_flops(configs["text_encoder"], text_tokens)
+    vae = vae_decode_flops(configs["vae"], height, width)
+    teacher = steps * t_call + te + vae
+    student = 2 * t_call + te + vae
+    floor_s = teacher / (peak_tflops * 1e12)
+    latent_shape = (configs["vae"]["latent_channels"], *latent_hw)
+    per_sample = sample_bytes(latent_shape, arrays=1 + save)
+    raw_image = tar_member(height * width * 3)
+    out = {
+        "height": height, "width": width, "latent_shape": list(latent_shape),
+        "image_tokens": latent_hw[0] * latent_hw[1] // 4, "caption_tokens": caption_tokens,
+        "text_encoder_tokens": text_tokens, "transformer_params": params,
+        "flops": {"transformer_call": t_call, "text_encoder": te, "vae_decode": vae,
+                  f"teacher_{steps}_steps": teacher, "student_2_steps": student},
+        "peak_tflops": peak_tflops,
+        "floor": {"seconds_per_image": floor_s, "images_per_gpu_hour": 3600 / floor_s,
+                  "gpu_hours": samples * floor_s / 3600},
+        "bytes_per_sample": {"latents_only": per_sample, "with_image_at_most": per_sample + raw_image},
+        "storage": {"latents_only": samples * per_sample, "with_image_at_most": samples * (per_sample + raw_image)},
+        "samples": samples,
+    }
+    if measured_ips:
+        out["measured"] = {"images_per_second": measured_ips, "images_per_gpu_hour": measured_ips * 3600,
+                           "gpu_hours": samples / measured_ips / 3600,
+                           "fraction_of_peak": measured_ips * teacher / (peak_tflops * 1e12)}
+    return out
+
+
+def table(p: dict) -> str:
+    def tf(x):
+        return f"{x / 1e12:,.1f} TFLOP"
+
+    f = p["flops"]
+    teacher_key = next(k for k in f if k.startswith("teacher_"))
+    rows = [
+        ("transformer parameters", f"{p['transformer_params'] / 1e9:.2f} B"),
+        ("image tokens / caption tokens", f"{p['image_tokens']:,} / {p['caption_tokens']}"),
+        ("FLOPs per transformer call", tf(f["transformer_call"])),
+        (f"FLOPs per image, text encoder ({p['text_encoder_tokens']} tokens)", tf(f["text_encoder"])),
+        ("FLOPs per image, VAE decode", tf(f["vae_decode"])),
+        (f"FLOPs per image, teacher {teacher_key.split('_')[1]} steps", tf(f[teacher_key])),
+        ("FLOPs per image, 2-step student", tf(f["student_2_steps"])),
+        (f"floor: images per GPU-hour at {p['peak_tflops']:g} TFLOP/s",
+         f"{p['floor']['images_per_gpu_hour']:,.0f} ({p['floor']['seconds_per_image']:.3f} s/image)"),
+    ]
+    if "measured" in p:
+        m = p["measured"]
+        rows.append(("measured: images per GPU-hour", f"{m['images_per_gpu_hour']:,.0f} "
+                     f"({100 * m['fraction_of_peak']:.0f}% of peak)"))
+    b, st, n = p["bytes_per_sample"], p["storage"], p["samples"]
+    rows += [
+        ("bytes per sample, --image-format none", f"{b['latents_only']:,} B"),
+        ("bytes per sample, with an image (raw-RGB bound)", f"≤ {b['with_image_at_most']:,} B"),
+        (f"GPU-hours for {n:,} samples at the floor", f"{p['floor']['gpu_hours']:,.0f}"),
+    ]
+    if "measured" in p:
+        rows.append((f"GPU-hours for {n:,} samples, measured rate", f"{p['measured']['gpu_hours']:,.0f}"))
+    rows += [
+        (f"storage for {n:,} samples, latents only", f"{st['latents_only'] / 1e9:,.0f} GB"),
+        (f"storage for {n:,} samples, with images (bound)", f"≤ {st['with_image_at_most'] / 1e9:,.0f} GB"),
+    ]
+    lines = [f"| {p['height']}×{p['width']} | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pipeline", default=None,
+                    help="a ZImagePipeline folder whose component configs to read (default: the published "
+                         "Z-Image-Turbo configs)")
+    ap.add_argument("--height", type=int, default=1024, help="image height in pixels (default: 1024)")
+    ap.add_argument("--width", type=int, default=1024, help="image width in pixels (default: 1024)")
+    ap.add_argument("--caption-tokens", type=int, default=128,
+                    help="caption tokens the transformer sees per image (default: 128)")
+    ap.add_argument("--text-tokens", type=int, default=512,
+                    help="tokens the text encoder runs over per prompt, padding included (default: 512)")
+    ap.add_argument("--steps", type=int, default=8, help="teacher steps (default: 8)")
+    ap.add_argument("--samples", type=int, default=1_000_000, help="store size to plan for (default: 1,000,000)")
+    ap.add_argument("--save", type=int, default=1,
+                    help="float16 arrays stored beside the final latent: 1 = mid (the default of twostep "
+                         "generate --save mid), 2 = mid and noise")
+    ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+                    help="the GPU's dense bf16 peak in TFLOP/s (default: 989, H100/H200 SXM)")
+    ap.add_argument("--bench", default=None,
+                    help="JSON written by tests/benchmarks/bench_generate_gpu.py: adds the measured rate")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the Markdown table")
+    args = ap.parse_args(argv)
+    measured = None
+    if args.bench:
+        bench = json.loads(Path(args.bench).read_text())
+        if "median_worker" not in bench:
+            raise SystemExit(f"{args.bench}: no median_worker; expected the JSON of bench_generate_gpu.py --out")
+        measured = float(bench["median_worker"])
+    p = plan(load_configs(args.pipeline), args.height, args.width, args.caption_tokens, args.text_tokens,
+             args.steps, args.samples, args.peak_tflops, args.save, measured)
+    print(json.dumps(p, indent=1) if args.json else table(p))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
