@@ -21,3 +21,103 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     m = sqrt_a @ cov_b @ sqrt_a
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al., 2019) of ``fake`` against ``real``.
+
+    Each set's manifold is the union of balls around its points with radius the distance to the
+    point's k-th nearest neighbour in the same set. Precision = share of fake points inside the real
+    manifold (quality); recall = share of real points inside the fake manifold (coverage: a collapsed
+    generator has low recall)."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
+
+    def dist(a, b):
+        d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T
+        return np.sqrt(np.clip(d, 0, None))
+
+    def radii(x):
+        return np.sort(dist(x, x), axis=1)[:, k]  # column 0 is the point itself
+
+    r_real, r_fake = radii(real), radii(fake)
+    d = dist(fake, real)  # (fake, real)
+    precision = float((d <= r_real[None]).any(1).mean())
+    recall = float((r_fake[None] >= d.T).any(1).mean())
+    return precision, recall
+
+
+def total_variation(p: np.ndarray, q: np.ndarray) -> float:
+    """Total variation distance ½·Σ|p − q| between two distributions over the same classes."""
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    return 0.5 * float(np.abs(p / p.sum() - q / q.sum()).sum())
+
+
+def mean_pairwise_distance(groups: np.ndarray) -> float:
+    """Mean Euclidean distance between samples of the same group, averaged over groups: ``groups``
+    is (G, K, D), K samples (seeds) of each of G prompts. Per-prompt diversity."""
+    g = np.asarray(groups, np.float64)
+    if g.ndim != 3 or g.shape[1] < 2:
+        raise ValueError(f"expected (prompts, seeds ≥ 2, features), got {g.shape}")
+    diff = g[:, :, None, :] - g[:, None, :, :]
+    d = np.sqrt((diff ** 2).sum(-1))
+    k = g.shape[1]
+    return float(d.sum((1, 2)).mean() / (k * (k - 1)))
+
+
+class ClipModel:
+    """An open_clip model for image features (FD for real teachers) and CLIP score.
+
+    ``spec`` is what ``open_clip.create_model_and_transforms`` takes (``ViT-B-32`` with
+    ``pretrained`` a tag or a local weights file, ``hf-hub:org/repo``, ``local-dir:PATH``) or a local
+    folder holding ``open_clip_config.json`` and weights (read as ``local-dir:``). Checkpoints load
+    with ``weights_only``."""
+
+    def __init__(self, spec: str, pretrained: str | None = None, device: str = "cpu", batch_size: int = 64):
+        import os
+
+        import open_clip
+
+        if os.path.isdir(spec):
+            spec = f"local-dir:{spec}"
+        self.spec = spec if pretrained is None else f"{spec}/{pretrained}"
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(spec, pretrained=pretrained,
+                                                                               device=device)
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(spec)
+        self.device, self.batch_size = device, batch_size
+
+    def _images(self, images: np.ndarray):
+        import torch
+        from PIL import Image
+
+        return torch.stack([self.preprocess(Image.fromarray(x)) for x in images]).to(self.device)
+
+    def image_embeddings(self, images: np.ndarray) -> np.ndarray:
+        """L2-normalised image embeddings (N, D) of uint8 images (N, H, W, 3)."""
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(images), self.batch_size):
+                e = self.model.encode_image(self._images(images[i:i + self.batch_size])).float()
+                out.append(torch.nn.functional.normalize(e, dim=-1).cpu())
+        return torch.cat(out).double().numpy()
+
+    features = image_embeddings
+
+    def text_embeddings(self, prompts: list[str]) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(prompts), self.batch_size):
+                e = self.model.encode_text(self.tokenizer(prompts[i:i + self.batch_size]).to(self.device)).float()
+                out.append(torch.nn.functional.normalize(e, dim=-1).cpu())
+        return torch.cat(out).double().numpy()
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> float:
+        """CLIP score: mean over pairs of max(100 · cos(image, prompt), 0)."""
+        cos = (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(1)
+        return float(np.clip(100 * cos, 0, None).mean())

@@ -1,5 +1,5 @@
-"""twostep eval on the toy world: a "student" that is the teacher's own transformer in both steps
-must score exactly like the teacher's naive 2 steps (gap closed 0)."""
+"""twostep eval: metric code on known inputs, CLIP score on a tiny random open_clip model, and eval end
+to end on the toy teacher and on the tiny random-weight Z-Image pipeline (open_clip features)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from twostep.eval import gap_closed
+from twostep.eval import gap_closed, omitted_tv
+from twostep.pipeline.metrics import ClipModel, mean_pairwise_distance, precision_recall, total_variation
 
 
 def test_gap_closed_formula():
@@ -20,19 +21,137 @@ def test_gap_closed_formula():
     assert gap_closed(5.0, 5.0, 10.0) is None  # no gap to close
 
 
+def test_precision_recall_known_cases():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(300, 8))
+    assert precision_recall(real, real) == (1.0, 1.0)
+    p, r = precision_recall(real, real + 100.0)  # far away: nothing inside either manifold
+    assert (p, r) == (0.0, 0.0)
+    # a collapsed generator: every sample near one real point → precise, no coverage
+    collapsed = real[:1] + 1e-3 * rng.normal(size=(300, 8))
+    p, r = precision_recall(real, collapsed)
+    assert p == 1.0 and r < 0.05
+    # a fresh sample of the same distribution covers most of it
+    p, r = precision_recall(real, rng.normal(size=(300, 8)))
+    assert p > 0.8 and r > 0.8
+    with pytest.raises(ValueError, match="more than 3"):
+        precision_recall(real[:3], real[:3])
+
+
+def test_total_variation_and_diversity_known_values():
+    assert total_variation([1, 0], [0, 1]) == 1.0
+    assert total_variation([2, 2], [1, 1]) == 0.0
+    assert total_variation([3, 1], [1, 1]) == pytest.approx(0.25)
+    # two seeds per prompt at distance 3 and 5 → mean 4; identical samples → 0
+    g = np.array([[[0.0, 0.0], [3.0, 0.0]], [[0.0, 0.0], [0.0, 5.0]]])
+    assert mean_pairwise_distance(g) == pytest.approx(4.0)
+    assert mean_pairwise_distance(np.ones((3, 4, 5))) == 0.0
+    # three points on a line at 0, 1, 2: pairs 1, 1, 2 → mean 4/3
+    assert mean_pairwise_distance(np.array([[[0.0], [1.0], [2.0]]])) == pytest.approx(4 / 3)
+
+
+def test_omitted_attribute_tv_compares_only_left_out_attributes():
+    named = [{"shape": "circle", "colour": None, "size": None, "position": "top", "background": None}] * 4
+    ref = [{"shape": "circle", "colour": c, "size": "small", "position": "top", "background": "black"}
+           for c in ("red", "red", "blue", "blue")]
+    same = omitted_tv(ref, ref, named)
+    assert same["colour"] == 0.0 and same["shape"] is None and same["position"] is None
+    collapsed = [dict(r, colour="red") for r in ref]
+    tv = omitted_tv(collapsed, ref, named)
+    assert tv["colour"] == 0.5 and tv["size"] == 0.0 and tv["mean"] == pytest.approx(0.5 / 3, abs=1e-4)
+
+
+TINY_CLIP = {"model_cfg": {"embed_dim": 32,
+                           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+                           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2,
+                                        "layers": 2}},
+             "preprocess_cfg": {"mean": [0.481, 0.458, 0.408], "std": [0.269, 0.261, 0.276]}}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A randomly initialised tiny open_clip model saved as open_clip's local-folder layout."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("tiny-clip")
+    (path / "open_clip_config.json").write_text(json.dumps(TINY_CLIP))
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CLIP["model_cfg"])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "open_clip_model.safetensors")
+    return str(path)
+
+
+def test_clip_score_on_a_tiny_model_is_deterministic(tiny_clip_dir):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, 40, 40, 3), dtype=np.uint8)
+    prompts = ["a red circle", "a blue square", "green", "a small triangle", "black background", "x"]
+    a = ClipModel(tiny_clip_dir)
+    b = ClipModel(f"local-dir:{tiny_clip_dir}")  # open_clip's own spelling loads the same weights
+    s = a.score(images, prompts)
+    assert s == b.score(images, prompts) and 0.0 <= s <= 100.0
+    f = a.features(images)
+    assert f.shape == (6, 32) and np.allclose(np.linalg.norm(f, axis=1), 1.0)
+    # the score is per pair: permuting prompts against images changes it
+    assert a.score(images, prompts[::-1]) != s
+
+
+def _eval(args, tmp_path, timeout=900):
+    out = subprocess.run([sys.executable, "-m", "twostep.cli", "eval", *args, "--device", "cpu",
+                          "--out", str(tmp_path / "eval")], capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((tmp_path / "eval" / "metrics.json").read_text()), out
+
+
 def test_naive_student_scores_like_the_naive_teacher(tmp_path):
+    """A "student" that is the teacher's own transformer in both steps must score exactly like the
+    teacher's naive 2 steps (gap closed 0) on every metric."""
     from twostep.pipeline.teacher import Teacher
     from twostep.trainer.export import export_student
 
     teacher = Teacher.load("toy", device="cpu")
     export_student(tmp_path / "naive", teacher.pipe, teacher.transformer, teacher.transformer)
-    out = subprocess.run([sys.executable, "-m", "twostep.cli", "eval", "--student", str(tmp_path / "naive"),
-                          "-n", "16", "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "eval")],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert m["n"] == 16 and (tmp_path / "eval" / "grid.png").exists()
-    assert m["student2"]["accuracy"] == m["naive2"]["accuracy"]
-    assert np.isclose(m["student2"]["fd_to_teacher8"], m["naive2"]["fd_to_teacher8"], rtol=1e-3)
+    m, out = _eval(["--student", str(tmp_path / "naive"), "-n", "16", "--batch-size", "8",
+                    "--diversity-prompts", "3", "--diversity-seeds", "2"], tmp_path)
+    assert m["n"] == 16 and m["features"] == "toy"
+    for f in ("grid.png", "metrics.png", "report.md", "report.html"):
+        assert (tmp_path / "eval" / f).stat().st_size > 0
+    s, nv = m["student2"], m["naive2"]
+    assert s["accuracy"] == nv["accuracy"] and s["omitted_tv"] == nv["omitted_tv"]
+    assert (s["precision"], s["recall"]) == (nv["precision"], nv["recall"])
+    assert s["diversity"] == pytest.approx(nv["diversity"], rel=1e-3)
+    assert np.isclose(s["fd_to_teacher8"], nv["fd_to_teacher8"], rtol=1e-3)
     assert m["gap_closed"] is None or abs(m["gap_closed"]) < 1e-3
-    assert "gap closed" in out.stdout
+    for key in ("teacher8", "student2", "naive2"):
+        t = m[key]
+        assert t["batch_size"] == 8 and t["images_per_s"] > 0 and t["latency_s_per_batch"] > 0
+        assert t["images_per_s"] == pytest.approx(16 / t["seconds"], rel=0.02)
+    assert "gap closed" in out.stdout and "images/s" in (tmp_path / "eval" / "report.md").read_text()
+    assert "<table>" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_eval_on_the_tiny_zimage_pipeline_with_open_clip(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
+    """The real-teacher path: a non-toy manifest, open_clip features for FD and CLIP score."""
+    from twostep.pipeline.teacher import Teacher
+    from twostep.trainer.export import export_student
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"a photo of thing number {i}" for i in range(12)) + "\n")
+    subprocess.run([sys.executable, "-m", "twostep.cli", "prompts", "build", str(prompts), "-o",
+                    str(tmp_path / "m.parquet"), "--height", "32", "--width", "32"], check=True, capture_output=True)
+    teacher = Teacher.load(tiny_pipeline_dir, device="cpu")
+    export_student(tmp_path / "student", teacher.pipe, teacher.transformer, teacher.transformer)
+    common = ["--student", str(tmp_path / "student"), "--teacher", tiny_pipeline_dir,
+              "--prompts", str(tmp_path / "m.parquet"), "-n", "12", "--batch-size", "6"]
+    m, _ = _eval([*common, "--clip-model", tiny_clip_dir, "--diversity-prompts", "2"], tmp_path)
+    assert (m["features"], m["height"], m["width"], m["n"]) == ("clip", 32, 32, 12)
+    for key in ("teacher8", "student2", "naive2"):
+        assert 0 <= m[key]["clip_score"] <= 100 and "accuracy" not in m[key]
+        assert 0 <= m[key]["recall"] <= 1 and m[key]["images_per_s"] > 0
+    assert m["student2"]["clip_score"] == m["naive2"]["clip_score"]  # same weights, same 2 steps
+    assert "CLIP score" in (tmp_path / "eval" / "report.md").read_text()
+    # without a CLIP model there is no feature space for a real teacher: a clear error, not a guess
+    bad = subprocess.run([sys.executable, "-m", "twostep.cli", "eval", *common, "--device", "cpu", "--out",
+                          str(tmp_path / "bad")], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--clip-model" in bad.stderr

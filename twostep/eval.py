@@ -1,53 +1,142 @@
-"""Toy-world evaluation of a 2-step student against its 8-step teacher and the teacher's naive 2 steps.
+"""Score a 2-step student against its 8-step teacher and the teacher's naive 2 steps.
 
-    twostep eval --student RUN_DIR/student [--teacher toy] [-n 500] [--out DIR]
+    twostep eval --student RUN_DIR/student [--teacher toy] [--prompts MANIFEST] [-n 500] [--out DIR]
+    twostep eval --student RUN/student --teacher Tongyi-MAI/Z-Image-Turbo --prompts eval.parquet \\
+        --clip-model hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K
 
-Same prompts and the same initial noise for all three (each sample's seed on a CPU generator, as
-the store has it). Reported, on the attributes each caption names: the checker's accuracy and
-all-correct rate; the Fréchet distance in the checker's feature space to ground-truth renders; the
-floor (two teacher 8-step sets with different seeds); and the gap closed (GUIDE §4):
-``1 − (FD(student) − floor) / (FD(naive 2) − floor)``, FDs taken to the teacher's 8-step set.
-Writes ``metrics.json``, ``report.md``, ``metrics.png`` (a plot) and ``grid.png`` (rows: teacher
-8 steps, student 2 steps, teacher naive 2 steps).
+Three sample sets from the same prompts and the same initial noise (each sample's seed on a CPU
+generator, as the store has it): (a) the teacher at 8 steps, (b) the student at 2 steps, (c) the
+teacher sampled naively at 2 steps. Reported for each, against (a):
+  - Fréchet distance (FD) in a feature space: the toy checker's features for the toy world, open_clip
+    image features otherwise; the floor (two 8-step sets with different seeds) and the gap closed
+    ``1 − (FD(student) − floor) / (FD(naive 2) − floor)`` (GUIDE §4);
+  - precision and recall (k-NN manifolds, k=3) in the same features: recall falls when a student
+    collapses onto fewer modes, which FD can miss;
+  - per-prompt diversity: several seeds for each of a few prompts, mean pairwise distance in the
+    features and in pixels;
+  - toy world: the checker's accuracy on the attributes each caption names, and for every attribute
+    a caption leaves out the total variation between the set's distribution of it and the
+    teacher's; FD to ground-truth renders;
+  - CLIP score (open_clip, when ``--clip-model`` is given);
+  - latency per batch call and images/s, same batch size and device for all three.
+Writes ``metrics.json``, ``report.md``, ``report.html``, ``metrics.png`` (a plot) and ``grid.png``
+(rows: teacher 8 steps, student 2 steps, teacher naive 2 steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import logging
+import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from twostep.pipeline.metrics import frechet_distance
+from twostep.pipeline.metrics import (
+    ClipModel,
+    frechet_distance,
+    mean_pairwise_distance,
+    precision_recall,
+    total_variation,
+)
 from twostep.pipeline.teacher import Teacher
-from twostep.pipeline.toy.checker import load_checker
-from twostep.pipeline.toy.evaluate import grid, manifest_rows, sample_set
-from twostep.pipeline.toy.render import render_batch
+from twostep.pipeline.toy.evaluate import grid
 from twostep.prompts.manifest import derive_seed
-from twostep.prompts.toy import ATTRIBUTES, sample_scene, sample_toy_prompts
-from twostep.trainer.export import load_student
+from twostep.prompts.toy import ATTRIBUTES, CLASSES, sample_scene, sample_toy_prompts
 
 log = logging.getLogger("twostep.eval")
 
+ROWS = (("teacher8", "teacher, 8 steps"), ("student2", "student, 2 steps"), ("naive2", "teacher, naive 2 steps"))
+Sampler = Callable[[list[str], list[int]], np.ndarray]
 
-@torch.no_grad()
-def student_images(student_dir: str, teacher: Teacher, prompts: list[str], seeds: list[int], size: int,
-                   batch: int) -> tuple[np.ndarray, float]:
-    """The student's 2-step images (uint8) from the same per-seed noise as the teacher's; and seconds."""
+
+@dataclass
+class EvalPrompts:
+    prompts: list[str]
+    seeds: list[int]
+    height: int
+    width: int
+    named: list[dict] | None = None
+    """Toy world: the attributes each caption names (``None`` = left out); ``None`` elsewhere."""
+
+
+def eval_prompts(path: str | None, n: int, seed: int, size: tuple[int, int] | None = None) -> EvalPrompts:
+    """The first ``n`` rows of a manifest (any ``twostep prompts`` manifest; toy ones also give the
+    named attributes), or ``n`` fresh toy prompts with seeds derived from ``seed``."""
+    if path is None:
+        rows = list(sample_toy_prompts(n, seed))
+        h, w = size or (64, 64)
+        return EvalPrompts([r["prompt"] for r in rows], [derive_seed(seed, f"eval-{i}") for i in range(n)], h, w,
+                           [{a: r[a] for a in ATTRIBUTES} for r in rows])
+    import pyarrow.parquet as pq
+
+    names = set(pq.read_schema(path).names)
+    missing = {"prompt", "seed"} - names
+    if missing:
+        raise ValueError(f"{path}: not a twostep manifest, missing column(s) {sorted(missing)}")
+    toy = set(ATTRIBUTES) <= names
+    cols = ["prompt", "seed"] + [c for c in ("height", "width") if c in names] + (list(ATTRIBUTES) if toy else [])
+    rows = pq.read_table(path, columns=cols).slice(0, n).to_pylist()
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    if size is None:
+        sizes = {(r.get("height") or 64, r.get("width") or 64) for r in rows}
+        if len(sizes) > 1:
+            raise ValueError(f"{path}: the first {len(rows)} rows have several sizes {sorted(sizes)}; "
+                             "pass --size HxW to sample them all at one size")
+        size = sizes.pop()
+    return EvalPrompts([r["prompt"] for r in rows], [int(r["seed"]) for r in rows], size[0], size[1],
+                       [{a: r[a] for a in ATTRIBUTES} for r in rows] if toy else None)
+
+
+def teacher_sampler(teacher: Teacher, h: int, w: int) -> Sampler:
+    return lambda prompts, seeds: teacher.generate(prompts, seeds, h, w).images
+
+
+def student_sampler(student_dir: str, teacher: Teacher, h: int, w: int) -> Sampler:
+    """The exported student, from the same per-seed noise as the teacher's, decoded by its VAE."""
+    from twostep.trainer.export import load_student
+
     pipe = load_student(student_dir, device=teacher.device, dtype=teacher.dtype)
     pipe.set_progress_bar_config(disable=True)
-    out = []
-    t0 = time.perf_counter()
-    for i in tqdm(range(0, len(prompts), batch), desc="student 2 steps"):
-        noise = teacher.make_noise(seeds[i:i + batch], teacher.latent_shape(size, size)).to(teacher.device)
-        lat = pipe(prompt=prompts[i:i + batch], latents=noise, height=size, width=size, output_type="latent").images
-        out.append(teacher.decode(lat))
-    return np.concatenate(out), time.perf_counter() - t0
+
+    @torch.no_grad()
+    def sample(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        noise = teacher.make_noise(seeds, teacher.latent_shape(h, w)).to(teacher.device)
+        lat = pipe(prompt=prompts, latents=noise, height=h, width=w, output_type="latent").images
+        return teacher.decode(lat)
+
+    return sample
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_timed(fn: Sampler, prompts: list[str], seeds: list[int], batch: int, device: torch.device,
+              desc: str) -> tuple[np.ndarray, dict]:
+    """All images, and timing: one warm-up call first (not counted), then every batch call timed."""
+    fn(prompts[:min(batch, 2)], seeds[:min(batch, 2)])
+    out, calls = [], []
+    for i in tqdm(range(0, len(prompts), batch), desc=desc):
+        _sync(device)
+        t0 = time.perf_counter()
+        out.append(fn(prompts[i:i + batch], seeds[i:i + batch]))
+        _sync(device)
+        calls.append(time.perf_counter() - t0)
+    n = len(prompts)
+    return np.concatenate(out), {"seconds": round(sum(calls), 2), "batch_size": batch,
+                                 "latency_s_per_batch": round(statistics.median(calls), 4),
+                                 "seconds_per_image": round(sum(calls) / n, 5),
+                                 "images_per_s": round(n / sum(calls), 3)}
 
 
 def gap_closed(fd_student: float, fd_naive: float, floor: float) -> float | None:
@@ -55,68 +144,156 @@ def gap_closed(fd_student: float, fd_naive: float, floor: float) -> float | None
     return None if fd_naive <= floor else 1.0 - (fd_student - floor) / (fd_naive - floor)
 
 
+def omitted_tv(pred: list[dict], ref: list[dict], named: list[dict]) -> dict[str, float | None]:
+    """For each attribute, over the prompts whose caption leaves it out: total variation between the
+    distribution of the predicted value in ``pred`` and in ``ref`` (the teacher's 8-step set)."""
+    out: dict[str, float | None] = {}
+    for a in ATTRIBUTES:
+        rows = [i for i, d in enumerate(named) if d.get(a) is None]
+        if not rows:
+            out[a] = None
+            continue
+        hist = [np.array([sum(p[i][a] == c for i in rows) for c in CLASSES[a]], float) for p in (pred, ref)]
+        out[a] = round(total_variation(*hist), 4)
+    vals = [v for v in out.values() if v is not None]
+    out["mean"] = round(float(np.mean(vals)), 4) if vals else None
+    return out
+
+
 def evaluate(student_dir: str, teacher: Teacher, n: int = 500, seed: int = 20261122, batch: int = 100,
-             size: int = 64, manifest: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-    if manifest:
-        rows, seeds = manifest_rows(manifest, n)
-    else:
-        rows = list(sample_toy_prompts(n, seed))
-        seeds = [derive_seed(seed, f"eval-{i}") for i in range(n)]
-    n = len(rows)
-    prompts = [r["prompt"] for r in rows]
-    named = [{k: v for k, v in r.items() if k != "prompt"} for r in rows]
-    checker = load_checker()
-    images, seconds = {}, {}
-    t0 = time.perf_counter()
-    images["teacher8"] = sample_set(teacher, prompts, seeds, size, batch, "teacher 8 steps")
-    seconds["teacher8"] = time.perf_counter() - t0
-    images["student2"], seconds["student2"] = student_images(student_dir, teacher, prompts, seeds, size, batch)
-    naive = Teacher(teacher.pipe, teacher.name, device=teacher.device, num_steps=2)
-    t0 = time.perf_counter()
-    images["naive2"] = sample_set(naive, prompts, seeds, size, batch, "teacher naive 2 steps")
-    seconds["naive2"] = time.perf_counter() - t0
+             prompts: str | None = None, size: tuple[int, int] | None = None, clip: ClipModel | None = None,
+             features: str = "auto", diversity_prompts: int = 16, diversity_seeds: int = 4,
+             ) -> tuple[dict, dict[str, np.ndarray]]:
+    """Sample the three sets and compute every metric; returns ``(metrics, images)``."""
+    ep = eval_prompts(prompts, n, seed, size)
+    n, h, w = len(ep.prompts), ep.height, ep.width
+    if features == "auto":
+        features = "toy" if ep.named is not None else "clip"
+    if features == "clip" and clip is None:
+        raise ValueError("FD outside the toy world uses open_clip image features: pass --clip-model "
+                         "(e.g. hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K or a local open_clip folder)")
+    checker = None
+    if features == "toy" or ep.named is not None:
+        from twostep.pipeline.toy.checker import load_checker
+
+        checker = load_checker()
+    featurize = checker.features if features == "toy" else clip.features
+    samplers = {"teacher8": teacher_sampler(teacher, h, w),
+                "student2": student_sampler(student_dir, teacher, h, w),
+                "naive2": teacher_sampler(Teacher(teacher.pipe, teacher.name, device=teacher.device,
+                                                  num_steps=2), h, w)}
+    images, timing = {}, {}
+    for key, label in ROWS:
+        images[key], timing[key] = run_timed(samplers[key], ep.prompts, ep.seeds, batch, teacher.device, label)
     other = [derive_seed(seed + 1, f"floor-{i}") for i in range(n)]
-    floor_set = sample_set(teacher, prompts, other, size, batch, "teacher 8 steps, other seeds")
-    rng = np.random.default_rng(seed + 1)  # the same render set as the teacher's own evaluation
-    truth = render_batch([sample_scene(rng) for _ in range(n)], size)
-    f_truth = checker.features(truth)
-    feats = {k: checker.features(v) for k, v in images.items()}
-    f_floor = checker.features(floor_set)
+    floor_set, _ = run_timed(samplers["teacher8"], ep.prompts, other, batch, teacher.device,
+                             "teacher 8 steps, other seeds (floor)")
+    feats = {k: featurize(v) for k, v in images.items()}
+    f_floor = featurize(floor_set)
     floor = frechet_distance(f_floor, feats["teacher8"])
-    metrics: dict = {"n": n, "seed": seed, "manifest": manifest, "teacher": teacher.name, "student": student_dir,
-                     "fd_floor_teacher8_vs_teacher8": round(floor, 3)}
-    for k in images:
-        metrics[k] = {"accuracy": checker.score(images[k], named),
-                      "fd_to_renders": round(frechet_distance(feats[k], f_truth), 3),
-                      "fd_to_teacher8": round(frechet_distance(feats[k], feats["teacher8"]), 3) if k != "teacher8" else 0.0,
-                      "seconds": round(seconds[k], 1)}
-    metrics["gap_closed"] = gap_closed(metrics["student2"]["fd_to_teacher8"], metrics["naive2"]["fd_to_teacher8"], floor)
+
+    # per-prompt diversity: K seeds for each of the first m prompts
+    m, k = min(diversity_prompts, n), diversity_seeds
+    div = None
+    if m and k >= 2:
+        d_prompts = [p for p in ep.prompts[:m] for _ in range(k)]
+        d_seeds = [derive_seed(seed + 2, f"diversity-{i}-{j}") for i in range(m) for j in range(k)]
+        div = {}
+        for key, label in ROWS:
+            imgs = np.concatenate([samplers[key](d_prompts[i:i + batch], d_seeds[i:i + batch])
+                                   for i in tqdm(range(0, len(d_prompts), batch), desc=f"{label}, diversity")])
+            pix = imgs.reshape(m, k, -1).astype(np.float64) / 255.0
+            div[key] = {"features": round(mean_pairwise_distance(featurize(imgs).reshape(m, k, -1)), 4),
+                        "pixels_rms": round(mean_pairwise_distance(pix) / np.sqrt(pix.shape[-1]), 4)}
+
+    metrics: dict = {"n": n, "seed": seed, "prompts": prompts, "height": h, "width": w, "teacher": teacher.name,
+                     "student": student_dir, "device": str(teacher.device), "features": features,
+                     "fd_floor_teacher8_vs_teacher8": round(floor, 3),
+                     "diversity": {"prompts": m, "seeds": k} if div else None}
+    for key, _ in ROWS:
+        ref = f_floor if key == "teacher8" else feats["teacher8"]  # the teacher against itself, other seeds
+        prec, rec = precision_recall(ref, feats[key])
+        metrics[key] = {"fd_to_teacher8": 0.0 if key == "teacher8" else round(frechet_distance(feats[key], ref), 3),
+                        "precision": round(prec, 4), "recall": round(rec, 4), **timing[key]}
+        if div:
+            metrics[key]["diversity"] = div[key]
+        if clip is not None:
+            metrics[key]["clip_score"] = round(clip.score(images[key], ep.prompts), 3)
+    if ep.named is not None:  # toy world: named-attribute accuracy, omitted-attribute TV, FD to renders
+        from twostep.pipeline.toy.render import render_batch
+
+        rng = np.random.default_rng(seed + 1)  # the same render set as the teacher's own evaluation
+        f_truth = checker.features(render_batch([sample_scene(rng) for _ in range(n)], h))
+        preds = {key: checker.predict(v) for key, v in images.items()}
+        pred_floor = checker.predict(floor_set)
+        for key, _ in ROWS:
+            metrics[key]["accuracy"] = checker.score(images[key], ep.named)
+            metrics[key]["omitted_tv"] = omitted_tv(preds[key], pred_floor if key == "teacher8" else preds["teacher8"],
+                                                    ep.named)
+            metrics[key]["fd_to_renders"] = round(frechet_distance(checker.features(images[key]), f_truth), 3)
+    metrics["gap_closed"] = gap_closed(metrics["student2"]["fd_to_teacher8"], metrics["naive2"]["fd_to_teacher8"],
+                                       floor)
     return metrics, images
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="score a 2-step student against its 8-step teacher (toy world)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _arguments(p)
-    p.set_defaults(func=run)
+# --- report --------------------------------------------------------------------------------------
 
 
-def _arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--student", required=True, help="an exported student folder (RUN_DIR/student)")
-    ap.add_argument("--teacher", default="toy", help="its teacher: toy or a pipeline folder (default: toy)")
-    ap.add_argument("-n", "--num-samples", type=int, default=500, help="eval prompts (default: 500)")
-    ap.add_argument("--seed", type=int, default=20261122, help="seed of the eval prompts, noise and render set")
-    ap.add_argument("--manifest", default=None, help="take prompts and seeds from the first N rows of a toy manifest")
-    ap.add_argument("--batch-size", type=int, default=100, help="samples per call")
-    ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    ap.add_argument("--out", default="out/eval", help="folder for metrics.json and grid.png (default: out/eval)")
+def table(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """The report's table: header and one row per sample set (shared by Markdown and HTML)."""
+    toy = "accuracy" in metrics["teacher8"]
+    clip = "clip_score" in metrics["teacher8"]
+    div = metrics.get("diversity")
+    head = ["", "FD to teacher-8", "precision", "recall"]
+    if div:
+        head += ["diversity (features)", "diversity (pixels)"]
+    if toy:
+        head += ["all named right", *ATTRIBUTES, "omitted-attribute TV", "FD to renders"]
+    if clip:
+        head += ["CLIP score"]
+    head += ["s / batch", "images/s"]
+    rows = []
+    for key, label in ROWS:
+        m = metrics[key]
+        r = [label, f"{m['fd_to_teacher8']:.2f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}"]
+        if div:
+            r += [f"{m['diversity']['features']:.3f}", f"{m['diversity']['pixels_rms']:.4f}"]
+        if toy:
+            a = m["accuracy"]
+            tv = m["omitted_tv"]["mean"]
+            r += [f"{a['all']:.3f}", *("—" if a[x] is None else f"{a[x]:.3f}" for x in ATTRIBUTES),
+                  "—" if tv is None else f"{tv:.3f}", f"{m['fd_to_renders']:.1f}"]
+        if clip:
+            r += [f"{m['clip_score']:.2f}"]
+        r += [f"{m['latency_s_per_batch']:.3f}", f"{m['images_per_s']:.2f}"]
+        rows.append(r)
+    return head, rows
 
 
-ROWS = (("teacher8", "teacher, 8 steps"), ("student2", "student, 2 steps"), ("naive2", "teacher, naive 2 steps"))
+def _notes(metrics: dict) -> list[str]:
+    gap = metrics["gap_closed"]
+    feats = "the toy checker's penultimate features" if metrics["features"] == "toy" else "open_clip image features"
+    notes = [f"{metrics['n']} prompts at {metrics['height']}×{metrics['width']} on {metrics['device']}, teacher "
+             f"`{metrics['teacher']}`, student `{metrics['student']}`; the same noise for all three sets.",
+             f"FD, precision and recall in {feats}, against the teacher's 8-step set (the teacher's own row: "
+             "against a second 8-step set with other seeds).",
+             f"Floor (teacher 8 steps vs itself, other seeds): {metrics['fd_floor_teacher8_vs_teacher8']:.2f}. "
+             f"Gap closed: {'n/a' if gap is None else f'{gap:.3f}'}."]
+    if metrics.get("diversity"):
+        d = metrics["diversity"]
+        notes.append(f"Diversity: mean pairwise distance between {d['seeds']} seeds of each of {d['prompts']} "
+                     "prompts (features; pixels as RMS difference in [0, 1]).")
+    if "accuracy" in metrics["teacher8"]:
+        notes.append("Accuracy over the attributes each caption names. Omitted-attribute TV: for each attribute "
+                     "a caption leaves out, total variation between the set's distribution of it (as the checker "
+                     "reads it) and the teacher's, averaged over attributes; per attribute in metrics.json.")
+    notes.append("Timing: median seconds per batch call after one warm-up call, and images/s, same batch size.")
+    return notes
 
 
 def write_report(metrics: dict, images: dict[str, np.ndarray], out: Path) -> Path:
-    """metrics.json, grid.png (rows as :data:`ROWS`), metrics.png (a bar plot) and report.md; returns the report."""
+    """metrics.json, grid.png (rows as :data:`ROWS`), metrics.png, report.md and report.html;
+    returns the Markdown report's path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,50 +303,131 @@ def write_report(metrics: dict, images: dict[str, np.ndarray], out: Path) -> Pat
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     k = min(12, metrics["n"])
     grid([images[name][:k] for name, _ in ROWS]).save(out / "grid.png")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    labels = [label for _, label in ROWS]
-    axes[0].bar(labels, [metrics[n]["accuracy"]["all"] for n, _ in ROWS], color=["#555", "#2a7", "#c84"])
-    axes[0].set_title("all named attributes right")
-    axes[1].bar(labels, [metrics[n]["fd_to_teacher8"] for n, _ in ROWS], color=["#555", "#2a7", "#c84"])
-    axes[1].axhline(metrics["fd_floor_teacher8_vs_teacher8"], ls="--", c="k", lw=1, label="floor")
-    axes[1].set_title("FD to teacher 8 steps (lower is closer)")
-    axes[1].legend()
-    for ax in axes:
+    toy = "accuracy" in metrics["teacher8"]
+    panels = [("FD to teacher 8 steps (lower is closer)", "fd_to_teacher8"), ("recall vs teacher 8 steps", "recall"),
+              ("images / s", "images_per_s")]
+    if toy:
+        panels.insert(0, ("all named attributes right", None))
+    elif "clip_score" in metrics["teacher8"]:
+        panels.insert(0, ("CLIP score", "clip_score"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2))
+    labels = [label.replace(", ", "\n") for _, label in ROWS]
+    for ax, (title, key) in zip(axes, panels):
+        vals = [metrics[n]["accuracy"]["all"] if key is None else metrics[n][key] for n, _ in ROWS]
+        ax.bar(labels, vals, color=["#555", "#2a7", "#c84"])
+        if key == "fd_to_teacher8":
+            ax.axhline(metrics["fd_floor_teacher8_vs_teacher8"], ls="--", c="k", lw=1, label="floor")
+            ax.legend()
+        ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=120)
     plt.close(fig)
-    lines = [f"# twostep eval: {metrics['student']}", "",
-             f"{metrics['n']} toy prompts (seed {metrics['seed']}), teacher `{metrics['teacher']}`; the same noise for "
-             "all three rows. Accuracy over the attributes each caption names; FD in the toy checker's features.", "",
-             "| | all named right | " + " | ".join(ATTRIBUTES) + " | FD to renders | FD to teacher-8 | s |",
-             "|---|---|" + "---|" * len(ATTRIBUTES) + "---|---|---|"]
-    for name, label in ROWS:
-        m, a = metrics[name], metrics[name]["accuracy"]
-        cells = " | ".join("—" if a[x] is None else f"{a[x]:.3f}" for x in ATTRIBUTES)
-        lines.append(f"| {label} | {a['all']:.3f} | {cells} | {m['fd_to_renders']:.1f} | {m['fd_to_teacher8']:.1f} "
-                     f"| {m['seconds']} |")
-    gap = metrics["gap_closed"]
-    lines += ["", f"Floor (teacher 8 steps vs itself, other seeds): {metrics['fd_floor_teacher8_vs_teacher8']:.2f}. "
-              f"Gap closed: {'n/a' if gap is None else f'{gap:.3f}'}.", "",
-              "![metrics](metrics.png)", "", "Rows: " + ", ".join(label for _, label in ROWS) + ".", "",
-              "![grid](grid.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    head, rows = table(metrics)
+    notes = _notes(metrics)
+    md = [f"# twostep eval: {metrics['student']}", "", *notes, "",
+          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += ["", "![metrics](metrics.png)", "", "Rows: " + "; ".join(label for _, label in ROWS) + ".", "",
+           "![grid](grid.png)", ""]
+    (out / "report.md").write_text("\n".join(md))
+    e = html.escape
+    page = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>twostep eval: {e(metrics['student'])}</title>",
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;text-align:right}td:first-child{text-align:left}"
+            "</style></head><body>", f"<h1>twostep eval</h1><p><code>{e(metrics['student'])}</code></p>",
+            *(f"<p>{e(x)}</p>" for x in notes), "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>",
+            *("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows), "</table>",
+            "<p><img src='metrics.png' alt='metrics'></p>",
+            "<p>Rows: " + e("; ".join(label for _, label in ROWS)) + ".</p><p><img src='grid.png' alt='grid'></p>",
+            "</body></html>"]
+    (out / "report.html").write_text("\n".join(page))
     return out / "report.md"
 
 
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, _, w = text.lower().partition("x")
+        return int(h), int(w or h)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected H or HxW, not {text!r}") from e
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="score a 2-step student against its 8-step teacher and naive 2 steps",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _arguments(p)
+    p.set_defaults(func=run)
+
+
+def _arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--student", required=True, help="an exported student folder (RUN_DIR/student) or a run folder")
+    ap.add_argument("--teacher", default="toy", help="its teacher: toy, a pipeline folder or a hub id (default: toy)")
+    ap.add_argument("--prompts", "--manifest", dest="prompts", default=None, metavar="MANIFEST",
+                    help="eval prompts and seeds: the first N rows of a manifest (twostep prompts build/toy; toy "
+                         "manifests also give the named attributes); default: N fresh toy prompts")
+    ap.add_argument("-n", "--num-samples", type=int, default=500, help="eval prompts (default: 500)")
+    ap.add_argument("--seed", type=int, default=20261122,
+                    help="seed of the toy prompts, the floor's and diversity's noise, and the render set")
+    ap.add_argument("--size", type=_size, default=None, metavar="H[xW]",
+                    help="image size (default: the manifest's height/width; 64 for toy prompts)")
+    ap.add_argument("--batch-size", type=int, default=100, help="samples per call, the same for all three sets")
+    ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("--features", choices=("auto", "toy", "clip"), default="auto",
+                    help="feature space of FD, precision/recall and diversity: toy checker or open_clip "
+                         "(default: toy for toy prompts, else clip)")
+    ap.add_argument("--clip-model", default=None,
+                    help="open_clip model for CLIP score and clip features: a name (ViT-B-32, with "
+                         "--clip-pretrained), hf-hub:ORG/REPO, or a local folder with open_clip_config.json "
+                         "and weights")
+    ap.add_argument("--clip-pretrained", default=None,
+                    help="with a model name: an open_clip pretrained tag or a local weights file")
+    ap.add_argument("--diversity-prompts", type=int, default=16,
+                    help="prompts sampled with several seeds for per-prompt diversity; 0 = skip (default: 16)")
+    ap.add_argument("--diversity-seeds", type=int, default=4, help="seeds per diversity prompt (default: 4)")
+    ap.add_argument("--out", default="out/eval", help="folder for the report, metrics and grids (default: out/eval)")
+
+
+def resolve_student(path: str) -> str:
+    """A run folder (holding ``student/``) or the exported student folder itself."""
+    p = Path(path)
+    if (p / "student" / "model_index.json").is_file():
+        return str(p / "student")
+    if not (p / "model_index.json").is_file():
+        raise FileNotFoundError(f"--student {path}: neither an exported student (model_index.json) nor a run "
+                                "folder with student/")
+    return str(p)
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        student = resolve_student(args.student)
+    except FileNotFoundError as e:
+        log.error("%s", e)
+        return 2
     teacher = Teacher.load(args.teacher, device=args.device)
-    metrics, images = evaluate(args.student, teacher, args.num_samples, args.seed, args.batch_size,
-                               manifest=args.manifest)
+    clip = (ClipModel(args.clip_model, args.clip_pretrained, device=str(teacher.device))
+            if args.clip_model else None)
+    try:
+        metrics, images = evaluate(student, teacher, args.num_samples, args.seed, args.batch_size, args.prompts,
+                                   args.size, clip, args.features, args.diversity_prompts, args.diversity_seeds)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     out = Path(args.out)
     report = write_report(metrics, images, out)
     for name, label in ROWS:
         m = metrics[name]
-        print(f"{label:24s} all named attributes right {m['accuracy']['all']:.3f}  FD to renders "
-              f"{m['fd_to_renders']:8.2f}  FD to teacher-8 {m['fd_to_teacher8']:8.2f}")
+        acc = f"all named right {m['accuracy']['all']:.3f}  " if "accuracy" in m else ""
+        cs = f"CLIP score {m['clip_score']:.2f}  " if "clip_score" in m else ""
+        print(f"{label:24s} {acc}{cs}FD to teacher-8 {m['fd_to_teacher8']:8.2f}  recall {m['recall']:.3f}  "
+              f"{m['images_per_s']:.2f} images/s")
     print(f"floor (teacher-8 vs teacher-8, other seeds) {metrics['fd_floor_teacher8_vs_teacher8']:.2f}; "
-          f"gap closed {metrics['gap_closed']}; wrote {report}, {out / 'metrics.json'}, {out / 'grid.png'}")
+          f"gap closed {metrics['gap_closed']}; wrote {report}, {out / 'report.html'}, {out / 'metrics.json'}, "
+          f"{out / 'grid.png'}")
     return 0
 
 

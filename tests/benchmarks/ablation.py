@@ -35,7 +35,8 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def run_one(variant: str, seed: int, store: str, renders: str, steps: int, n_eval: int, out: Path) -> dict:
+def run_one(variant: str, seed: int, store: str, renders: str, steps: int, n_eval: int, out: Path,
+            reeval: bool = False) -> dict:
     from twostep.eval import evaluate, write_report
     from twostep.pipeline.teacher import Teacher
     from twostep.trainer.config import load_config
@@ -43,11 +44,12 @@ def run_one(variant: str, seed: int, store: str, renders: str, steps: int, n_eva
 
     run = out / f"{variant}-seed{seed}"
     done = run / "eval" / "metrics.json"
-    if done.exists():
+    if done.exists() and not (reeval and "recall" not in json.loads(done.read_text())["student2"]):
         return json.loads(done.read_text())
     cfg = load_config("toy", [f"data.data={store}", f"data.external={renders}", f"max_steps={steps}", f"seed={seed}",
                               f"checkpoint_every={max(1, steps // 3)}", "sample_every=0", *VARIANTS[variant]])
-    train(cfg, run)
+    if not (run / "result.json").exists():  # trained and exported already: only score it
+        train(cfg, run)
     metrics, images = evaluate(str(run / "student"), Teacher.load("toy"), n_eval)
     write_report(metrics, images, run / "eval")
     return metrics
@@ -57,21 +59,32 @@ def summarise(results: dict[str, list[dict]]) -> dict:
     def spread(xs):
         return {"mean": round(statistics.mean(xs), 4), "min": round(min(xs), 4), "max": round(max(xs), 4)}
 
-    return {v: {"gap_closed": spread([m["gap_closed"] for m in ms]),
-                "fd_to_teacher8": spread([m["student2"]["fd_to_teacher8"] for m in ms]),
-                "all_correct": spread([m["student2"]["accuracy"]["all"] for m in ms]),
-                "naive2_fd_to_teacher8": spread([m["naive2"]["fd_to_teacher8"] for m in ms]),
-                "seeds": len(ms)} for v, ms in results.items()}
+    def row(ms):
+        r = {"gap_closed": spread([m["gap_closed"] for m in ms]),
+             "fd_to_teacher8": spread([m["student2"]["fd_to_teacher8"] for m in ms]),
+             "all_correct": spread([m["student2"]["accuracy"]["all"] for m in ms]),
+             "naive2_fd_to_teacher8": spread([m["naive2"]["fd_to_teacher8"] for m in ms]),
+             "seeds": len(ms)}
+        if all("recall" in m["student2"] for m in ms):  # metrics of the current twostep eval
+            r["recall"] = spread([m["student2"]["recall"] for m in ms])
+            r["omitted_tv"] = spread([m["student2"]["omitted_tv"]["mean"] for m in ms])
+        return r
+
+    return {v: row(ms) for v, ms in results.items()}
 
 
 def table(summary: dict) -> str:
     def fmt(d, p=3):
         return f"{d['mean']:.{p}f} ({d['min']:.{p}f}–{d['max']:.{p}f})"
 
-    lines = ["| variant | gap closed | FD to teacher-8 | all named right | seeds |", "|---|---|---|---|---|"]
+    extra = all("recall" in s for s in summary.values())
+    lines = ["| variant | gap closed | FD to teacher-8 | all named right | "
+             + ("recall | omitted-attribute TV | " if extra else "") + "seeds |",
+             "|---|---|---|---|" + ("---|---|" if extra else "") + "---|"]
     for v, s in summary.items():
+        more = f"{fmt(s['recall'])} | {fmt(s['omitted_tv'])} | " if extra else ""
         lines.append(f"| {v} | {fmt(s['gap_closed'])} | {fmt(s['fd_to_teacher8'], 1)} | {fmt(s['all_correct'])} "
-                     f"| {s['seeds']} |")
+                     f"| {more}{s['seeds']} |")
     return "\n".join(lines)
 
 
@@ -83,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per variant (default: 0 1)")
     ap.add_argument("--eval-samples", type=int, default=200, help="eval prompts per run (default: 200)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--reeval", action="store_true",
+                    help="re-score finished runs whose metrics predate recall and omitted-attribute TV")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
@@ -94,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:  # seed-major: a partial run still covers every variant once
         for v in args.variants:
-            results.setdefault(v, []).append(run_one(v, seed, args.store, renders, args.steps, args.eval_samples, out))
+            results.setdefault(v, []).append(run_one(v, seed, args.store, renders, args.steps, args.eval_samples, out,
+                                                   args.reeval))
             shutil.copy(out / f"{v}-seed{seed}" / "eval" / "grid.png", out / f"grid-{v}.png")
             summary = summarise(results)
             (out / "ablation.json").write_text(json.dumps({"args": vars(args), "summary": summary}, indent=1))
