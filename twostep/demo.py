@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                         ("naive2", "teacher, naive 2 steps")):
         m = metrics[name]
         print(f"  {label:24s} all named attributes right {m['accuracy']['all']:.3f}   FD to teacher-8 "
-              f"{m['fd_to_teacher8']:7.2f}")
+              f"{m['fd_to_teacher8']:7.2f}   recall {m['recall']:.3f}   {m['images_per_s']:6.2f} images/s")
     print(f"  gap closed {metrics['gap_closed']:.2f} (FD floor {metrics['fd_floor_teacher8_vs_teacher8']:.2f})"
           if metrics["gap_closed"] is not None else "  gap closed: n/a")
     print(f"outputs: manifest {manifest}; store {store}; run {run_dir}; student {run_dir / 'student'}; "
