@@ -22,23 +22,30 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of an FSDP2 ``DTensor``, a plain tensor as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class EMA:
     """Exponential moving average of a module's trainable parameters (fp32).
 
     Written here rather than diffusers' ``EMAModel`` because it must also work on FSDP's local
-    shards (it only ever touches each rank's own parameter tensors, keyed by name).
+    shards: it only ever touches each rank's own part of each parameter (``local``), keyed by name,
+    so its state is plain tensors that save per rank.
     """
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
+        self.shadow = {n: local(p).detach().float().clone() for n, p in module.named_parameters()
+                       if p.requires_grad}
 
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))  # short warm-up: early weights fade fast
         for n, p in module.named_parameters():
             if n in self.shadow:
-                self.shadow[n].lerp_(p.detach().float(), 1 - d)
+                self.shadow[n].lerp_(local(p).detach().float(), 1 - d)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
@@ -57,15 +64,15 @@ class EMA:
         with torch.no_grad():
             for n, p in module.named_parameters():
                 if n in self.shadow:
-                    backup[n] = p.detach().clone()
-                    p.copy_(self.shadow[n].to(p.dtype))
+                    backup[n] = local(p).detach().clone()
+                    local(p).copy_(self.shadow[n].to(p.dtype))
         try:
             yield module
         finally:
             with torch.no_grad():
                 for n, p in module.named_parameters():
                     if n in backup:
-                        p.copy_(backup[n])
+                        local(p).copy_(backup[n])
 
 
 class Checkpoints:

@@ -31,7 +31,7 @@ from .checkpoint import EMA, Checkpoints
 from .config import TrainConfig, to_dict, to_yaml
 from .data import ShardStream, StreamLoader, resolve_shards
 from .discriminator import Discriminator
-from .student import TwoStepStudent
+from .student import TwoStepStudent, gather_student, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +409,9 @@ def export(p: Parts) -> Path | None:
     student: TwoStepStudent = acc.unwrap_model(p.student)
     out = p.run_dir / "student"
     with p.ema.applied(student) if p.ema is not None else nullcontext():
-        t1, t2 = student.export_transformers()
+        if is_sharded(student):  # FSDP: gather the full (EMA) weights into the main process first
+            student = gather_student(student, acc.is_main_process)
+        t1, t2 = student.export_transformers() if student is not None else (None, None)
     if acc.is_main_process:
         export_student(out, p.teacher.pipe, t1, t2, boundary_sigma=p.cfg.model.sigma_mid, overwrite=True,
                        extra={"config": to_dict(p.cfg), "step": p.progress["step"], "code_version": _code_version()})

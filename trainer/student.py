@@ -90,3 +90,29 @@ class TwoStepStudent(nn.Module):
                 m.unload_lora()
             out.append(m.eval().requires_grad_(False))
         return out[0], out[1]
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are FSDP2 shards (``DTensor``)."""
+    return any(hasattr(p, "to_local") for p in module.parameters())
+
+
+def gather_student(student: TwoStepStudent, main: bool) -> TwoStepStudent | None:
+    """An unsharded copy, on the CPU, of a student whose parameters are FSDP2 shards: the full
+    weights are gathered into the main process and loaded into a student of the same structure
+    built on the ``meta`` device (no second random initialisation). A collective call: every rank
+    calls it; ranks other than the main one get ``None``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not main:
+        return None
+    with torch.device("meta"):
+        base = type(student.transformer).from_config(student.transformer.config)
+    copy_ = TwoStepStudent(base, student.sigma_mid, student.transformer_2 is not None, student.lora_rank)
+    missing, unexpected = copy_.load_state_dict(state, strict=False, assign=True)
+    left = [n for n, t in [*copy_.named_parameters(), *copy_.named_buffers()] if t.is_meta]
+    if missing or unexpected or left:
+        raise RuntimeError(f"gathered student state does not fit: missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}, unfilled {left[:3]}")
+    return copy_
