@@ -79,24 +79,30 @@ def fingerprint(manifest_hash: str, cfg: GenerateConfig, facts: dict[str, Any]) 
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16], ident
 
 
-def run_generation(cfg: GenerateConfig, _t0: float | None = None, _source: str | None = None) -> dict[str, Any]:
+def run_generation(cfg: GenerateConfig) -> dict[str, Any]:
     """Run the job; returns the summary written into index.json. ``cfg.manifest`` is a local path or
     a URL (``s3://…``, ``gs://…``, ``https://…``; fetched with fsspec and ``cfg.storage_options``)."""
+    t0 = time.time()
+    if "://" not in cfg.manifest:
+        return _run(cfg, t0, cfg.manifest)
+    # a manifest in a bucket (the usual case on a cluster): the driver works on a local copy
+    with tempfile.TemporaryDirectory(prefix="twostep-manifest-") as tmp:
+        local = os.path.join(tmp, "manifest.parquet")
+        log.info("fetching the manifest %s", cfg.manifest)
+        try:
+            fsspec.core.url_to_fs(cfg.manifest, **cfg.storage_options)[0].get(cfg.manifest, local)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--manifest {cfg.manifest}: not found") from e
+        return _run(dataclasses.replace(cfg, manifest=local), t0, cfg.manifest)
+
+
+def _run(cfg: GenerateConfig, t0: float, source: str) -> dict[str, Any]:
+    """The job on a local manifest file; ``source`` is what the user named, for messages."""
     import ray
 
-    t0 = time.time() if _t0 is None else _t0
-    if "://" in cfg.manifest:  # a manifest in a bucket (the usual case on a cluster): work on a local copy
-        with tempfile.TemporaryDirectory(prefix="twostep-manifest-") as tmp:
-            local = os.path.join(tmp, "manifest.parquet")
-            log.info("fetching the manifest %s", cfg.manifest)
-            try:
-                fsspec.core.url_to_fs(cfg.manifest, **cfg.storage_options)[0].get(cfg.manifest, local)
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"--manifest {cfg.manifest}: not found") from e
-            return run_generation(dataclasses.replace(cfg, manifest=local), _t0=t0, _source=cfg.manifest)
     manifest_hash, _ = read_meta(cfg.manifest)
     if not manifest_hash:
-        raise StoreError(f"{_source or cfg.manifest}: no manifest hash in its footer; build it with twostep prompts "
+        raise StoreError(f"{source}: no manifest hash in its footer; build it with twostep prompts "
                          "build")
     rows = pq.read_metadata(cfg.manifest).num_rows
     num_shards = math.ceil(rows / cfg.shard_size)

@@ -208,6 +208,7 @@ def evaluate(student_dir: str, teacher: Teacher, n: int = 500, seed: int = 20261
 
     metrics: dict = {"n": n, "seed": seed, "prompts": prompts, "height": h, "width": w, "teacher": teacher.name,
                      "student": student_dir, "device": str(teacher.device), "features": features,
+                     "clip_model": clip.spec if clip is not None else None,
                      "fd_floor_teacher8_vs_teacher8": round(floor, 3),
                      "diversity": {"prompts": m, "seeds": k} if div else None}
     for key, _ in ROWS:
@@ -227,10 +228,11 @@ def evaluate(student_dir: str, teacher: Teacher, n: int = 500, seed: int = 20261
         preds = {key: checker.predict(v) for key, v in images.items()}
         pred_floor = checker.predict(floor_set)
         for key, _ in ROWS:
-            metrics[key]["accuracy"] = checker.score(images[key], ep.named)
+            metrics[key]["accuracy"] = checker.accuracy(preds[key], ep.named)
             metrics[key]["omitted_tv"] = omitted_tv(preds[key], pred_floor if key == "teacher8" else preds["teacher8"],
                                                     ep.named)
-            metrics[key]["fd_to_renders"] = round(frechet_distance(checker.features(images[key]), f_truth), 3)
+            f_key = feats[key] if features == "toy" else checker.features(images[key])
+            metrics[key]["fd_to_renders"] = round(frechet_distance(f_key, f_truth), 3)
     metrics["gap_closed"] = gap_closed(metrics["student2"]["fd_to_teacher8"], metrics["naive2"]["fd_to_teacher8"],
                                        floor)
     return metrics, images

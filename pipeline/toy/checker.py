@@ -131,7 +131,11 @@ class AttributeChecker:
         Returns ``{attr: accuracy or None, "all": rate of images with every named attribute right,
         "n": images, "counts": {attr: images naming it}}``.
         """
-        pred = self.predict(images)
+        return self.accuracy(self.predict(images), named)
+
+    @staticmethod
+    def accuracy(pred: Sequence[dict[str, str]], named: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """:meth:`score` from predictions already made (:meth:`predict`)."""
         if len(pred) != len(named):
             raise ValueError(f"{len(pred)} images but {len(named)} attribute rows")
         out: dict[str, Any] = {"n": len(pred), "counts": {}}
