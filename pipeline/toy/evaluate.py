@@ -96,18 +96,22 @@ def evaluate_teacher(teacher: Teacher, n: int = 500, seed: int = 20261122, batch
     return metrics, img8, img2, rows
 
 
+def add_teacher_args(ap: argparse.ArgumentParser, n: int, what: str, seed: int, out: str) -> None:
+    """The flags the toy-teacher measurement commands share."""
+    ap.add_argument("--teacher", default="toy", help="teacher: toy or a pipeline folder (default: toy)")
+    ap.add_argument("-n", "--num-samples", type=int, default=n, help=f"{what} (default: {n})")
+    ap.add_argument("--seed", type=int, default=seed, help=f"seed of the {what}, captions and noise (default: {seed})")
+    ap.add_argument("--batch-size", type=int, default=100, help="samples per teacher call (default: 100)")
+    ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("--out", default=out, help=f"output folder (default: {out})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default="toy", help="teacher: toy or a pipeline folder (default: toy)")
-    ap.add_argument("-n", "--num-samples", type=int, default=500, help="eval prompts (default: 500)")
-    ap.add_argument("--seed", type=int, default=20261122,
-                    help="seed of the eval prompts and noise (and of the ground-truth render set)")
+    add_teacher_args(ap, n=500, what="eval prompts", seed=20261122, out="docs/toy_teacher")
     ap.add_argument("--manifest", default=None,
                     help="take prompts, named attributes and seeds from the first N rows of a toy manifest "
                          "(twostep prompts toy) instead of sampling them")
-    ap.add_argument("--batch-size", type=int, default=100, help="samples per teacher call")
-    ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    ap.add_argument("--out", default="docs/toy_teacher", help="folder for metrics.json and grid.png")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     teacher = Teacher.load(args.teacher, device=args.device)

@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--size", type=int, default=1024, help="image side")
     ap.add_argument("--batch", type=int, default=4, help="images per teacher call (both paths)")
-    ap.add_argument("--images", type=int, default=16, help="images per measurement (split into 2 shards)")
+    ap.add_argument("--images", type=int, default=16, help="images per measurement (split into --shards shards)")
+    ap.add_argument("--shards", type=int, default=2,
+                    help="shards per worker measurement; the last shard's encoding and upload follow the last GPU "
+                         "work, so more shards measure closer to a long run's steady state")
     ap.add_argument("--repeats", type=int, default=2, help="A B rounds")
     ap.add_argument("--out", default=None, help="write the results JSON here")
     args = ap.parse_args(argv)
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp())
     n = args.images
-    shard = n // 2
+    shard = n // args.shards
     total = n * (2 * args.repeats + 1)  # a warm-up measurement, then fresh rows for every worker round
     summary = build_manifest(["bundled:general"], tmp / "manifest.parquet",
                              BuildOptions(per_prompt=max(1, -(-total // 364)), height=args.size, width=args.size))
@@ -173,13 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     bare_loop(pipe, prompts[:args.batch], seeds[:args.batch], args.batch, args.size)
     bare_calls = calls[0]  # one batch: calls per batch = calls per image
     results: dict[str, list[float]] = {"bare": [], "worker": []}
-    next_shard = 2
+    next_shard = 1
     for r in range(args.repeats):
         results["bare"].append(bare_loop(pipe, prompts[:n], seeds[:n], args.batch, args.size))
         calls[0] = 0
-        results["worker"].append(worker_run(worker, [next_shard, next_shard + 1]))
+        results["worker"].append(worker_run(worker, list(range(next_shard, next_shard + args.shards))))
         worker_calls = calls[0] / (n // args.batch)
-        next_shard += 2
+        next_shard += args.shards
         print(f"round {r}: bare {results['bare'][-1]:.3f} img/s, worker {results['worker'][-1]:.3f} img/s", flush=True)
     bare, work = statistics.median(results["bare"]), statistics.median(results["worker"])
     latent = args.size // pipe.vae_scale_factor
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     floor = 8 * flops / PEAK_BF16_FLOPS
     out = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "arch": args.arch,
-        "size": args.size, "batch": args.batch, "images_per_measurement": n, "repeats": args.repeats,
+        "size": args.size, "batch": args.batch, "images_per_measurement": n, "shards": args.shards, "repeats": args.repeats,
         "bare_images_per_s": results["bare"], "worker_images_per_s": results["worker"],
         "median_bare": round(bare, 4), "median_worker": round(work, 4), "ratio_worker_over_bare": round(work / bare, 4),
         "transformer_calls_per_image": {"bare": bare_calls, "worker": worker_calls},

@@ -59,10 +59,19 @@ def test_train_teacher_script_end_to_end_and_resume(tmp_path):
     from twostep.pipeline.toy.train_teacher import main
 
     args = ["--out", str(tmp_path), "--preset", "cpu", "--steps", "3", "--vae-steps", "2", "--num-scenes", "64",
-            "--batch", "4", "--workers", "0", "--threads", "1"]
+            "--batch", "4", "--workers", "0", "--threads", "1", "--object-weight", "4", "--vae-object-weight", "4"]
     assert main(args) == 0
     record = json.loads((tmp_path / "pipeline" / "training_record.json").read_text())
     assert record["transformer"]["steps_done"] == 3 and record["vae"]["psnr_db"] > 0
+    assert record["config"]["object_weight"] == record["config"]["vae_object_weight"] == 4
+    # the VAE's ceiling: the checker on its reconstructions, per attribute (2 steps: near chance)
+    assert set(record["vae"]["checker_on_reconstructions"]) == {"shape", "colour", "size", "position", "background",
+                                                                 "all"}
+    ceiling = record["vae"]["checker_on_reconstructions"]["all"]
+    assert ceiling < 0.5  # two VAE steps: the gate stops before the transformer and says why
+    assert main([*args[:5], "9", *args[6:], "--vae-gate", "0.9"]) == 3
+    assert main([*args[:5], "9", *args[6:], "--vae-only"]) == 0  # reports the loaded VAE and stops
+    assert json.loads((tmp_path / "pipeline" / "training_record.json").read_text())["transformer"]["steps_done"] == 3
     t = Teacher.load(str(tmp_path / "pipeline"), device="cpu")
     assert t.generate(["a red circle"], [0], 64, 64).images.shape == (1, 64, 64, 3)
     # running the same command again resumes: VAE and transformer are not trained again
@@ -91,3 +100,31 @@ def test_evaluate_on_a_toy_manifest(tmp_path, toy):
     acc = metrics["steps8"]["accuracy"]
     assert 0.0 <= acc["all"] <= 1.0 and metrics["steps8"]["fd_to_renders"] > 0
     assert not np.array_equal(img8, img2)  # 2 naive steps differ from 8 for the same noise
+
+
+def test_object_weights_cover_the_object_and_nothing_far_from_it():
+    from twostep.pipeline.toy.render import object_centre, render_batch
+    from twostep.pipeline.toy.train_teacher import object_weights
+    from twostep.prompts.toy import ToyScene
+
+    scenes = [ToyScene(shape="square", colour="red", size="small", position="top left", background="white"),
+              ToyScene(shape="circle", colour="blue", size="large", position="bottom right", background="black")]
+    w = object_weights(scenes, render_batch(scenes), (16, 16), 9.0).float()
+    assert w.shape == (2, 1, 16, 16) and set(w.unique().tolist()) == {1.0, 10.0}
+    for k, sc in enumerate(scenes):
+        cx, cy = object_centre(sc)
+        assert w[k, 0, int(cy) // 4, int(cx) // 4] == 10.0  # the latent cell under the object's centre
+    assert w[0, 0, 15, 15] == 1.0 and w[1, 0, 0, 0] == 1.0  # the far corner is background
+    assert (w[0] == 10.0).sum() < (w[1] == 10.0).sum()  # the large object covers more cells
+
+
+def test_diagnose_denoises_from_every_noise_level(toy):
+    from twostep.pipeline.toy.diagnose import diagnose
+
+    result = diagnose(toy, n=4, batch=4)
+    rows = result["rows"]
+    steps = len(toy.sampler.sigmas) - 1
+    assert len(rows) == 2 + steps and list(rows)[2].startswith("from σ=1.000 (8 steps)")
+    assert rows["renders"]["all"] >= 0.75  # the checker on ground truth
+    for row in rows.values():
+        assert 0.0 <= row["all"] <= 1.0 and 1 / 3 <= row["shape_confidence"] <= 1.0
