@@ -25,20 +25,30 @@ def tiny_pipeline_dir(tmp_path_factory) -> str:
     return str(path)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    """A function that returns a free TCP port on 127.0.0.1 each time it is called."""
+    return _free_port
+
+
 @pytest.fixture
 def s3_server():
     """moto's standalone S3 server on 127.0.0.1 (as s3fs's own tests use it), bucket ``twostep-test``.
 
     moto keeps its state per process, not per server: a bucket made by an earlier test is still
     there, so the bucket is created only if missing."""
-    import socket
-
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}

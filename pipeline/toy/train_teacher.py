@@ -161,6 +161,11 @@ def vae_checker_accuracy(vae, device: torch.device, n: int = 500, seed: int = 99
     return {k: round(acc[k], 4) for k in (*ATTRIBUTES, "all")}
 
 
+def _weighted_mean(values: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """``values.mean()``, or with per-position weights ``w`` (broadcast): ``mean(w·values) / mean(w)``."""
+    return values.mean() if w is None else (values * w).mean() / w.mean()
+
+
 def train_vae(pipe, images: np.ndarray, cfg: ToyTeacherConfig, device: torch.device, record: dict,
               backgrounds: np.ndarray | None = None) -> None:
     vae = pipe.vae.to(device).train()
@@ -174,13 +179,12 @@ def train_vae(pipe, images: np.ndarray, cfg: ToyTeacherConfig, device: torch.dev
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
+        w = None
         if cfg.vae_object_weight and backgrounds is not None:
             mask = object_mask(torch.from_numpy(batch), torch.from_numpy(backgrounds[idx.numpy()])).to(device)
             w = 1.0 + cfg.vae_object_weight * mask
-            err = rec - x
-            loss = ((err.square() + 0.1 * err.abs()) * w).mean() / w.mean() + cfg.vae_kl * kl
-        else:
-            loss = F.mse_loss(rec, x) + 0.1 * F.l1_loss(rec, x) + cfg.vae_kl * kl
+        err = rec - x
+        loss = _weighted_mean(err.square() + 0.1 * err.abs(), w) + cfg.vae_kl * kl  # MSE + 0.1·L1
         for group in opt.param_groups:
             group["lr"] = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
         opt.zero_grad(set_to_none=True)
@@ -320,11 +324,7 @@ def train_transformer(pipe, scenes, latents: torch.Tensor, cfg: ToyTeacherConfig
         xs = (1 - s) * x0 + s * eps
         with autocast:
             v = transformer_velocity(model, xs, sigma, caps)
-        if weights is None:
-            loss = F.mse_loss(v.float(), x0 - eps)
-        else:
-            w = weights[idx].float()
-            loss = ((v.float() - (x0 - eps)).square() * w).mean() / w.mean()
+        loss = _weighted_mean((v.float() - (x0 - eps)).square(), None if weights is None else weights[idx].float())
         # Progress is steps done or, under a time budget, time spent: the LR anneals fully either way.
         elapsed = time.perf_counter() - t0
         frac = max(step / cfg.steps, elapsed / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0)

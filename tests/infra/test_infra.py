@@ -8,7 +8,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -274,14 +273,8 @@ def test_dockerfile_builds_the_project_as_a_non_root_user():
 # --- ray job submit to a local cluster ------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def ray_head():
+def ray_head(free_port):
     """``ray start --head --block`` on 127.0.0.1 with its own ports and temp dir; stopping the
     blocking process stops exactly the processes it started (no global ``ray stop``)."""
     tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths must stay short

@@ -11,16 +11,8 @@ import sys
 import pytest
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("lora", [0, 4])
-def test_fsdp2_ema_and_export_gather(tiny_pipeline_dir, tmp_path, lora):
+def test_fsdp2_ema_and_export_gather(tiny_pipeline_dir, tmp_path, lora, free_port):
     worker = __file__.replace("test_fsdp.py", "fsdp_worker.py")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), worker, tiny_pipeline_dir, str(tmp_path),
