@@ -32,7 +32,6 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,52 +47,14 @@ from twostep.pipeline.metrics import (
 )
 from twostep.pipeline.teacher import Teacher
 from twostep.pipeline.toy.evaluate import grid
+from twostep.prompts.evalset import eval_prompts
 from twostep.prompts.manifest import derive_seed
-from twostep.prompts.toy import ATTRIBUTES, CLASSES, sample_scene, sample_toy_prompts
+from twostep.prompts.toy import ATTRIBUTES, CLASSES, sample_scene
 
 log = logging.getLogger("twostep.eval")
 
 ROWS = (("teacher8", "teacher, 8 steps"), ("student2", "student, 2 steps"), ("naive2", "teacher, naive 2 steps"))
 Sampler = Callable[[list[str], list[int]], np.ndarray]
-
-
-@dataclass
-class EvalPrompts:
-    prompts: list[str]
-    seeds: list[int]
-    height: int
-    width: int
-    named: list[dict] | None = None
-    """Toy world: the attributes each caption names (``None`` = left out); ``None`` elsewhere."""
-
-
-def eval_prompts(path: str | None, n: int, seed: int, size: tuple[int, int] | None = None) -> EvalPrompts:
-    """The first ``n`` rows of a manifest (any ``twostep prompts`` manifest; toy ones also give the
-    named attributes), or ``n`` fresh toy prompts with seeds derived from ``seed``."""
-    if path is None:
-        rows = list(sample_toy_prompts(n, seed))
-        h, w = size or (64, 64)
-        return EvalPrompts([r["prompt"] for r in rows], [derive_seed(seed, f"eval-{i}") for i in range(n)], h, w,
-                           [{a: r[a] for a in ATTRIBUTES} for r in rows])
-    import pyarrow.parquet as pq
-
-    names = set(pq.read_schema(path).names)
-    missing = {"prompt", "seed"} - names
-    if missing:
-        raise ValueError(f"{path}: not a twostep manifest, missing column(s) {sorted(missing)}")
-    toy = set(ATTRIBUTES) <= names
-    cols = ["prompt", "seed"] + [c for c in ("height", "width") if c in names] + (list(ATTRIBUTES) if toy else [])
-    rows = pq.read_table(path, columns=cols).slice(0, n).to_pylist()
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    if size is None:
-        sizes = {(r.get("height") or 64, r.get("width") or 64) for r in rows}
-        if len(sizes) > 1:
-            raise ValueError(f"{path}: the first {len(rows)} rows have several sizes {sorted(sizes)}; "
-                             "pass --size HxW to sample them all at one size")
-        size = sizes.pop()
-    return EvalPrompts([r["prompt"] for r in rows], [int(r["seed"]) for r in rows], size[0], size[1],
-                       [{a: r[a] for a in ATTRIBUTES} for r in rows] if toy else None)
 
 
 def teacher_sampler(teacher: Teacher, h: int, w: int) -> Sampler:
@@ -200,8 +161,7 @@ def evaluate(student_dir: str, teacher: Teacher, n: int = 500, seed: int = 20261
         d_seeds = [derive_seed(seed + 2, f"diversity-{i}-{j}") for i in range(m) for j in range(k)]
         div = {}
         for key, label in ROWS:
-            imgs = np.concatenate([samplers[key](d_prompts[i:i + batch], d_seeds[i:i + batch])
-                                   for i in tqdm(range(0, len(d_prompts), batch), desc=f"{label}, diversity")])
+            imgs, _ = run_timed(samplers[key], d_prompts, d_seeds, batch, teacher.device, f"{label}, diversity")
             pix = imgs.reshape(m, k, -1).astype(np.float64) / 255.0
             div[key] = {"features": round(mean_pairwise_distance(featurize(imgs).reshape(m, k, -1)), 4),
                         "pixels_rms": round(mean_pairwise_distance(pix) / np.sqrt(pix.shape[-1]), 4)}

@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from twostep.prompts.manifest import derive_seed
-from twostep.prompts.toy import ATTRIBUTES, sample_scene, sample_toy_prompts
+from twostep.prompts.evalset import eval_prompts
+from twostep.prompts.toy import sample_scene
 
 from ..metrics import frechet_distance
 from ..teacher import Teacher
@@ -49,25 +49,13 @@ def grid(rows: list[np.ndarray], scale: int = 2) -> Image.Image:
     return Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
 
 
-def manifest_rows(path: str, n: int) -> tuple[list[dict], list[int]]:
-    """The first ``n`` rows of a toy manifest: prompts with named attributes, and their seeds."""
-    import pyarrow.parquet as pq
-
-    cols = ["prompt", "seed", *ATTRIBUTES]
-    table = pq.read_table(path, columns=cols).slice(0, n)
-    rows = table.drop(["seed"]).to_pylist()
-    return rows, table.column("seed").to_pylist()
-
-
 def evaluate_teacher(teacher: Teacher, n: int = 500, seed: int = 20261122, batch: int = 100,
                      size: int = 64, manifest: str | None = None) -> tuple[dict, np.ndarray, np.ndarray, list[dict]]:
-    if manifest:
-        rows, seeds = manifest_rows(manifest, n)
-        n = len(rows)
-    else:
-        rows = list(sample_toy_prompts(n, seed))
-        seeds = [derive_seed(seed, f"eval-{i}") for i in range(n)]
-    prompts = [r["prompt"] for r in rows]
+    ep = eval_prompts(manifest, n, seed, (size, size))
+    if ep.named is None:
+        raise ValueError(f"{manifest}: not a toy manifest (twostep prompts toy): no attribute columns to score")
+    prompts, seeds, named, n = ep.prompts, ep.seeds, ep.named, len(ep.prompts)
+    rows = [{"prompt": p, **d} for p, d in zip(prompts, named)]
     checker = load_checker()
     t0 = time.perf_counter()
     img8 = sample_set(teacher, prompts, seeds, size, batch, "teacher 8 steps")
@@ -79,7 +67,6 @@ def evaluate_teacher(teacher: Teacher, n: int = 500, seed: int = 20261122, batch
     rng = np.random.default_rng(seed + 1)
     truth = render_batch([sample_scene(rng) for _ in range(n)], size)
     f_truth, f8, f2 = (checker.features(x) for x in (truth, img8, img2))
-    named = [{k: v for k, v in r.items() if k != "prompt"} for r in rows]
     fd8, fd2 = frechet_distance(f8, f_truth), frechet_distance(f2, f_truth)
     rng = np.random.default_rng(seed + 2)
     truth2 = render_batch([sample_scene(rng) for _ in range(n)], size)
