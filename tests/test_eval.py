@@ -155,3 +155,27 @@ def test_eval_on_the_tiny_zimage_pipeline_with_open_clip(tiny_pipeline_dir, tiny
     bad = subprocess.run([sys.executable, "-m", "twostep.cli", "eval", *common, "--device", "cpu", "--out",
                           str(tmp_path / "bad")], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--clip-model" in bad.stderr
+
+
+def test_eval_prompts_reads_manifests_and_names_what_is_wrong(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from twostep.pipeline.toy.evaluate import evaluate_teacher
+    from twostep.prompts.evalset import eval_prompts
+
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"prompt": ["a cat", "a dog", "a fox"], "seed": [1, 2, 3],
+                             "height": [256, 256, 512], "width": [256, 256, 512]}), plain)
+    ep = eval_prompts(str(plain), 2, seed=0)
+    assert (ep.prompts, ep.seeds, ep.height, ep.width, ep.named) == (["a cat", "a dog"], [1, 2], 256, 256, None)
+    with pytest.raises(ValueError, match="several sizes"):
+        eval_prompts(str(plain), 3, seed=0)
+    forced = eval_prompts(str(plain), 3, seed=0, size=(64, 96))
+    assert (len(forced.prompts), forced.height, forced.width) == (3, 64, 96)
+    noseed = tmp_path / "noseed.parquet"
+    pq.write_table(pa.table({"prompt": ["a cat"]}), noseed)
+    with pytest.raises(ValueError, match=r"noseed.parquet: not a twostep manifest, missing column\(s\) \['seed'\]"):
+        eval_prompts(str(noseed), 1, seed=0)
+    with pytest.raises(ValueError, match="plain.parquet: not a toy manifest"):
+        evaluate_teacher(None, n=2, manifest=str(plain))
