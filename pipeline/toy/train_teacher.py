@@ -90,7 +90,9 @@ class ToyTeacherConfig:
     warmup: int = 500
     ema: float = 0.999
     shift: float = 3.0
-    """σ-sampling shift, the scheduler's (more steps at high noise, where layout is decided)."""
+    """Shift of the training σ distribution ``σ = s·u / (1 + (s - 1)·u)``, u uniform: 3 is the
+    scheduler's (more weight at high noise, where layout is decided); 1 is uniform in σ, below 1
+    favours low noise (the last sampling step, from σ = 0.3, is where shapes are sharpened)."""
     object_weight: float = 0.0
     """Extra loss weight on latent positions the object covers (dilated by one): the loss is then
     ``mean(w·err²) / mean(w)`` with ``w = 1 + object_weight·covered``. Objects fill 2–6% of the
@@ -369,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vae-steps", type=int, help="VAE training steps (overrides the preset)")
     ap.add_argument("--batch", type=int, help="transformer batch size (overrides the preset)")
     ap.add_argument("--lr", type=float, help="transformer peak learning rate (overrides the preset)")
+    ap.add_argument("--train-shift", type=float, dest="shift",
+                    help="shift of the σ distribution the transformer trains on (default 3, the scheduler's; "
+                         "1 = uniform in σ, < 1 favours low noise); sampling is unchanged")
     ap.add_argument("--object-weight", type=float, help="extra loss weight on latent positions covered by the "
                     "object (default 0: plain flow-matching MSE)")
     ap.add_argument("--vae-object-weight", type=float, help="extra VAE reconstruction weight on pixels near "
@@ -399,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ToyTeacherConfig.preset(args.preset)
-    for k in ("steps", "vae_steps", "batch", "lr", "object_weight", "vae_object_weight", "latent_channels",
+    for k in ("steps", "vae_steps", "batch", "lr", "shift", "object_weight", "vae_object_weight", "latent_channels",
               "num_scenes", "max_minutes", "seed", "vae_channels"):
         if getattr(args, k) is not None:
             setattr(cfg, k, getattr(args, k))

@@ -59,11 +59,12 @@ def test_train_teacher_script_end_to_end_and_resume(tmp_path):
     from twostep.pipeline.toy.train_teacher import main
 
     args = ["--out", str(tmp_path), "--preset", "cpu", "--steps", "3", "--vae-steps", "2", "--num-scenes", "64",
-            "--batch", "4", "--workers", "0", "--threads", "1", "--object-weight", "4", "--vae-object-weight", "4"]
+            "--batch", "4", "--workers", "0", "--threads", "1", "--object-weight", "4", "--vae-object-weight", "4", "--train-shift", "0.5"]
     assert main(args) == 0
     record = json.loads((tmp_path / "pipeline" / "training_record.json").read_text())
     assert record["transformer"]["steps_done"] == 3 and record["vae"]["psnr_db"] > 0
     assert record["config"]["object_weight"] == record["config"]["vae_object_weight"] == 4
+    assert record["config"]["shift"] == 0.5
     # the VAE's ceiling: the checker on its reconstructions, per attribute (2 steps: near chance)
     assert set(record["vae"]["checker_on_reconstructions"]) == {"shape", "colour", "size", "position", "background",
                                                                  "all"}
@@ -78,6 +79,17 @@ def test_train_teacher_script_end_to_end_and_resume(tmp_path):
     assert main([*args[:5], "5", *args[6:]]) == 0
     record = json.loads((tmp_path / "pipeline" / "training_record.json").read_text())
     assert record["transformer"]["steps_done"] == 5 and record["transformer"]["losses"][0][0] == 0
+
+
+def test_training_sigma_shift_moves_the_median_noise_level():
+    from twostep.pipeline.toy.train_teacher import _sample_sigma
+
+    g = torch.Generator().manual_seed(0)
+    # σ = s·u / (1 + (s - 1)·u) at u = 1/2 is s / (1 + s): 0.75 for the scheduler's 3, 1/3 for 0.5
+    for shift, median in ((3.0, 0.75), (1.0, 0.5), (0.5, 1 / 3)):
+        sig = _sample_sigma(20000, shift, g, torch.device("cpu"))
+        assert sig.min() >= 0 and sig.max() <= 1
+        assert sig.median().item() == pytest.approx(median, abs=0.01)
 
 
 def test_frechet_distance_known_values():
