@@ -35,12 +35,33 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-level BPE as the tokenizer applies it: merge the best-ranked adjacent pair, repeat."""
+    while len(symbols) > 1:
+        pairs = [(ranks[p], p) for p in zip(symbols, symbols[1:]) if p in ranks]
+        if not pairs:
+            break
+        a, b = min(pairs)[1]
+        out, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
+                out.append(a + b)
+                i += 2
+            else:
+                out.append(symbols[i])
+                i += 1
+        symbols = out
+    return symbols
+
+
 def build_tokenizer(words: Iterable[str] = (), model_max_length: int = 512):
     """A ``Qwen2Tokenizer`` over the 256 byte symbols, plus one token per word in ``words``.
 
-    Each word gets BPE merges that build it left to right, with and without a leading space
-    (``Ġ``), so a caption made of known words costs one token a word; anything else falls back
-    to bytes.
+    Each word, with and without a leading space (``Ġ``), gets one token: BPE applies merges by
+    rank, not word by word, so each form is first tokenised with the merges made so far and then
+    given merges (ranked after all earlier ones, so no earlier word changes) that join its pieces
+    left to right. A caption made of known words costs one token a word; anything else falls
+    back to bytes.
     """
     from transformers import Qwen2Tokenizer
 
@@ -48,19 +69,15 @@ def build_tokenizer(words: Iterable[str] = (), model_max_length: int = 512):
     vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in b2u.values():
         vocab.setdefault(ch, len(vocab))
-    merges: list[tuple[str, str]] = []
-    seen_merges: set[tuple[str, str]] = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in sorted(set(words)):
         for form in (word, " " + word):
-            symbols = [b2u[b] for b in form.encode("utf-8")]
-            cur = symbols[0]
-            for nxt in symbols[1:]:
-                pair = (cur, nxt)
-                cur = cur + nxt
-                if pair not in seen_merges:
-                    seen_merges.add(pair)
-                    merges.append(pair)
-                vocab.setdefault(cur, len(vocab))
+            pieces = _bpe([b2u[b] for b in form.encode("utf-8")], ranks)
+            while len(pieces) > 1:
+                ranks.setdefault((pieces[0], pieces[1]), len(ranks))
+                pieces = [pieces[0] + pieces[1], *pieces[2:]]
+                vocab.setdefault(pieces[0], len(vocab))
+    merges = sorted(ranks, key=ranks.get)
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     tok.chat_template = CHAT_TEMPLATE

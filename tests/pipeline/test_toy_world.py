@@ -197,3 +197,21 @@ def test_cli_prompts_toy(tmp_path):
     t = pq.read_table(out)
     assert t.num_rows == 50 and {"shape", "colour", "size", "position", "background"} <= set(t.column_names)
     assert read_meta(out)[0] == build_toy_manifest(50, tmp_path / "again.parquet", seed=3).manifest_hash
+
+
+def test_toy_tokenizer_gives_every_word_one_token():
+    """BPE applies merges by rank, so merges made word by word can split later words ('square' →
+    'squa' 're' once 're' is a merge); the builder must give each word, with or without its leading
+    space, exactly one token, and the bytes must still round-trip."""
+    from twostep.pipeline.zimage import build_tokenizer
+    from twostep.prompts.toy import TOY_WORDS, caption
+
+    tok = build_tokenizer((*TOY_WORDS, "user", "assistant"))
+    split = {f: tok.tokenize(f) for w in TOY_WORDS for f in (w, " " + w) if len(tok.tokenize(f)) != 1}
+    assert not split
+    rng = np.random.default_rng(0)
+    for sc in scenes(50, 3):
+        text, _ = caption(sc, rng)
+        ids = tok(text).input_ids
+        assert len(ids) == len(re.findall(r"\w+|,", text)) and tok.decode(ids) == text
+    assert tok.decode(tok("a mauve hexagon").input_ids) == "a mauve hexagon"  # unknown words: bytes
