@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import lru_cache
+from itertools import pairwise
 
 import torch
 
@@ -38,7 +39,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Byte-level BPE as the tokenizer applies it: merge the best-ranked adjacent pair, repeat."""
     while len(symbols) > 1:
-        pairs = [(ranks[p], p) for p in zip(symbols, symbols[1:]) if p in ranks]
+        pairs = [(ranks[p], p) for p in pairwise(symbols) if p in ranks]
         if not pairs:
             break
         a, b = min(pairs)[1]

@@ -213,11 +213,12 @@ def train_vae(pipe, images: np.ndarray, cfg: ToyTeacherConfig, device: torch.dev
 def _init_from(pipe, folder: Path, record: dict) -> None:
     """Continue from a saved toy teacher: its VAE, text encoder and transformer (fp16 on disk → fp32)."""
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
-    from transformers import Qwen3Model
+    from transformers import AutoTokenizer, Qwen3Model
 
     pipe.vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).eval()
     pipe.transformer = ZImageTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.float32)
     pipe.text_encoder = Qwen3Model.from_pretrained(folder / "text_encoder", dtype=torch.float32).eval()
+    pipe.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")  # the ids its encoder was trained on
     earlier = json.loads((folder / "training_record.json").read_text())
     record["init"] = {"from": str(folder), "record": earlier}
     record["vae"] = earlier["vae"]
@@ -370,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="transformer training steps (overrides the preset)")
     ap.add_argument("--vae-steps", type=int, help="VAE training steps (overrides the preset)")
     ap.add_argument("--batch", type=int, help="transformer batch size (overrides the preset)")
+    ap.add_argument("--warmup", type=int, help="transformer LR warm-up steps (overrides the preset; a short one "
+                    "suits --init)")
     ap.add_argument("--lr", type=float, help="transformer peak learning rate (overrides the preset)")
     ap.add_argument("--train-shift", type=float, dest="shift",
                     help="shift of the σ distribution the transformer trains on (default 3, the scheduler's; "
@@ -404,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ToyTeacherConfig.preset(args.preset)
-    for k in ("steps", "vae_steps", "batch", "lr", "shift", "object_weight", "vae_object_weight", "latent_channels",
+    for k in ("steps", "vae_steps", "batch", "lr", "warmup", "shift", "object_weight", "vae_object_weight", "latent_channels",
               "num_scenes", "max_minutes", "seed", "vae_channels"):
         if getattr(args, k) is not None:
             setattr(cfg, k, getattr(args, k))

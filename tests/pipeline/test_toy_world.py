@@ -17,6 +17,7 @@ from twostep.prompts.toy import (
     BACKGROUNDS,
     CLASSES,
     COLOURS,
+    ROTATION,
     TOY_WORDS,
     ToyScene,
     build_toy_manifest,
@@ -39,6 +40,7 @@ def test_scene_round_trip_and_validation():
     for sc in scenes(50, 1):
         assert ToyScene.from_dict(sc.to_dict()) == sc
         assert sc.rotation == 0.0 or sc.shape != "circle"
+        assert abs(sc.rotation) <= ROTATION
     with pytest.raises(ValueError, match="colour"):
         ToyScene("circle", "cyan", "small", "top", "white")
 
@@ -215,3 +217,20 @@ def test_toy_tokenizer_gives_every_word_one_token():
         ids = tok(text).input_ids
         assert len(ids) == len(re.findall(r"\w+|,", text)) and tok.decode(ids) == text
     assert tok.decode(tok("a mauve hexagon").input_ids) == "a mauve hexagon"  # unknown words: bytes
+
+
+def test_shapes_averaged_over_the_rotation_range_still_read_right():
+    """Rotation is unnamed, so a teacher that cannot resolve it draws the average over it: within
+    the world's rotation range that average must keep its shape; over a full turn it does not."""
+    import dataclasses
+
+    chk = load_checker()
+    for span, want in ((ROTATION, True), (180.0, False)):
+        for shape in ("square", "triangle"):
+            avg = []
+            for sc in scenes(40, 9):
+                imgs = render_batch([dataclasses.replace(sc, shape=shape, rotation=float(r))
+                                     for r in np.linspace(-span, span, 24, endpoint=False)])
+                avg.append(np.rint(imgs.astype(np.float32).mean(0)).astype(np.uint8))
+            right = np.mean([p["shape"] == shape for p in chk.predict(np.stack(avg))])
+            assert (right >= 0.95) if want else (right <= 0.6), (span, shape, right)
