@@ -12,7 +12,9 @@ For ``n`` random scenes, each with a caption that names every attribute:
    itself.
 
 Beside accuracy, ``shape_confidence`` is the checker's mean top shape probability: high on wrong
-shapes means crisp but wrong shapes, low means blobs. Writes ``diagnose.json`` and prints a table.
+shapes means crisp but wrong shapes, low means blobs; ``shape_confusion`` counts, for the VAE round
+trip and for plain generation, which shape the checker reads for each named one (a teacher that
+ignores the shape word draws the same mix for every row). Writes ``diagnose.json`` and prints both.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from twostep.prompts.manifest import derive_seed
-from twostep.prompts.toy import ATTRIBUTES, caption, sample_scene
+from twostep.prompts.toy import ATTRIBUTES, SHAPES, caption, sample_scene
 
 from ..teacher import Teacher
 from .checker import load_checker
@@ -45,6 +47,13 @@ def _row(checker, images: np.ndarray, named: list[dict]) -> dict:
     return row
 
 
+def shape_confusion(checker, images: np.ndarray, named: list[dict]) -> dict[str, dict[str, int]]:
+    """``{named shape: {shape the checker reads: count}}``."""
+    read = [p["shape"] for p in checker.predict(images)]
+    return {s: {r: sum(1 for d, x in zip(named, read) if d["shape"] == s and x == r) for r in SHAPES}
+            for s in SHAPES}
+
+
 @torch.no_grad()
 def diagnose(teacher: Teacher, n: int = 300, seed: int = 20261123, batch: int = 100, size: int = 64) -> dict:
     rng = np.random.default_rng(seed)
@@ -57,9 +66,9 @@ def diagnose(teacher: Teacher, n: int = 300, seed: int = 20261123, batch: int = 
     shape = teacher.latent_shape(size, size)
     noise = teacher.make_noise([derive_seed(seed, f"diagnose-{i}") for i in range(n)], shape)
     z = torch.cat([teacher.encode_images(truth[i:i + batch]).cpu() for i in range(0, n, batch)])
-    rows = {"renders": _row(checker, truth, named),
-            "vae round trip": _row(checker, np.concatenate([teacher.decode(z[i:i + batch])
-                                                            for i in range(0, n, batch)]), named)}
+    recon = np.concatenate([teacher.decode(z[i:i + batch]) for i in range(0, n, batch)])
+    rows = {"renders": _row(checker, truth, named), "vae round trip": _row(checker, recon, named)}
+    confusion = {"vae round trip": shape_confusion(checker, recon, named)}
     for start in tqdm(range(len(sig) - 1), desc="denoise from σ_i"):
         out = []
         for i in range(0, n, batch):
@@ -69,9 +78,12 @@ def diagnose(teacher: Teacher, n: int = 300, seed: int = 20261123, batch: int = 
             for j in range(start, len(sig) - 1):
                 x = x + (sig[j + 1] - sig[j]) * (-teacher.velocity(x, sig[j], caps))
             out.append(teacher.decode(x))
-        rows[f"from σ={sig[start]:.3f} ({len(sig) - 1 - start} steps)"] = _row(checker, np.concatenate(out), named)
+        out = np.concatenate(out)
+        rows[f"from σ={sig[start]:.3f} ({len(sig) - 1 - start} steps)"] = _row(checker, out, named)
+        if start == 0:
+            confusion["plain generation"] = shape_confusion(checker, out, named)
     return {"teacher": teacher.name, "n": n, "seed": seed, "sigmas": [round(float(s), 4) for s in sig],
-            "rows": rows}
+            "rows": rows, "shape_confusion": confusion}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':34s}" + "".join(f"{c[:10]:>11s}" for c in cols))
     for name, row in result["rows"].items():
         print(f"{name:34s}" + "".join(f"{row[c]:11.3f}" for c in cols))
+    for name, table in result["shape_confusion"].items():
+        print(f"\nshape named → read, {name}:" + "".join(f"{c:>10s}" for c in SHAPES))
+        for named_shape, counts in table.items():
+            print(f"{named_shape:>{len(name) + 23}s}" + "".join(f"{counts[c]:10d}" for c in SHAPES))
     print(f"wrote {out / 'diagnose.json'}")
     return 0
 

@@ -140,3 +140,23 @@ def test_diagnose_denoises_from_every_noise_level(toy):
     assert rows["renders"]["all"] >= 0.75  # the checker on ground truth
     for row in rows.values():
         assert 0.0 <= row["all"] <= 1.0 and 1 / 3 <= row["shape_confidence"] <= 1.0
+    for table in result["shape_confusion"].values():  # every scene counted once, under its named shape
+        assert sum(sum(r.values()) for r in table.values()) == 4
+    gen = result["shape_confusion"]["plain generation"]
+    right = sum(gen[s][s] for s in gen) / 4
+    assert right == pytest.approx(rows["from σ=1.000 (8 steps)"]["shape"])  # the diagonal is the shape accuracy
+
+
+def test_shape_confusion_counts_named_against_read():
+    from twostep.pipeline.toy.checker import load_checker
+    from twostep.pipeline.toy.diagnose import shape_confusion
+    from twostep.pipeline.toy.render import render_batch
+    from twostep.prompts.toy import ToyScene
+
+    scenes = [ToyScene(shape=s, colour="red", size="large", position="center", background="white")
+              for s in ("circle", "square", "square", "triangle")]
+    named = [{"shape": s} for s in ("circle", "square", "triangle", "triangle")]  # the 3rd is named wrong
+    table = shape_confusion(load_checker(), render_batch(scenes), named)
+    assert table["circle"] == {"circle": 1, "square": 0, "triangle": 0}
+    assert table["square"] == {"circle": 0, "square": 1, "triangle": 0}
+    assert table["triangle"] == {"circle": 0, "square": 1, "triangle": 1}
