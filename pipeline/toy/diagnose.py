@@ -39,18 +39,19 @@ from .render import render_batch
 log = logging.getLogger("twostep.toy.diagnose")
 
 
-def _row(checker, images: np.ndarray, named: list[dict]) -> dict:
-    acc = checker.score(images, named)
+def _row(checker, images: np.ndarray, named: list[dict]) -> tuple[dict, list[dict]]:
+    """The row's accuracies and shape confidence, and the checker's predictions (made once)."""
+    pred = checker.predict(images)
+    acc = checker.accuracy(pred, named)
     row = {a: round(acc[a], 4) for a in ATTRIBUTES}
     row["all"] = round(acc["all"], 4)
     row["shape_confidence"] = round(float(checker.probs(images)["shape"].max(1).mean()), 4)
-    return row
+    return row, pred
 
 
-def shape_confusion(checker, images: np.ndarray, named: list[dict]) -> dict[str, dict[str, int]]:
-    """``{named shape: {shape the checker reads: count}}``."""
-    read = [p["shape"] for p in checker.predict(images)]
-    return {s: {r: sum(1 for d, x in zip(named, read) if d["shape"] == s and x == r) for r in SHAPES}
+def shape_confusion(pred: list[dict], named: list[dict]) -> dict[str, dict[str, int]]:
+    """``{named shape: {shape the checker reads: count}}`` from the checker's predictions."""
+    return {s: {r: sum(1 for d, p in zip(named, pred) if d["shape"] == s and p["shape"] == r) for r in SHAPES}
             for s in SHAPES}
 
 
@@ -67,8 +68,9 @@ def diagnose(teacher: Teacher, n: int = 300, seed: int = 20261123, batch: int = 
     noise = teacher.make_noise([derive_seed(seed, f"diagnose-{i}") for i in range(n)], shape)
     z = torch.cat([teacher.encode_images(truth[i:i + batch]).cpu() for i in range(0, n, batch)])
     recon = np.concatenate([teacher.decode(z[i:i + batch]) for i in range(0, n, batch)])
-    rows = {"renders": _row(checker, truth, named), "vae round trip": _row(checker, recon, named)}
-    confusion = {"vae round trip": shape_confusion(checker, recon, named)}
+    rows = {"renders": _row(checker, truth, named)[0]}
+    rows["vae round trip"], pred = _row(checker, recon, named)
+    confusion = {"vae round trip": shape_confusion(pred, named)}
     for start in tqdm(range(len(sig) - 1), desc="denoise from σ_i"):
         out = []
         for i in range(0, n, batch):
@@ -78,10 +80,10 @@ def diagnose(teacher: Teacher, n: int = 300, seed: int = 20261123, batch: int = 
             for j in range(start, len(sig) - 1):
                 x = x + (sig[j + 1] - sig[j]) * (-teacher.velocity(x, sig[j], caps))
             out.append(teacher.decode(x))
-        out = np.concatenate(out)
-        rows[f"from σ={sig[start]:.3f} ({len(sig) - 1 - start} steps)"] = _row(checker, out, named)
+        rows[f"from σ={sig[start]:.3f} ({len(sig) - 1 - start} steps)"], pred = _row(checker, np.concatenate(out),
+                                                                                    named)
         if start == 0:
-            confusion["plain generation"] = shape_confusion(checker, out, named)
+            confusion["plain generation"] = shape_confusion(pred, named)
     return {"teacher": teacher.name, "n": n, "seed": seed, "sigmas": [round(float(s), 4) for s in sig],
             "rows": rows, "shape_confusion": confusion}
 

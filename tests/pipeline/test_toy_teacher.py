@@ -156,7 +156,7 @@ def test_shape_confusion_counts_named_against_read():
     scenes = [ToyScene(shape=s, colour="red", size="large", position="center", background="white")
               for s in ("circle", "square", "square", "triangle")]
     named = [{"shape": s} for s in ("circle", "square", "triangle", "triangle")]  # the 3rd is named wrong
-    table = shape_confusion(load_checker(), render_batch(scenes), named)
+    table = shape_confusion(load_checker().predict(render_batch(scenes)), named)
     assert table["circle"] == {"circle": 1, "square": 0, "triangle": 0}
     assert table["square"] == {"circle": 0, "square": 1, "triangle": 0}
     assert table["triangle"] == {"circle": 0, "square": 1, "triangle": 1}
