@@ -121,3 +121,34 @@ class ClipModel:
         """CLIP score: mean over pairs of max(100 · cos(image, prompt), 0)."""
         cos = (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(1)
         return float(np.clip(100 * cos, 0, None).mean())
+
+
+class DinoModel:
+    """DINOv2 image features through ``transformers`` (``AutoModel`` + ``AutoImageProcessor``), for
+    FD, precision/recall and diversity outside the toy world (FD_DINOv2, Stein et al. 2023).
+
+    ``spec`` is a hub id (``facebook/dinov2-large``, the ViT-L/14 that paper uses) or a local folder
+    with ``config.json``, weights and ``preprocessor_config.json``. Features are the pooled CLS token
+    (the last layer's CLS after the final layer norm), as that paper takes them; images are resized
+    and normalised by the model's own image processor."""
+
+    def __init__(self, spec: str, device: str = "cpu", batch_size: int = 64):
+        from transformers import AutoImageProcessor, AutoModel
+
+        self.spec, self.device, self.batch_size = spec, device, batch_size
+        self.processor = AutoImageProcessor.from_pretrained(spec)
+        self.model = AutoModel.from_pretrained(spec).to(device).eval()
+        if not self.model.config.model_type.startswith("dinov2"):
+            raise ValueError(f"--dino-model {spec}: a {self.model.config.model_type!r} model, not DINOv2")
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """(N, D) float64 CLS features of uint8 images (N, H, W, 3)."""
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(images), self.batch_size):
+                pixels = self.processor(images=list(images[i:i + self.batch_size]), return_tensors="pt")
+                pooled = self.model(pixel_values=pixels["pixel_values"].to(self.device)).pooler_output
+                out.append(pooled.float().cpu())
+        return torch.cat(out).double().numpy()

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from twostep.eval import gap_closed, omitted_tv
-from twostep.pipeline.metrics import ClipModel, mean_pairwise_distance, precision_recall, total_variation
+from twostep.pipeline.metrics import (
+    ClipModel,
+    DinoModel,
+    mean_pairwise_distance,
+    precision_recall,
+    total_variation,
+)
 
 
 def test_gap_closed_formula():
@@ -83,6 +89,31 @@ def tiny_clip_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def tiny_dino_dir(tmp_path_factory):
+    """A randomly initialised tiny DINOv2 (transformers) with its image processor, saved as a local folder."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    path = tmp_path_factory.mktemp("tiny-dino")
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=28, patch_size=14)).save_pretrained(path)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
+    return str(path)
+
+
+def test_dino_features_on_a_tiny_model(tiny_dino_dir):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 40, 40, 3), dtype=np.uint8)
+    a, b = DinoModel(tiny_dino_dir, batch_size=2), DinoModel(tiny_dino_dir, batch_size=5)
+    f = a.features(images)
+    assert f.shape == (5, 32) and f.dtype == np.float64
+    assert np.allclose(f, b.features(images), atol=1e-5)  # batching does not change a sample's features
+    assert not np.allclose(f[0], f[1])  # different images, different features
+
+
 def test_clip_score_on_a_tiny_model_is_deterministic(tiny_clip_dir):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(6, 40, 40, 3), dtype=np.uint8)
@@ -131,8 +162,9 @@ def test_naive_student_scores_like_the_naive_teacher(tmp_path):
     assert "<table>" in (tmp_path / "eval" / "report.html").read_text()
 
 
-def test_eval_on_the_tiny_zimage_pipeline_with_open_clip(tiny_pipeline_dir, tiny_clip_dir, tmp_path):
-    """The real-teacher path: a non-toy manifest, open_clip features for FD and CLIP score."""
+def test_eval_on_the_tiny_zimage_pipeline_with_open_clip(tiny_pipeline_dir, tiny_clip_dir, tiny_dino_dir, tmp_path):
+    """The real-teacher path: a non-toy manifest, open_clip features for FD and CLIP score; then
+    DINOv2 features (FD_DINOv2) instead."""
     from twostep.pipeline.teacher import Teacher
     from twostep.trainer.export import export_student
 
@@ -155,6 +187,12 @@ def test_eval_on_the_tiny_zimage_pipeline_with_open_clip(tiny_pipeline_dir, tiny
     bad = subprocess.run([sys.executable, "-m", "twostep.cli", "eval", *common, "--device", "cpu", "--out",
                           str(tmp_path / "bad")], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "--clip-model" in bad.stderr
+    # DINOv2 features in place of CLIP's: a different feature space, the same student-equals-naive check
+    d, _ = _eval([*common, "--dino-model", tiny_dino_dir, "--diversity-prompts", "0"], tmp_path)
+    assert d["features"] == "dino" and d["dino_model"] == tiny_dino_dir and "clip_score" not in d["naive2"]
+    assert d["student2"]["fd_to_teacher8"] == pytest.approx(d["naive2"]["fd_to_teacher8"], rel=1e-3)
+    assert d["naive2"]["fd_to_teacher8"] != m["naive2"]["fd_to_teacher8"]
+    assert "DINOv2" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_eval_prompts_reads_manifests_and_names_what_is_wrong(tmp_path):

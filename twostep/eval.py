@@ -8,7 +8,8 @@ Three sample sets from the same prompts and the same initial noise (each sample'
 generator, as the store has it): (a) the teacher at 8 steps, (b) the student at 2 steps, (c) the
 teacher sampled naively at 2 steps. Reported for each, against (a):
   - Fréchet distance (FD) in a feature space: the toy checker's features for the toy world, open_clip
-    image features otherwise; the floor (two 8-step sets with different seeds) and the gap closed
+    image features (``--clip-model``) or DINOv2 CLS features (``--dino-model``) otherwise; the floor
+    (two 8-step sets with different seeds) and the gap closed
     ``1 − (FD(student) − floor) / (FD(naive 2) − floor)`` (GUIDE §4);
   - precision and recall (k-NN manifolds, k=3) in the same features: recall falls when a student
     collapses onto fewer modes, which FD can miss;
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 
 from twostep.pipeline.metrics import (
     ClipModel,
+    DinoModel,
     frechet_distance,
     mean_pairwise_distance,
     precision_recall,
@@ -124,21 +126,27 @@ def omitted_tv(pred: list[dict], ref: list[dict], named: list[dict]) -> dict[str
 def evaluate(student_dir: str, teacher: Teacher, n: int = 500, seed: int = 20261122, batch: int = 100,
              prompts: str | None = None, size: tuple[int, int] | None = None, clip: ClipModel | None = None,
              features: str = "auto", diversity_prompts: int = 16, diversity_seeds: int = 4,
-             ) -> tuple[dict, dict[str, np.ndarray]]:
-    """Sample the three sets and compute every metric; returns ``(metrics, images)``."""
+             dino: DinoModel | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Sample the three sets and compute every metric; returns ``(metrics, images)``.
+
+    ``features``: toy (the checker's), clip (``clip``'s image embeddings), dino (``dino``'s CLS
+    features) or auto: toy for toy prompts, else clip when ``clip`` is given, else dino."""
     ep = eval_prompts(prompts, n, seed, size)
     n, h, w = len(ep.prompts), ep.height, ep.width
     if features == "auto":
-        features = "toy" if ep.named is not None else "clip"
+        features = "toy" if ep.named is not None else "dino" if dino is not None and clip is None else "clip"
     if features == "clip" and clip is None:
-        raise ValueError("FD outside the toy world uses open_clip image features: pass --clip-model "
-                         "(e.g. hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K or a local open_clip folder)")
+        raise ValueError("FD outside the toy world needs a feature model: pass --clip-model (e.g. "
+                         "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K or a local open_clip folder) or --dino-model "
+                         "(e.g. facebook/dinov2-large or a local folder)")
+    if features == "dino" and dino is None:
+        raise ValueError("--features dino needs --dino-model (e.g. facebook/dinov2-large or a local folder)")
     checker = None
     if features == "toy" or ep.named is not None:
         from twostep.pipeline.toy.checker import load_checker
 
         checker = load_checker()
-    featurize = checker.features if features == "toy" else clip.features
+    featurize = {"toy": checker, "clip": clip, "dino": dino}[features].features
     samplers = {"teacher8": teacher_sampler(teacher, h, w),
                 "student2": student_sampler(student_dir, teacher, h, w),
                 "naive2": teacher_sampler(Teacher(teacher.pipe, teacher.name, device=teacher.device,
@@ -169,6 +177,7 @@ def evaluate(student_dir: str, teacher: Teacher, n: int = 500, seed: int = 20261
     metrics: dict = {"n": n, "seed": seed, "prompts": prompts, "height": h, "width": w, "teacher": teacher.name,
                      "student": student_dir, "device": str(teacher.device), "features": features,
                      "clip_model": clip.spec if clip is not None else None,
+                     "dino_model": dino.spec if dino is not None else None,
                      "fd_floor_teacher8_vs_teacher8": round(floor, 3),
                      "diversity": {"prompts": m, "seeds": k} if div else None}
     for key, _ in ROWS:
@@ -234,7 +243,8 @@ def table(metrics: dict) -> tuple[list[str], list[list[str]]]:
 
 def _notes(metrics: dict) -> list[str]:
     gap = metrics["gap_closed"]
-    feats = "the toy checker's penultimate features" if metrics["features"] == "toy" else "open_clip image features"
+    feats = {"toy": "the toy checker's penultimate features", "clip": f"open_clip image features ({metrics['clip_model']})",
+             "dino": f"DINOv2 CLS features ({metrics.get('dino_model')})"}[metrics["features"]]
     notes = [f"{metrics['n']} prompts at {metrics['height']}×{metrics['width']} on {metrics['device']}, teacher "
              f"`{metrics['teacher']}`, student `{metrics['student']}`; the same noise for all three sets.",
              f"FD, precision and recall in {feats}, against the teacher's 8-step set (the teacher's own row: "
@@ -338,15 +348,19 @@ def _arguments(ap: argparse.ArgumentParser) -> None:
                     help="image size (default: the manifest's height/width; 64 for toy prompts)")
     ap.add_argument("--batch-size", type=int, default=100, help="samples per call, the same for all three sets")
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    ap.add_argument("--features", choices=("auto", "toy", "clip"), default="auto",
-                    help="feature space of FD, precision/recall and diversity: toy checker or open_clip "
-                         "(default: toy for toy prompts, else clip)")
+    ap.add_argument("--features", choices=("auto", "toy", "clip", "dino"), default="auto",
+                    help="feature space of FD, precision/recall and diversity: toy checker, open_clip image "
+                         "embeddings or DINOv2 CLS features (default: toy for toy prompts, else clip if "
+                         "--clip-model is given, else dino)")
     ap.add_argument("--clip-model", default=None,
                     help="open_clip model for CLIP score and clip features: a name (ViT-B-32, with "
                          "--clip-pretrained), hf-hub:ORG/REPO, or a local folder with open_clip_config.json "
                          "and weights")
     ap.add_argument("--clip-pretrained", default=None,
                     help="with a model name: an open_clip pretrained tag or a local weights file")
+    ap.add_argument("--dino-model", default=None,
+                    help="DINOv2 model for --features dino (FD_DINOv2): a hub id such as facebook/dinov2-large or a "
+                         "local folder with config.json, weights and preprocessor_config.json (transformers)")
     ap.add_argument("--diversity-prompts", type=int, default=16,
                     help="prompts sampled with several seeds for per-prompt diversity; 0 = skip (default: 16)")
     ap.add_argument("--diversity-seeds", type=int, default=4, help="seeds per diversity prompt (default: 4)")
@@ -373,9 +387,11 @@ def run(args: argparse.Namespace) -> int:
     teacher = Teacher.load(args.teacher, device=args.device)
     clip = (ClipModel(args.clip_model, args.clip_pretrained, device=str(teacher.device))
             if args.clip_model else None)
+    dino = DinoModel(args.dino_model, device=str(teacher.device)) if args.dino_model else None
     try:
         metrics, images = evaluate(student, teacher, args.num_samples, args.seed, args.batch_size, args.prompts,
-                                   args.size, clip, args.features, args.diversity_prompts, args.diversity_seeds)
+                                   args.size, clip, args.features, args.diversity_prompts, args.diversity_seeds,
+                                   dino)
     except ValueError as e:
         log.error("%s", e)
         return 2
