@@ -208,6 +208,17 @@ class Teacher:
                              shift=float(sched.config.get("shift", 1.0)), sigmas=used, mid_sigma=mid_sigma,
                              max_sequence_length=msl)
 
+    def with_sampler(self, **overrides: Any) -> Teacher:
+        """The same weights (shared, not copied) with other sampler settings: those not given are kept,
+        guidance included, so a naive 2-step baseline is ``teacher.with_sampler(num_steps=2)``. The σ
+        grid is derived again from ``num_steps`` unless ``sigmas`` is given."""
+        s = self.sampler
+        kept = {"num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "mid_sigma": s.mid_sigma,
+                "max_sequence_length": s.max_sequence_length}
+        other = Teacher(self.pipe, self.name, self.revision, self.device, **{**kept, **overrides})
+        other.weights = self.weights
+        return other
+
     # --- components the trainer uses ---------------------------------------------------------
 
     @property

@@ -53,7 +53,7 @@ class SampleGrid:
         h, w = self.size
         if self._teacher_rows is None:
             eight = teacher.generate(self.prompts, seeds, h, w).images
-            naive = Teacher(teacher.pipe, teacher.name, device=teacher.device, num_steps=2)
+            naive = teacher.with_sampler(num_steps=2)
             self._teacher_rows = [eight, naive.generate(self.prompts, seeds, h, w).images]
         student = self.p.accelerator.unwrap_model(self.p.student)
         noise = teacher.make_noise(seeds, teacher.latent_shape(h, w)).to(teacher.device)

@@ -149,8 +149,7 @@ def evaluate(student_dir: str, teacher: Teacher, n: int = 500, seed: int = 20261
     featurize = {"toy": checker, "clip": clip, "dino": dino}[features].features
     samplers = {"teacher8": teacher_sampler(teacher, h, w),
                 "student2": student_sampler(student_dir, teacher, h, w),
-                "naive2": teacher_sampler(Teacher(teacher.pipe, teacher.name, device=teacher.device,
-                                                  num_steps=2), h, w)}
+                "naive2": teacher_sampler(teacher.with_sampler(num_steps=2), h, w)}
     images, timing = {}, {}
     for key, label in ROWS:
         images[key], timing[key] = run_timed(samplers[key], ep.prompts, ep.seeds, batch, teacher.device, label)

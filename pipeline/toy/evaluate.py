@@ -60,7 +60,7 @@ def evaluate_teacher(teacher: Teacher, n: int = 500, seed: int = 20261122, batch
     t0 = time.perf_counter()
     img8 = sample_set(teacher, prompts, seeds, size, batch, "teacher 8 steps")
     t8 = time.perf_counter() - t0
-    two = Teacher(teacher.pipe, teacher.name, device=teacher.device, num_steps=2)
+    two = teacher.with_sampler(num_steps=2)
     t0 = time.perf_counter()
     img2 = sample_set(two, prompts, seeds, size, batch, "teacher naive 2 steps")
     t2 = time.perf_counter() - t0

@@ -25,6 +25,25 @@ def test_turbo_defaults_and_sigmas(teacher):
     assert [round(x, 4) for x in two.sigmas] == [1.0, 0.75, 0.0]
 
 
+def test_with_sampler_keeps_guidance_and_shares_the_weights(tiny_pipeline_dir):
+    """The naive 2-step baseline of a guided teacher is guided too; only what is overridden changes."""
+    guided = Teacher.load(tiny_pipeline_dir, device="cpu", guidance_scale=1.5, mid_sigma=0.5)
+    two = guided.with_sampler(num_steps=2)
+    assert (two.sampler.num_steps, two.sampler.guidance_scale, two.sampler.mid_sigma) == (2, 1.5, 0.5)
+    assert [round(x, 4) for x in two.sampler.sigmas] == [1.0, 0.75, 0.0]
+    assert two.pipe is guided.pipe and two.weights == guided.weights and two.sampler.hash != guided.sampler.hash
+    calls = []
+    h = two.transformer.t_embedder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = two.generate(PROMPTS[:1], SEEDS[:1], 32, 32, decode=False)
+    finally:
+        h.remove()
+    assert out.nfe == 2 == len(calls)  # guidance runs in the same call, on a doubled batch
+    unguided = guided.with_sampler(num_steps=2, guidance_scale=0.0).generate(PROMPTS[:1], SEEDS[:1], 32, 32,
+                                                                             decode=False)
+    assert not torch.allclose(out.latent, unguided.latent)
+
+
 def test_exactly_eight_transformer_calls(teacher):
     calls = []  # the timestep embedder runs once per transformer call, on either forward path
     h = teacher.transformer.t_embedder.register_forward_hook(lambda *a: calls.append(1))
