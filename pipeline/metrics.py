@@ -133,13 +133,14 @@ class DinoModel:
     and normalised by the model's own image processor."""
 
     def __init__(self, spec: str, device: str = "cpu", batch_size: int = 64):
-        from transformers import AutoImageProcessor, AutoModel
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
+        config = AutoConfig.from_pretrained(spec)  # checked before any weights are read
+        if not config.model_type.startswith("dinov2"):
+            raise ValueError(f"--dino-model {spec}: a {config.model_type!r} model, not DINOv2")
         self.spec, self.device, self.batch_size = spec, device, batch_size
         self.processor = AutoImageProcessor.from_pretrained(spec)
-        self.model = AutoModel.from_pretrained(spec).to(device).eval()
-        if not self.model.config.model_type.startswith("dinov2"):
-            raise ValueError(f"--dino-model {spec}: a {self.model.config.model_type!r} model, not DINOv2")
+        self.model = AutoModel.from_pretrained(spec, config=config).to(device).eval()
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """(N, D) float64 CLS features of uint8 images (N, H, W, 3)."""

@@ -243,7 +243,7 @@ def table(metrics: dict) -> tuple[list[str], list[list[str]]]:
 def _notes(metrics: dict) -> list[str]:
     gap = metrics["gap_closed"]
     feats = {"toy": "the toy checker's penultimate features", "clip": f"open_clip image features ({metrics['clip_model']})",
-             "dino": f"DINOv2 CLS features ({metrics.get('dino_model')})"}[metrics["features"]]
+             "dino": f"DINOv2 CLS features ({metrics['dino_model']})"}[metrics["features"]]
     notes = [f"{metrics['n']} prompts at {metrics['height']}×{metrics['width']} on {metrics['device']}, teacher "
              f"`{metrics['teacher']}`, student `{metrics['student']}`; the same noise for all three sets.",
              f"FD, precision and recall in {feats}, against the teacher's 8-step set (the teacher's own row: "

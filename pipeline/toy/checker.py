@@ -112,8 +112,12 @@ class AttributeChecker:
 
     def predict(self, images: np.ndarray | torch.Tensor) -> list[dict[str, str]]:
         """Predicted attribute names per image."""
-        _, logits = self._run(images)
-        idx = {a: v.argmax(1).tolist() for a, v in logits.items()}
+        return self.names(self.probs(images))
+
+    @staticmethod
+    def names(probs: dict[str, np.ndarray]) -> list[dict[str, str]]:
+        """:meth:`predict` from probabilities already computed (:meth:`probs`)."""
+        idx = {a: v.argmax(1).tolist() for a, v in probs.items()}
         return [{a: CLASSES[a][idx[a][i]] for a in ATTRIBUTES} for i in range(len(idx["shape"]))]
 
     def probs(self, images: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:

@@ -40,12 +40,13 @@ log = logging.getLogger("twostep.toy.diagnose")
 
 
 def _row(checker, images: np.ndarray, named: list[dict]) -> tuple[dict, list[dict]]:
-    """The row's accuracies and shape confidence, and the checker's predictions (made once)."""
-    pred = checker.predict(images)
+    """The row's accuracies and shape confidence, and the checker's predictions (one checker pass)."""
+    probs = checker.probs(images)
+    pred = checker.names(probs)
     acc = checker.accuracy(pred, named)
     row = {a: round(acc[a], 4) for a in ATTRIBUTES}
     row["all"] = round(acc["all"], 4)
-    row["shape_confidence"] = round(float(checker.probs(images)["shape"].max(1).mean()), 4)
+    row["shape_confidence"] = round(float(probs["shape"].max(1).mean()), 4)
     return row, pred
 
 
