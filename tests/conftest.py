@@ -16,6 +16,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def toy_latent_shape() -> tuple[int, int, int]:
+    """(C, h, w) of the shipped toy teacher's 64×64 latents, read from its VAE config (not assumed)."""
+    import json
+
+    from twostep.pipeline.teacher import TOY_TEACHER_DIR
+
+    cfg = json.loads((TOY_TEACHER_DIR / "vae" / "config.json").read_text())
+    down = 2 ** (len(cfg["block_out_channels"]) - 1)
+    return (cfg["latent_channels"], 64 // down, 64 // down)
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> str:
     """A random-weight ZImagePipeline folder (tiny sizes, byte-level tokenizer), built locally."""
     from twostep.pipeline.zimage import build_pipeline

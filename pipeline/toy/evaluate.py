@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifest", default=None,
                     help="take prompts, named attributes and seeds from the first N rows of a toy manifest "
                          "(twostep prompts toy) instead of sampling them")
+    ap.add_argument("--record", action="store_true",
+                    help="also write the metrics as final_metrics into the teacher folder's training_record.json "
+                         "(what the shipped teacher's record holds)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     teacher = Teacher.load(args.teacher, device=args.device)
@@ -107,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if args.record:
+        from ..teacher import TOY_TEACHER_DIR
+
+        path = (TOY_TEACHER_DIR if args.teacher == "toy" else Path(args.teacher)) / "training_record.json"
+        record = json.loads(path.read_text())
+        record["final_metrics"] = metrics
+        path.write_text(json.dumps(record, indent=1))
+        log.info("final_metrics written to %s", path)
     k = 12
     grid([img8[:k], img2[:k], img8[k:2 * k], img2[k:2 * k]]).save(out / "grid.png")
     a8, a2 = metrics["steps8"]["accuracy"], metrics["naive2"]["accuracy"]

@@ -41,10 +41,10 @@ def test_toy_teacher_is_a_real_zimage_pipeline_under_20mb(toy):
     assert record["config"] and record["transformer"]["losses"] and record["final_metrics"]["n"] >= 500
 
 
-def test_toy_teacher_through_the_interface(toy):
-    assert toy.default_size == 64 and toy.latent_shape(64, 64) == (4, 16, 16)
+def test_toy_teacher_through_the_interface(toy, toy_latent_shape):
+    assert toy.default_size == 64 and toy.latent_shape(64, 64) == toy_latent_shape
     out = toy.generate(PROMPTS, [1, 2, 3], 64, 64)
-    assert out.images.shape == (3, 64, 64, 3) and out.mid.shape == out.latent.shape == (3, 4, 16, 16)
+    assert out.images.shape == (3, 64, 64, 3) and out.mid.shape == out.latent.shape == (3, *toy_latent_shape)
     one = toy.generate(PROMPTS[1:2], [2], 64, 64, decode=False)
     torch.testing.assert_close(one.latent[0], out.latent[1], atol=1e-4, rtol=1e-4)
     # mid is the state after 4 of the 8 steps: continuing from it for the last 4 reaches the latent
@@ -160,3 +160,29 @@ def test_shape_confusion_counts_named_against_read():
     assert table["circle"] == {"circle": 1, "square": 0, "triangle": 0}
     assert table["square"] == {"circle": 0, "square": 1, "triangle": 0}
     assert table["triangle"] == {"circle": 0, "square": 1, "triangle": 1}
+
+
+def test_shape_code_target_marks_the_object_in_its_shape_channel():
+    from twostep.pipeline.toy.render import coverage, render_batch
+    from twostep.pipeline.toy.train_teacher import background_colours, shape_code_loss, shape_code_target
+    from twostep.prompts.toy import SHAPES, ToyScene
+
+    scenes = [ToyScene(shape="triangle", colour="red", size="large", position="top left", background="white"),
+              ToyScene(shape="circle", colour="blue", size="small", position="bottom right", background="gray")]
+    images = render_batch(scenes)
+    shapes = torch.tensor([SHAPES.index(sc.shape) for sc in scenes])
+    target = shape_code_target(torch.from_numpy(images), torch.from_numpy(background_colours(scenes)), shapes,
+                               (16, 16), len(SHAPES))
+    assert target.shape == (2, 3, 16, 16) and target.min() >= 0 and target.max() <= 1
+    for k, sc in enumerate(scenes):
+        others = [c for c in range(3) if c != SHAPES.index(sc.shape)]
+        assert target[k, others].abs().sum() == 0  # only the object's own shape channel is set
+        # the code is the object's area per latent cell (4×4 pixels): its sum is the area / 16 (the mask
+        # drops edge pixels the object covers by under ~4%)
+        area = float((coverage(sc) > 0).sum())
+        assert target[k, SHAPES.index(sc.shape)].sum().item() == pytest.approx(area / 16, rel=0.05)
+    # a latent that holds scale × (std of its free channels) × target has zero loss; another does not
+    free = torch.randn(2, 5, 16, 16)
+    z = torch.cat([2.0 * free.std() * target, free], dim=1)
+    assert shape_code_loss(z, target, 2.0).item() == pytest.approx(0.0, abs=1e-10)
+    assert shape_code_loss(z, target.roll(1, dims=1), 2.0).item() > 0.01
