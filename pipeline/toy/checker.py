@@ -166,10 +166,11 @@ def load_checker(path: str | os.PathLike | None = None, device: str | torch.devi
     return AttributeChecker(net.to(device))
 
 
-def _batch(rng: np.random.Generator, n: int, small_frac: float = 0.0,
-           noise: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _batch(rng: np.random.Generator, n: int, small_frac: float = 0.0, noise: float = 0.0,
+           colour_jitter: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``n`` fresh renders (a ``small_frac`` share rendered at 32 px and upsampled, as a 32 px
-    teacher's samples would be) with up to ``noise`` Gaussian noise (std in [-1, 1] units)."""
+    teacher's samples would be) with up to ``noise`` Gaussian noise (std in [-1, 1] units) and a
+    per-image, per-channel colour offset uniform in ± ``colour_jitter`` ([-1, 1] units)."""
     scenes = [sample_scene(rng) for _ in range(n)]
     n_small = round(n * small_frac)
     parts = [to_input(render_batch(scenes[:n_small], 32))] if n_small else []
@@ -178,6 +179,8 @@ def _batch(rng: np.random.Generator, n: int, small_frac: float = 0.0,
     if noise > 0:
         std = torch.from_numpy(rng.uniform(0, noise, size=(n, 1, 1, 1))).float()
         x = x + std * torch.from_numpy(rng.standard_normal(x.shape, dtype=np.float32))
+    if colour_jitter > 0:
+        x = x + torch.from_numpy(rng.uniform(-colour_jitter, colour_jitter, size=(n, 3, 1, 1))).float()
     return x, labels_of(scenes)
 
 
@@ -191,7 +194,7 @@ def evaluate(checker: AttributeChecker, n: int, seed: int, size: int = 64) -> di
 
 def train_checker(steps: int = 1200, batch_size: int = 64, seed: int = 0, out_dir: str | os.PathLike = ".",
                   lr: float = 2e-3, threads: int = 1, small_frac: float = 0.1, noise: float = 0.05,
-                  eval_n: int = 2000, eval_seed: int | None = None, log_every: int = 100) -> dict[str, Any]:
+                  colour_jitter: float = 0.1, eval_n: int = 2000, eval_seed: int | None = None, log_every: int = 100) -> dict[str, Any]:
     """Train on fresh random renders, evaluate on ``eval_n`` renders from ``eval_seed`` (default
     ``seed + 1_000_003``), write ``checker.safetensors`` + ``checker.json``; returns the record."""
     torch.set_num_threads(threads)
@@ -206,7 +209,7 @@ def train_checker(steps: int = 1200, batch_size: int = 64, seed: int = 0, out_di
     t0 = time.perf_counter()
     net.train()
     for step in range(steps):
-        x, y = _batch(rng, batch_size, small_frac, noise)
+        x, y = _batch(rng, batch_size, small_frac, noise, colour_jitter)
         _, logits = net(x)
         loss = sum(F.cross_entropy(logits[a], y[a]) for a in ATTRIBUTES)
         opt.zero_grad(set_to_none=True)
@@ -221,7 +224,7 @@ def train_checker(steps: int = 1200, batch_size: int = 64, seed: int = 0, out_di
         "arch": DEFAULT_ARCH, "classes": {a: list(v) for a, v in CLASSES.items()},
         "params": sum(p.numel() for p in net.parameters()),
         "train": {"steps": steps, "batch_size": batch_size, "seed": seed, "lr": lr, "threads": threads,
-                  "small_frac": small_frac, "noise": noise, "seconds": round(seconds, 1),
+                  "small_frac": small_frac, "noise": noise, "colour_jitter": colour_jitter, "seconds": round(seconds, 1),
                   "torch": torch.__version__},
         "heldout": {"n": eval_n, "seed": eval_seed, "size": 64, "accuracy": evaluate(checker, eval_n, eval_seed)},
         "heldout_32px": {"n": eval_n, "seed": eval_seed, "size": 32,
@@ -248,13 +251,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--small-frac", type=float, default=0.1,
                    help="share of each batch rendered at 32 px and upsampled (robustness to 32 px samples)")
     p.add_argument("--noise", type=float, default=0.05, help="max std of Gaussian noise added per image")
+    p.add_argument("--colour-jitter", type=float, default=0.1,
+                   help="max per-channel colour offset per image, in [-1, 1] units (0.1 = ±13 of 255): a VAE "
+                        "that shifts a pink background by 13 levels must not turn it white for the checker")
     p.add_argument("--eval-n", type=int, default=2000, help="held-out renders for the recorded accuracy")
     p.add_argument("--eval-seed", type=int, default=None, help="held-out render seed; None means seed + 1000003")
     p.add_argument("--out-dir", default=str(DEFAULT_PATH.parent),
                    help="where checker.safetensors and checker.json go (the default is the shipped location)")
     args = p.parse_args(argv)
     record = train_checker(args.steps, args.batch_size, args.seed, args.out_dir, lr=args.lr, threads=args.threads,
-                           small_frac=args.small_frac, noise=args.noise, eval_n=args.eval_n,
+                           small_frac=args.small_frac, noise=args.noise, colour_jitter=args.colour_jitter,
+                           eval_n=args.eval_n,
                            eval_seed=args.eval_seed)
     print(json.dumps({k: record[k] for k in ("params", "train", "heldout", "heldout_32px")}, indent=2))
 

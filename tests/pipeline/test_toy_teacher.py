@@ -59,12 +59,19 @@ def test_train_teacher_script_end_to_end_and_resume(tmp_path):
     from twostep.pipeline.toy.train_teacher import main
 
     args = ["--out", str(tmp_path), "--preset", "cpu", "--steps", "3", "--vae-steps", "2", "--num-scenes", "64",
-            "--batch", "4", "--workers", "0", "--threads", "1", "--object-weight", "4", "--vae-object-weight", "4", "--train-shift", "0.5"]
+            "--batch", "4", "--workers", "0", "--threads", "1", "--object-weight", "4", "--vae-object-weight", "4", "--train-shift", "0.5",
+            "--vae-decoder-steps", "2"]
     assert main(args) == 0
     record = json.loads((tmp_path / "pipeline" / "training_record.json").read_text())
     assert record["transformer"]["steps_done"] == 3 and record["vae"]["psnr_db"] > 0
     assert record["config"]["object_weight"] == record["config"]["vae_object_weight"] == 4
     assert record["config"]["shift"] == 0.5
+    # the shape code is on by default; the decoder-only stage ran and kept the encoder's latent scaling
+    assert record["config"]["vae_shape_code"] > 0 and len(record["vae"]["losses"][0]) == 3
+    stage = record["vae"]["decoder_stage"]
+    assert stage["steps"] == 2 and set(stage["before"]) == {"psnr_db", "checker_on_reconstructions"}
+    vae_cfg = json.loads((tmp_path / "pipeline" / "vae" / "config.json").read_text())
+    assert vae_cfg["scaling_factor"] == record["vae"]["scaling_factor"]
     # the VAE's ceiling: the checker on its reconstructions, per attribute (2 steps: near chance)
     assert set(record["vae"]["checker_on_reconstructions"]) == {"shape", "colour", "size", "position", "background",
                                                                  "all"}
@@ -165,7 +172,7 @@ def test_shape_confusion_counts_named_against_read():
 def test_shape_code_target_marks_the_object_in_its_shape_channel():
     from twostep.pipeline.toy.render import coverage, render_batch
     from twostep.pipeline.toy.train_teacher import background_colours, shape_code_loss, shape_code_target
-    from twostep.prompts.toy import SHAPES, ToyScene
+    from twostep.prompts.toy import BACKGROUNDS, COLOURS, SHAPES, ToyScene
 
     scenes = [ToyScene(shape="triangle", colour="red", size="large", position="top left", background="white"),
               ToyScene(shape="circle", colour="blue", size="small", position="bottom right", background="gray")]
@@ -177,12 +184,34 @@ def test_shape_code_target_marks_the_object_in_its_shape_channel():
     for k, sc in enumerate(scenes):
         others = [c for c in range(3) if c != SHAPES.index(sc.shape)]
         assert target[k, others].abs().sum() == 0  # only the object's own shape channel is set
-        # the code is the object's area per latent cell (4×4 pixels): its sum is the area / 16 (the mask
-        # drops edge pixels the object covers by under ~4%)
-        area = float((coverage(sc) > 0).sum())
-        assert target[k, SHAPES.index(sc.shape)].sum().item() == pytest.approx(area / 16, rel=0.05)
+        # the code is the object's area per latent cell (4×4 pixels): its sum is the area / 16, the area
+        # being the pixels whose colour the object moves by more than 8 levels (so faint edges are out)
+        contrast = np.abs(np.subtract(COLOURS[sc.colour], BACKGROUNDS[sc.background])).max()
+        area = float((coverage(sc) * contrast > 8.5).sum())
+        assert target[k, SHAPES.index(sc.shape)].sum().item() == pytest.approx(area / 16, rel=0.02)
     # a latent that holds scale × (std of its free channels) × target has zero loss; another does not
     free = torch.randn(2, 5, 16, 16)
     z = torch.cat([2.0 * free.std() * target, free], dim=1)
     assert shape_code_loss(z, target, 2.0).item() == pytest.approx(0.0, abs=1e-10)
     assert shape_code_loss(z, target.roll(1, dims=1), 2.0).item() > 0.01
+
+
+def test_decoder_stage_trains_the_decoder_and_leaves_the_encoder_alone():
+    from twostep.pipeline.toy.render import render_batch
+    from twostep.pipeline.toy.train_teacher import ToyTeacherConfig, background_colours, finetune_decoder
+    from twostep.pipeline.zimage import build_pipeline
+    from twostep.prompts.toy import sample_scene
+
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(8)]
+    vae = build_pipeline().vae.eval()
+    enc = {k: v.clone() for k, v in vae.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+    dec = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    cfg = ToyTeacherConfig(num_scenes=8, vae_batch=4, vae_decoder_steps=2)
+    record = {"psnr_db": 0.0, "checker_on_reconstructions": {}}
+    finetune_decoder(vae, render_batch(scenes), cfg, torch.device("cpu"), record, background_colours(scenes))
+    after = vae.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in enc.items())  # encoder, quant_conv: untouched
+    assert any(not torch.equal(v, vae.decoder.state_dict()[k]) for k, v in dec.items())
+    assert record["decoder_stage"]["steps"] == 2 and record["psnr_db"] > 0
+    assert set(record["checker_on_reconstructions"]) >= {"shape", "all"}

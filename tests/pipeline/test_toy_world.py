@@ -125,7 +125,10 @@ def test_object_has_its_colour_near_the_cell_centre(size):
         img = render(sc, size)
         cx, cy = object_centre(sc, size)
         gx, gy = cell_centre(sc.position, size)
-        assert abs(cx - gx) <= 3.01 * size / 64 and abs(cy - gy) <= 3.01 * size / 64
+        # jitter is ±3 px; large objects in border cells are pushed further inward, never out of the cell
+        assert abs(cx - gx) < size / 6 and abs(cy - gy) < size / 6
+        if sc.position == "center":
+            assert abs(cx - gx) <= 3.01 * size / 64 and abs(cy - gy) <= 3.01 * size / 64
         centre = img[int(cy), int(cx)].astype(int)
         assert np.abs(centre - COLOURS[sc.colour]).max() <= (2 if size == 64 else 60), sc
         # the image is mostly background, and the object is never clipped by the border
