@@ -214,7 +214,7 @@ def train_vae(pipe, images: np.ndarray, cfg: ToyTeacherConfig, device: torch.dev
     vae = pipe.vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    losses = []
+    losses, t0 = [], time.perf_counter()
     for step in tqdm(range(cfg.vae_steps), desc="vae", mininterval=2.0):
         idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g)
         batch = images[idx.numpy()]
@@ -249,8 +249,8 @@ def train_vae(pipe, images: np.ndarray, cfg: ToyTeacherConfig, device: torch.dev
                        for i in range(0, min(len(images), 8192), 512)])
     mean, std = z.mean().item(), z.std().item()
     vae.register_to_config(shift_factor=round(mean, 4), scaling_factor=round(1.0 / std, 4))
-    record["vae"] = {"losses": losses, "shift_factor": round(mean, 4), "scaling_factor": round(1.0 / std, 4),
-                     **_vae_report(vae, images, cfg, device)}
+    record["vae"] = {"losses": losses, "seconds": round(time.perf_counter() - t0, 1), "shift_factor": round(mean, 4),
+                     "scaling_factor": round(1.0 / std, 4), **_vae_report(vae, images, cfg, device)}
     log.info("VAE: PSNR %.2f dB, latent mean %.4f std %.4f; checker on reconstructions: %s",
              record["vae"]["psnr_db"], mean, std, record["vae"]["checker_on_reconstructions"])
 
@@ -273,7 +273,7 @@ def finetune_decoder(vae, images: np.ndarray, cfg: ToyTeacherConfig, device: tor
     opt = torch.optim.AdamW(params, lr=cfg.vae_lr * 0.3, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed + 4)
     vae.decoder.train()
-    losses = []
+    losses, t0 = [], time.perf_counter()
     for step in tqdm(range(cfg.vae_decoder_steps), desc="vae decoder", mininterval=2.0):
         idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g).numpy()
         x = _to_tensor(images[idx]).to(device)
@@ -295,7 +295,7 @@ def finetune_decoder(vae, images: np.ndarray, cfg: ToyTeacherConfig, device: tor
     before = {k: vae_record[k] for k in ("psnr_db", "checker_on_reconstructions")}
     vae_record.update(_vae_report(vae, images, cfg, device))
     vae_record["decoder_stage"] = {"steps": cfg.vae_decoder_steps, "object_weight": cfg.vae_decoder_object_weight,
-                                   "losses": losses, "before": before}
+                                   "seconds": round(time.perf_counter() - t0, 1), "losses": losses, "before": before}
     log.info("VAE decoder stage: PSNR %.2f dB; checker on reconstructions: %s (before: %s)",
              vae_record["psnr_db"], vae_record["checker_on_reconstructions"], before)
 
