@@ -4,9 +4,11 @@
 
 Stages, each resumable (running the same command again continues where it stopped):
 1. render a fixed set of scenes (64×64) from a seed;
-2. train a small ``AutoencoderKL`` (4× down, 4 latent channels: 16×16 latents; ``--vae-channels 32,64``
-   gives 2× down, 32×32 latents, 4×4-pixel tokens) on them, then set its
-   ``shift_factor``/``scaling_factor`` to the latents' mean and 1/std, as Z-Image's VAE has;
+2. train a small ``AutoencoderKL`` (4× down, 16 latent channels: 16×16 latents; ``--vae-channels 32,64``
+   gives 2× down, 32×32 latents, 4×4-pixel tokens) on them, with a shape code in its first three
+   latent channels (``vae_shape_code``), then set its ``shift_factor``/``scaling_factor`` to the
+   latents' mean and 1/std, as Z-Image's VAE has; then train its decoder alone for
+   ``vae_decoder_steps`` (the encoder, so the latents, stay fixed);
 3. train a small ``ZImageTransformer2DModel`` by flow matching (``x_σ = (1-σ)x0 + σε``, target
    ``v = x0 - ε``, σ drawn with the scheduler's shift of 3) on those latents, conditioned on the
    features of a frozen, randomly initialised small ``Qwen3Model`` over a word-level
@@ -127,7 +129,7 @@ class ToyTeacherConfig:
             return cls()
         if name == "cpu":  # fits this project's 2-core CI-class machine in under an hour (VAE ~10 min)
             return cls(num_scenes=20000, vae_steps=1500, vae_batch=32, steps=100000, batch=64, lr=6e-4,
-                       warmup=200, max_minutes=45)
+                       warmup=200, max_minutes=40)
         raise ValueError(f"unknown preset {name!r} (cpu or gpu)")
 
 
