@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from twostep.prompts.toy import TOY_WORDS, caption, sample_scene
+from twostep.prompts.toy import SHAPES, TOY_WORDS, caption, sample_scene
 
 from ..teacher import transformer_velocity
 from ..zimage import build_pipeline
@@ -231,8 +231,6 @@ def train_vae(pipe, images: np.ndarray, cfg: ToyTeacherConfig, device: torch.dev
         err = rec - x
         loss = _weighted_mean(err.square() + 0.1 * err.abs(), w) + cfg.vae_kl * kl  # MSE + 0.1·L1
         if cfg.vae_shape_code:
-            from twostep.prompts.toy import SHAPES
-
             target = shape_code_target(torch.from_numpy(batch), torch.from_numpy(backgrounds[idx.numpy()]),
                                        torch.from_numpy(shapes[idx.numpy()]), post.mean.shape[-2:], len(SHAPES))
             code = shape_code_loss(post.mean, target.to(device), cfg.vae_code_scale)
@@ -509,8 +507,6 @@ def main(argv: list[str] | None = None) -> int:
               "vae_shape_code", "vae_code_scale", "vae_decoder_steps", "num_scenes", "max_minutes", "seed", "vae_channels"):
         if getattr(args, k) is not None:
             setattr(cfg, k, getattr(args, k))
-    from twostep.prompts.toy import SHAPES
-
     if cfg.vae_shape_code and cfg.latent_channels <= len(SHAPES):
         ap.error(f"--vae-shape-code needs more than {len(SHAPES)} latent channels (one per shape plus free ones), "
                  f"not {cfg.latent_channels}: raise --latent-channels or pass --vae-shape-code 0")
