@@ -157,7 +157,8 @@ def test_naive_student_scores_like_the_naive_teacher(tmp_path):
     for key in ("teacher8", "student2", "naive2"):
         t = m[key]
         assert t["batch_size"] == 8 and t["images_per_s"] > 0 and t["latency_s_per_batch"] > 0
-        assert t["images_per_s"] == pytest.approx(16 / t["seconds"], rel=0.02)
+        # images/s is n over the unrounded seconds, which the record rounds to 0.01 s
+        assert 16 / (t["seconds"] + 0.005) <= t["images_per_s"] <= 16 / max(t["seconds"] - 0.005, 1e-9)
     assert "gap closed" in out.stdout and "images/s" in (tmp_path / "eval" / "report.md").read_text()
     assert "<table>" in (tmp_path / "eval" / "report.html").read_text()
 
