@@ -211,32 +211,46 @@ def shape_code_loss(z: torch.Tensor, target: torch.Tensor, scale: float) -> torc
     return (z[:, :s] / unit - scale * target).square().mean()
 
 
+def _reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, images: np.ndarray, backgrounds: np.ndarray,
+                         object_weight: float) -> torch.Tensor:
+    """MSE + 0.1·L1 between ``rec`` and ``x`` (B, 3, H, W), with ``1 + object_weight`` on pixels near
+    the object; ``images`` (B, H, W, 3) and ``backgrounds`` (B, 3) are the batch's uint8 renders."""
+    err = rec - x
+    w = None
+    if object_weight:
+        mask = object_mask(torch.from_numpy(images), torch.from_numpy(backgrounds)).to(x.device)
+        w = 1.0 + object_weight * mask
+    return _weighted_mean(err.square() + 0.1 * err.abs(), w)
+
+
+def _cosine(peak: float, step: int, steps: int) -> float:
+    """Cosine decay from ``peak`` to 0 over ``steps``."""
+    return peak * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def train_vae(pipe, images: np.ndarray, cfg: ToyTeacherConfig, device: torch.device, record: dict,
-              backgrounds: np.ndarray | None = None, shapes: np.ndarray | None = None) -> None:
+              backgrounds: np.ndarray, shapes: np.ndarray) -> None:
+    """The joint VAE stage: reconstruction, KL and (``vae_shape_code``) the shape code; ``backgrounds``
+    (N, 3) uint8 and ``shapes`` (N,) int64 indices into ``SHAPES`` per scene."""
     vae = pipe.vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     losses, t0 = [], time.perf_counter()
     for step in tqdm(range(cfg.vae_steps), desc="vae", mininterval=2.0):
-        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g)
-        batch = images[idx.numpy()]
+        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g).numpy()
+        batch, bg = images[idx], backgrounds[idx]
         x = _to_tensor(batch).to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
-        w = None
-        if cfg.vae_object_weight and backgrounds is not None:
-            mask = object_mask(torch.from_numpy(batch), torch.from_numpy(backgrounds[idx.numpy()])).to(device)
-            w = 1.0 + cfg.vae_object_weight * mask
-        err = rec - x
-        loss = _weighted_mean(err.square() + 0.1 * err.abs(), w) + cfg.vae_kl * kl  # MSE + 0.1·L1
+        loss = _reconstruction_loss(rec, x, batch, bg, cfg.vae_object_weight) + cfg.vae_kl * kl
         if cfg.vae_shape_code:
-            target = shape_code_target(torch.from_numpy(batch), torch.from_numpy(backgrounds[idx.numpy()]),
-                                       torch.from_numpy(shapes[idx.numpy()]), post.mean.shape[-2:], len(SHAPES))
+            target = shape_code_target(torch.from_numpy(batch), torch.from_numpy(bg), torch.from_numpy(shapes[idx]),
+                                       post.mean.shape[-2:], len(SHAPES))
             code = shape_code_loss(post.mean, target.to(device), cfg.vae_code_scale)
             loss = loss + cfg.vae_shape_code * code
         for group in opt.param_groups:
-            group["lr"] = cfg.vae_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+            group["lr"] = _cosine(cfg.vae_lr, step, cfg.vae_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -279,11 +293,10 @@ def finetune_decoder(vae, images: np.ndarray, cfg: ToyTeacherConfig, device: tor
         x = _to_tensor(images[idx]).to(device)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample(generator=g)
-        mask = object_mask(torch.from_numpy(images[idx]), torch.from_numpy(backgrounds[idx])).to(device)
-        err = vae.decode(z).sample - x
-        loss = _weighted_mean(err.square() + 0.1 * err.abs(), 1.0 + cfg.vae_decoder_object_weight * mask)
+        loss = _reconstruction_loss(vae.decode(z).sample, x, images[idx], backgrounds[idx],
+                                    cfg.vae_decoder_object_weight)
         for group in opt.param_groups:
-            group["lr"] = cfg.vae_lr * 0.3 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_decoder_steps))
+            group["lr"] = _cosine(cfg.vae_lr * 0.3, step, cfg.vae_decoder_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
