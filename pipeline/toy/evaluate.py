@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
+from twostep.images import grid
 from twostep.prompts.evalset import eval_prompts
 from twostep.prompts.toy import sample_scene
 
@@ -37,16 +37,6 @@ def sample_set(teacher: Teacher, prompts: list[str], seeds: list[int], size: int
     for i in tqdm(range(0, len(prompts), batch), desc=desc):
         out.append(teacher.generate(prompts[i:i + batch], seeds[i:i + batch], size, size).images)
     return np.concatenate(out)
-
-
-def grid(rows: list[np.ndarray], scale: int = 2) -> Image.Image:
-    """Stack image rows (each (K, H, W, 3)) into one PNG-able picture with 2-px gutters."""
-    k, h, w, _ = rows[0].shape
-    canvas = np.full((len(rows) * (h + 2), k * (w + 2), 3), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            canvas[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = img
-    return Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
 
 
 def evaluate_teacher(teacher: Teacher, n: int = 500, seed: int = 20261122, batch: int = 100,
