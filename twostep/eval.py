@@ -27,11 +27,9 @@ Writes ``metrics.json``, ``report.md``, ``report.html``, ``metrics.png`` (a plot
 from __future__ import annotations
 
 import argparse
-import hashlib
 import html
 import json
 import logging
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -105,14 +103,13 @@ def run_timed(fn: Sampler, prompts: list[str], seeds: list[int], batch: int, dev
 
 
 def gap_closed(fd_student: float, fd_naive: float, floor: float) -> float | None:
-    """1 − (FD(student) − floor) / (FD(naive 2) − floor), with ``floor`` = FD(teacher 8 steps): 1 = as
-    close to the reference as the teacher itself, 0 = no better than the teacher's naive 2 steps."""
+    """1 − (FD(student) − floor) / (FD(naive 2) − floor); 1 = as close as the teacher to itself."""
     return None if fd_naive <= floor else 1.0 - (fd_student - floor) / (fd_naive - floor)
 
 
 def omitted_tv(pred: list[dict], ref: list[dict], named: list[dict]) -> dict[str, float | None]:
     """For each attribute, over the prompts whose caption leaves it out: total variation between the
-    distribution of the predicted value in ``pred`` and in ``ref`` (the 8-step reference set)."""
+    distribution of the predicted value in ``pred`` and in ``ref`` (the teacher's 8-step set)."""
     out: dict[str, float | None] = {}
     for a in ATTRIBUTES:
         rows = [i for i, d in enumerate(named) if d.get(a) is None]
@@ -126,61 +123,14 @@ def omitted_tv(pred: list[dict], ref: list[dict], named: list[dict]) -> dict[str
     return out
 
 
-def reference_seeds(seed: int, n: int, k: int) -> list[int]:
-    """Seeds of the k-th 8-step reference set: independent of the eval seeds and of each other."""
-    return [derive_seed(seed + 1, f"floor-{i}" if k == 0 else f"reference{k}-{i}") for i in range(n)]
-
-
-def cached_run(cache: str | Path | None, key: dict, fn: Callable[[], tuple[np.ndarray, dict]]
-               ) -> tuple[np.ndarray, dict]:
-    """``fn()`` (images, timing), stored in ``cache`` as ``<sha256 of key>.npz`` and read from there
-    next time. Only teacher-side sets are cached (the key names the teacher, its sampler and
-    versions, the prompts, seeds and size), so several students score against one reference at
-    the cost of one."""
-    if cache is None:
-        return fn()
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
-    path = Path(cache) / f"{digest}.npz"
-    if path.exists():
-        with np.load(path, allow_pickle=False) as z:
-            return z["images"], json.loads(str(z["timing"]))
-    images, timing = fn()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, images=images, timing=np.array(json.dumps(timing)))
-    os.replace(tmp, path)
-    return images, timing
-
-
-def unpaired_scores(ref: np.ndarray, sets: dict[str, np.ndarray]) -> dict:
-    """FD, precision and recall of each feature set against the reference features ``ref``, and the
-    gap closed by ``student2`` between ``naive2`` (0) and ``teacher8`` (1)."""
-    fd = {k: frechet_distance(f, ref) for k, f in sets.items()}
-    pr = {k: precision_recall(ref, f) for k, f in sets.items()}
-    gap = (gap_closed(fd["student2"], fd["naive2"], fd["teacher8"])
-           if {"student2", "naive2", "teacher8"} <= set(fd) else None)
-    return {"fd": fd, "precision": {k: v[0] for k, v in pr.items()}, "recall": {k: v[1] for k, v in pr.items()},
-            "gap_closed": gap}
-
-
-def evaluate(student_dir: str | None, teacher: Teacher, n: int = 500, seed: int = 20261122, batch: int = 100,
+def evaluate(student_dir: str, teacher: Teacher, n: int = 500, seed: int = 20261122, batch: int = 100,
              prompts: str | None = None, size: tuple[int, int] | None = None, clip: ClipModel | None = None,
              features: str = "auto", diversity_prompts: int = 16, diversity_seeds: int = 4,
-             dino: DinoModel | None = None, references: int = 1, cache: str | Path | None = None,
-             student: Sampler | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-    """Sample the sets and compute every metric; returns ``(metrics, images)``.
-
-    Every set is scored *unpaired*, against an 8-step reference drawn from other seeds
-    (docs/evaluation.md): the teacher's own 8-step set is then no longer identical to what it is
-    compared with, and nothing can beat it in expectation. ``references`` > 1 scores against that
-    many independent references and reports the gap closed of each (its spread is the noise of the
-    figure). The paired FD to the same-noise 8-step set is kept as a second, named column: how
-    closely a set follows the teacher's own trajectory.
+             dino: DinoModel | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Sample the three sets and compute every metric; returns ``(metrics, images)``.
 
     ``features``: toy (the checker's), clip (``clip``'s image embeddings), dino (``dino``'s CLS
-    features) or auto: toy for toy prompts, else clip when ``clip`` is given, else dino.
-    ``student``: a sampler used in place of the exported student at ``student_dir`` (tests, baselines).
-    ``cache``: a folder that keeps the teacher-side sets between calls (:func:`cached_run`)."""
+    features) or auto: toy for toy prompts, else clip when ``clip`` is given, else dino."""
     ep = eval_prompts(prompts, n, seed, size)
     n, h, w = len(ep.prompts), ep.height, ep.width
     if features == "auto":
@@ -191,35 +141,24 @@ def evaluate(student_dir: str | None, teacher: Teacher, n: int = 500, seed: int 
                          "(e.g. facebook/dinov2-large or a local folder)")
     if features == "dino" and dino is None:
         raise ValueError("--features dino needs --dino-model (e.g. facebook/dinov2-large or a local folder)")
-    if references < 1:
-        raise ValueError(f"references must be ≥ 1, not {references}")
     checker = None
     if features == "toy" or ep.named is not None:
         from twostep.pipeline.toy.checker import load_checker
 
         checker = load_checker()
     featurize = {"toy": checker, "clip": clip, "dino": dino}[features].features
-    naive = teacher.with_sampler(num_steps=2)
     samplers = {"teacher8": teacher_sampler(teacher, h, w),
-                "student2": student or student_sampler(student_dir, teacher, h, w),
-                "naive2": teacher_sampler(naive, h, w)}
-    ident = {"teacher8": teacher.describe(), "naive2": naive.describe()}
-
-    def sample(key: str, label: str, p: list[str], s: list[int]) -> tuple[np.ndarray, dict]:
-        def go():
-            return run_timed(samplers[key], p, s, batch, teacher.device, label)
-        if key == "student2":
-            return go()
-        return cached_run(cache, {"set": ident[key], "prompts": p, "seeds": s, "size": [h, w], "batch": batch}, go)
-
+                "student2": student_sampler(student_dir, teacher, h, w),
+                "naive2": teacher_sampler(teacher.with_sampler(num_steps=2), h, w)}
     images, timing = {}, {}
     for key, label in ROWS:
-        images[key], timing[key] = sample(key, label, ep.prompts, ep.seeds)
-    ref_images = [sample("teacher8", f"teacher 8 steps, reference {k + 1} (other seeds)", ep.prompts,
-                         reference_seeds(seed, n, k))[0] for k in range(references)]
+        images[key], timing[key] = run_timed(samplers[key], ep.prompts, ep.seeds, batch, teacher.device, label)
+    other = [derive_seed(seed + 1, f"floor-{i}") for i in range(n)]
+    floor_set, _ = run_timed(samplers["teacher8"], ep.prompts, other, batch, teacher.device,
+                             "teacher 8 steps, other seeds (floor)")
     feats = {k: featurize(v) for k, v in images.items()}
-    ref_feats = [featurize(r) for r in ref_images]
-    scores = [unpaired_scores(r, feats) for r in ref_feats]
+    f_floor = featurize(floor_set)
+    floor = frechet_distance(f_floor, feats["teacher8"])
 
     # per-prompt diversity: K seeds for each of the first m prompts
     m, k = min(diversity_prompts, n), diversity_seeds
@@ -229,31 +168,22 @@ def evaluate(student_dir: str | None, teacher: Teacher, n: int = 500, seed: int 
         d_seeds = [derive_seed(seed + 2, f"diversity-{i}-{j}") for i in range(m) for j in range(k)]
         div = {}
         for key, label in ROWS:
-            imgs, _ = sample(key, f"{label}, diversity", d_prompts, d_seeds)
+            imgs, _ = run_timed(samplers[key], d_prompts, d_seeds, batch, teacher.device, f"{label}, diversity")
             pix = imgs.reshape(m, k, -1).astype(np.float64) / 255.0
             div[key] = {"features": round(mean_pairwise_distance(featurize(imgs).reshape(m, k, -1)), 4),
                         "pixels_rms": round(mean_pairwise_distance(pix) / np.sqrt(pix.shape[-1]), 4)}
 
-    sc = scores[0]
-    paired = {key: frechet_distance(feats[key], feats["teacher8"]) for key in ("student2", "naive2")}
     metrics: dict = {"n": n, "seed": seed, "prompts": prompts, "height": h, "width": w, "teacher": teacher.name,
                      "student": student_dir, "device": str(teacher.device), "features": features,
                      "clip_model": clip.spec if clip is not None else None,
                      "dino_model": dino.spec if dino is not None else None,
-                     "gap_closed": _r(sc["gap_closed"]),
-                     "references": [{"gap_closed": _r(s["gap_closed"]),
-                                     "fd": {key: round(v, 3) for key, v in s["fd"].items()}} for s in scores],
-                     "paired_gap_closed": _r(gap_closed(paired["student2"], paired["naive2"],
-                                                        sc["fd"]["teacher8"])),
+                     "fd_floor_teacher8_vs_teacher8": round(floor, 3),
                      "diversity": {"prompts": m, "seeds": k} if div else None}
-    gaps = [s["gap_closed"] for s in scores if s["gap_closed"] is not None]
-    if len(gaps) > 1:
-        metrics["gap_closed_spread"] = round(max(gaps) - min(gaps), 4)
     for key, _ in ROWS:
-        metrics[key] = {"fd_to_reference": round(sc["fd"][key], 3),
-                        "paired_fd_to_teacher8": round(paired[key], 3) if key in paired else None,
-                        "precision": round(sc["precision"][key], 4), "recall": round(sc["recall"][key], 4),
-                        **timing[key]}
+        ref = f_floor if key == "teacher8" else feats["teacher8"]  # the teacher against itself, other seeds
+        prec, rec = precision_recall(ref, feats[key])
+        metrics[key] = {"fd_to_teacher8": 0.0 if key == "teacher8" else round(frechet_distance(feats[key], ref), 3),
+                        "precision": round(prec, 4), "recall": round(rec, 4), **timing[key]}
         if div:
             metrics[key]["diversity"] = div[key]
         if clip is not None:
@@ -264,17 +194,16 @@ def evaluate(student_dir: str | None, teacher: Teacher, n: int = 500, seed: int 
         rng = np.random.default_rng(seed + 1)  # the same render set as the teacher's own evaluation
         f_truth = checker.features(render_batch([sample_scene(rng) for _ in range(n)], h))
         preds = {key: checker.predict(v) for key, v in images.items()}
-        pred_ref = checker.predict(ref_images[0])
+        pred_floor = checker.predict(floor_set)
         for key, _ in ROWS:
             metrics[key]["accuracy"] = checker.accuracy(preds[key], ep.named)
-            metrics[key]["omitted_tv"] = omitted_tv(preds[key], pred_ref, ep.named)
+            metrics[key]["omitted_tv"] = omitted_tv(preds[key], pred_floor if key == "teacher8" else preds["teacher8"],
+                                                    ep.named)
             f_key = feats[key] if features == "toy" else checker.features(images[key])
             metrics[key]["fd_to_renders"] = round(frechet_distance(f_key, f_truth), 3)
+    metrics["gap_closed"] = gap_closed(metrics["student2"]["fd_to_teacher8"], metrics["naive2"]["fd_to_teacher8"],
+                                       floor)
     return metrics, images
-
-
-def _r(x: float | None, nd: int = 4) -> float | None:
-    return None if x is None else round(x, nd)
 
 
 # --- report --------------------------------------------------------------------------------------
