@@ -5,11 +5,12 @@ hub id (``Tongyi-MAI/Z-Image-Turbo``, optionally ``@revision``). ``Teacher.gener
 8-step Turbo sampler on a batch of (prompt, seed, height, width) and returns the initial noise, the
 state at the 2-step boundary (``mid``, σ=0.75), the final latent and the decoded image.
 
-Conventions (GUIDE §3): latents are ``(B, C, H/f, W/f)`` in the pipeline's normalised space
+Conventions: latents are ``(B, C, H/f, W/f)`` in the pipeline's normalised space
 (``(z - shift_factor) * scaling_factor``); the transformer takes ``t = 1 - σ`` and predicts
 ``v = x0 - ε`` under ``x_σ = (1 - σ)·x0 + σ·ε``, so ``x0 = x_σ + σ·v`` and an Euler step from σ to σ'
 is ``x + (σ' - σ)·(-v)``, the scheduler's own step. Sigmas are set on the scheduler from the
-*unshifted* grid ``linspace(1, 1/N, N)`` and read back, so the shift is applied exactly once.
+*unshifted* grid ``linspace(1, 1/N, N)`` and read back, so the shift is applied exactly once
+(docs/design.md, "σ and x0" and "The sigma grids").
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ A scene is one coloured shape in a cell of a 3×3 grid on a plain background. Fi
 are *named* (shape, colour, size, position, background); captions leave each one out with
 probability ``omit_prob``, and every image also carries unnamed continuous variation (jitter
 inside the cell, size inside its class, a small rotation), so an image is not a function of its caption
-and a few-step sampler has modes to average (GUIDE §4). Rendering lives in
-``twostep.pipeline.toy.render``; this module is pure Python + numpy so the prompts stage can build
-toy manifests without the pipeline.
+and a few-step sampler has modes to average (docs/toy_world.md, "Why captions leave attributes
+out"). Rendering lives in ``twostep.pipeline.toy.render``; this module is pure Python + numpy so
+the prompts stage can build toy manifests without the pipeline.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
 
 # Geometry in pixels of a 64×64 image (the renderer scales it with the image side).
 RADIUS: dict[str, float] = {"small": 6.5, "large": 10.0}
-"""Base object radius per size class; ``scale`` multiplies it. Until the sixth toy-teacher session
+"""Base object radius per size class; ``scale`` multiplies it. Before the toy teacher of 2026-12-02
 small was 5 and large 8.75: a small square 8–10 px wide then had too few pixels of corner for a
 4× VAE to keep (its reconstructions read as squares 51% of the time, large squares 96%)."""
 SCALE_RANGE = (0.9, 1.1)

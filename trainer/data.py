@@ -5,8 +5,9 @@ Reads the generation job's WebDataset shards (``<key>.txt``, ``.json``, ``.laten
 slice of a per-epoch shard permutation and reads one whole shard at a time, shuffling only within
 it: there is no cross-shard shuffle buffer, so a worker's position is three integers
 (epoch, index into its shard list, offset into the shard's permuted order) and resuming from it
-is exact (GUIDE §8). Streams are endless (step-based training): each worker starts its next epoch
-by itself, so ranks may see different sample counts without waiting for each other.
+is exact (docs/design.md, "Exact resume"). Streams are endless (step-based training): each
+worker starts its next epoch by itself, so ranks may see different sample counts without waiting
+for each other.
 
 ``StreamLoader`` wraps a torch ``DataLoader``; it records each logical worker's position from the
 batches it has handed out, and on resume rotates DataLoader workers so that the logical worker due

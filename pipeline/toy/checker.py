@@ -1,8 +1,9 @@
 """The toy world's attribute checker: a small CNN that reads shape, colour, size, position and
 background off an image, and gives penultimate features for a Fréchet distance.
 
-An analytic shape rule is unreliable on small renders (GUIDE §8: 0.79 at 32×32), so the checker
-is learned from renders with known labels. Train (about 4 minutes on one CPU core)::
+An analytic shape rule is unreliable on small renders (0.79 at 32×32; docs/toy_world.md, "The
+checker"), so the checker is learned from renders with known labels. Train (about 4 minutes on
+one CPU core)::
 
     python -m twostep.pipeline.toy.checker --out-dir pipeline/toy
 
