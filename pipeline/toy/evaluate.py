@@ -1,4 +1,4 @@
-"""Measure the toy teacher against the quality bar (README, "The toy teacher").
+"""Measure the toy teacher against the quality bar (docs/toy_world.md, "Quality").
 
     python -m twostep.pipeline.toy.evaluate [--teacher toy] [-n 500] [--out docs/toy_teacher]
 
