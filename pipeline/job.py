@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from twostep.prompts.manifest import read_meta
 
-from .store import STORE_FORMAT, Store, StoreError
+from .shardformat import IMAGE_FORMATS, OPTIONAL_ARRAYS, STORE_FORMAT, members_text
+from .store import Store, StoreError
 from .worker import ShardWorker, WorkerConfig
 
 log = logging.getLogger("twostep.generate")
@@ -59,11 +60,12 @@ class GenerateConfig:
     sampler_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.image_format not in ("webp", "jpg", "png", "none"):
-            raise ValueError(f"--image-format must be webp, jpg, png or none, not {self.image_format!r}")
-        bad = set(self.save) - {"mid", "noise"}
+        if self.image_format not in (*IMAGE_FORMATS, "none"):
+            raise ValueError(f"--image-format must be {', '.join(IMAGE_FORMATS)} or none, "
+                             f"not {self.image_format!r}")
+        bad = set(self.save) - set(OPTIONAL_ARRAYS)
         if bad:
-            raise ValueError(f"--save accepts mid and noise, not {sorted(bad)}")
+            raise ValueError(f"--save accepts {' and '.join(OPTIONAL_ARRAYS)}, not {sorted(bad)}")
         if self.on_sample_error not in ("skip", "fail"):
             raise ValueError("--on-sample-error must be skip or fail")
         if self.shard_size < 1 or self.batch_size < 1 or self.num_workers < 1:
@@ -79,12 +81,15 @@ def fingerprint(manifest_hash: str, cfg: GenerateConfig, facts: dict[str, Any]) 
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16], ident
 
 
-def run_generation(cfg: GenerateConfig) -> dict[str, Any]:
+def run_generation(cfg: GenerateConfig, worker_cls: type[ShardWorker] = ShardWorker) -> dict[str, Any]:
     """Run the job; returns the summary written into index.json. ``cfg.manifest`` is a local path or
-    a URL (``s3://…``, ``gs://…``, ``https://…``; fetched with fsspec and ``cfg.storage_options``)."""
+    a URL (``s3://…``, ``gs://…``, ``https://…``; fetched with fsspec and ``cfg.storage_options``).
+
+    ``worker_cls``: the actor class, :class:`ShardWorker` or a subclass of it (the fault tests pass
+    one whose process dies mid-shard)."""
     t0 = time.time()
     if "://" not in cfg.manifest:
-        return _run(cfg, t0, cfg.manifest)
+        return _run(cfg, t0, cfg.manifest, worker_cls)
     # a manifest in a bucket (the usual case on a cluster): the driver works on a local copy
     with tempfile.TemporaryDirectory(prefix="twostep-manifest-") as tmp:
         local = os.path.join(tmp, "manifest.parquet")
@@ -93,10 +98,10 @@ def run_generation(cfg: GenerateConfig) -> dict[str, Any]:
             fsspec.core.url_to_fs(cfg.manifest, **cfg.storage_options)[0].get(cfg.manifest, local)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"--manifest {cfg.manifest}: not found") from e
-        return _run(dataclasses.replace(cfg, manifest=local), t0, cfg.manifest)
+        return _run(dataclasses.replace(cfg, manifest=local), t0, cfg.manifest, worker_cls)
 
 
-def _run(cfg: GenerateConfig, t0: float, source: str) -> dict[str, Any]:
+def _run(cfg: GenerateConfig, t0: float, source: str, worker_cls: type[ShardWorker]) -> dict[str, Any]:
     """The job on a local manifest file; ``source`` is what the user named, for messages."""
     import ray
 
@@ -115,7 +120,7 @@ def _run(cfg: GenerateConfig, t0: float, source: str) -> dict[str, Any]:
             store.remove_all()
         _copy_manifest(store, cfg, manifest_hash)
         _init_ray(ray, cfg)
-        actors = _Actors(ray, cfg, store)
+        actors = _Actors(ray, cfg, store, worker_cls)
         facts = actors.describe()
         fp, ident = fingerprint(manifest_hash, cfg, facts)
         _check_store(store, fp, ident, cfg)
@@ -175,7 +180,7 @@ def _init_ray(ray, cfg: GenerateConfig) -> None:
 class _Actors:
     """The worker actors, with their CPU/GPU shares and torch thread counts."""
 
-    def __init__(self, ray, cfg: GenerateConfig, store: Store):
+    def __init__(self, ray, cfg: GenerateConfig, store: Store, worker_cls: type[ShardWorker]):
         self.ray, self.cfg = ray, cfg
         cpus = ray.cluster_resources().get("CPU", 1)
         if not cfg.gpus_per_worker and cpus < cfg.num_workers:
@@ -190,11 +195,8 @@ class _Actors:
                                  on_sample_error=cfg.on_sample_error, sampler_overrides=cfg.sampler_overrides,
                                  storage_options=cfg.storage_options or None,
                                  threads=0 if cfg.gpus_per_worker else self.cpus)
-        # Workers see the driver's TWOSTEP_* variables wherever they run.
-        env = {k: v for k, v in os.environ.items() if k.startswith("TWOSTEP_")}
-        remote = ray.remote(ShardWorker).options(num_cpus=self.cpus, num_gpus=cfg.gpus_per_worker,
-                                                 max_restarts=0, max_task_retries=0, max_concurrency=2,
-                                                 runtime_env={"env_vars": env} if env else None)
+        remote = ray.remote(worker_cls).options(num_cpus=self.cpus, num_gpus=cfg.gpus_per_worker,
+                                                max_restarts=0, max_task_retries=0, max_concurrency=2)
         self.remote = remote
         self.handles = [remote.remote(self.wcfg) for _ in range(cfg.num_workers)]
 
@@ -320,7 +322,7 @@ Generated by `twostep generate` from a prompt manifest (`manifest.parquet`, hash
 
 - teacher: `{t['teacher']}` (revision {t['revision']}), {t['sampler']['num_steps']} steps, guidance {t['sampler']['guidance_scale']}, sigmas {t['sampler']['sigmas']}, sampler hash `{t['sampler_hash']}`
 - {index['samples']} samples in {len(index['shards'])} of {index['num_shards']} shards ({ident['shard_size']} rows each); {index['failed_samples']} failed samples (`failed.parquet`); status: {index['status']}
-- members per sample: `txt`, `json`, `latent.npy` (float16){', `mid.npy` (state at σ=' + str(t['sampler']['mid_sigma']) + ', float16)' if 'mid' in ident['save'] else ''}{', `noise.npy` (float32)' if 'noise' in ident['save'] else ''}{', `' + ident['image_format'] + '`' if ident['image_format'] != 'none' else ''}
+- members per sample: {members_text(ident['save'], ident['image_format'], t['sampler']['mid_sigma'])}
 - versions: {json.dumps(t['versions'])}; dtype {t['dtype']} on {t['device']}
 
 Read it with `webdataset.WebDataset("shards/{{000000..{len(index['shards']) - 1:06d}}}.tar")`,

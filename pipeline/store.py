@@ -1,23 +1,11 @@
-"""The shard store: layout, sample encoding, commit markers, index, and the writer's lease.
-
-Layout under any fsspec URL (local folder, ``s3://``, ``gs://``)::
-
-    shards/000042.tar     WebDataset shard: manifest rows [42·N, 43·N)
-    shards/000042.json    its stats, written last: the shard's commit marker
-    index.json            every committed shard (url, samples, sha256, bytes) + dataset facts
-    manifest.parquet      the manifest the store was made from
-    failed.parquet        rows whose generation failed, with reasons (for a rerun)
-    README.md             dataset card
-    lease.json            held by the one driver writing the store
-
-Sample members (readable by plain webdataset, ``datasets`` and ``ray.data``): ``txt``, ``json``,
-``latent.npy`` (float16), optional ``mid.npy`` (float16) and ``noise.npy`` (float32), and the image.
+"""The shard store's I/O: atomic writes, shard commits (tar, then its stats as the commit marker), the
+index, and the writer's lease. What the files and shards hold is defined in :mod:`.shardformat`
+(docs/store.md).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
@@ -26,11 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-import numpy as np
 
-SHARD_TAR = "shards/{:06d}.tar"
-SHARD_STATS = "shards/{:06d}.json"
-STORE_FORMAT = 1
+from .shardformat import SHARD_STATS, SHARD_TAR
 
 
 class StoreError(RuntimeError):
@@ -50,34 +35,6 @@ def _holder_gone(owner: str) -> bool:
     except PermissionError:
         return False
     return False
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    """``.npy`` bytes of an array (never pickled)."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def image_bytes(image: np.ndarray, fmt: str) -> bytes:
-    """Encode a (H, W, 3) uint8 image; webp and png lossless, jpg at quality 95."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    kw = {"webp": {"lossless": True}, "jpg": {"quality": 95}, "png": {"compress_level": 6}}[fmt]
-    Image.fromarray(image).save(buf, format={"jpg": "JPEG"}.get(fmt, fmt.upper()), **kw)
-    return buf.getvalue()
-
-
-def tar_bytes(samples: list[dict[str, Any]]) -> bytes:
-    """A WebDataset tar of already-encoded samples; fixed mtime so the same samples give the same bytes."""
-    import webdataset as wds
-
-    buf = io.BytesIO()
-    with wds.TarWriter(buf, encoder=False, mtime=0.0, user="twostep", group="twostep") as w:
-        for s in samples:
-            w.write(s)
-    return buf.getvalue()
 
 
 @dataclass

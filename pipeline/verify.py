@@ -1,7 +1,9 @@
 """``twostep verify``: check a store against its index and manifest, optionally regenerate samples.
 
 Every shard of the plan must be present with the size, sha256 and sample count that ``index.json``
-records, and hold exactly the keys of its manifest rows minus the failures its stats list. With
+records, be a good shard as :mod:`.shardformat` defines it (the trainer reads shards with the same
+parser, so a shard that passes here is one it reads), and hold exactly the keys of its manifest rows
+minus the failures its stats list. With
 ``regenerate=K``, K random samples are generated again with the recorded teacher and sampler and
 their latents compared with the stored ones (stored as float16).
 """
@@ -9,27 +11,15 @@ their latents compared with the stored ones (stored as float16).
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import math
 import random
-import tarfile
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from .store import SHARD_TAR, Store
-
-
-def _members(tar: bytes) -> dict[str, dict[str, bytes]]:
-    """key → {member suffix: bytes}, keys split at the first dot as WebDataset does."""
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-        for m in tf.getmembers():
-            key, _, suffix = m.name.partition(".")
-            out.setdefault(key, {})[suffix] = tf.extractfile(m).read()
-    return out
+from .shardformat import SHARD_TAR, ShardFormatError, iter_samples
+from .store import Store
 
 
 def verify_store(url: str, storage_options: dict | None = None, regenerate: int = 0, seed: int = 0,
@@ -45,7 +35,7 @@ def verify_store(url: str, storage_options: dict | None = None, regenerate: int 
         ids = pq.read_table(f, columns=["prompt_id"]).column("prompt_id").to_pylist()
     problems: list[str] = []
     listed = {s["shard"]: s for s in index["shards"]}
-    checked: dict[int, dict[str, dict[str, bytes]]] = {}
+    checked: dict[int, list[str]] = {}  # shard → its keys (samples are re-read for --regenerate)
     for i in range(math.ceil(len(ids) / n)):
         rel = SHARD_TAR.format(i)
         if i not in listed:
@@ -62,16 +52,20 @@ def verify_store(url: str, storage_options: dict | None = None, regenerate: int 
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             problems.append(f"{rel}: sha256 differs from index.json (corrupt or replaced)")
             continue
-        samples = _members(data)
+        try:
+            keys = [s.key for s in iter_samples(data)]
+        except ShardFormatError as e:
+            problems.append(f"{rel}: {e}")
+            continue
         stats = store.shard_stats(i) or {}
         failed = {f["prompt_id"] for f in stats.get("failures", [])}
         want = [k for k in ids[i * n:(i + 1) * n] if k not in failed]
-        if len(samples) != entry["samples"]:
-            problems.append(f"{rel}: {len(samples)} samples, index says {entry['samples']}")
-        if sorted(samples) != sorted(want):
-            extra, lost = sorted(set(samples) - set(want)), sorted(set(want) - set(samples))
+        if len(keys) != entry["samples"]:
+            problems.append(f"{rel}: {len(keys)} samples, index says {entry['samples']}")
+        if sorted(keys) != sorted(want):
+            extra, lost = sorted(set(keys) - set(want)), sorted(set(want) - set(keys))
             problems.append(f"{rel}: keys differ from the manifest rows (extra {extra[:5]}, missing {lost[:5]})")
-        checked[i] = samples
+        checked[i] = keys
     report: dict[str, Any] = {"ok": not problems, "problems": problems, "shards": len(listed),
                               "samples": sum(len(s) for s in checked.values())}
     if regenerate and checked:
@@ -91,12 +85,15 @@ def _regenerate(store: Store, index: dict, checked: dict, k: int, seed: int, dev
                            mid_sigma=s["mid_sigma"], max_sequence_length=s["max_sequence_length"])
     pool = [(i, key) for i in sorted(checked) for key in sorted(checked[i])]
     picks = random.Random(seed).sample(pool, min(k, len(pool)))
+    wanted = {i for i, _ in picks}
+    samples = {(i, s.key): s for i in sorted(wanted)
+               for s in iter_samples(store.read_bytes(SHARD_TAR.format(i)))}
     diffs = []
     for i, key in picks:
-        members = checked[i][key]
-        meta = json.loads(members["json"])
-        stored = np.load(io.BytesIO(members["latent.npy"]), allow_pickle=False).astype(np.float32)
-        out = teacher.generate([members["txt"].decode()], [meta["seed"]], meta["height"], meta["width"], decode=False,
+        sample = samples[i, key]
+        meta = sample.meta
+        stored = sample.latent.astype(np.float32)
+        out = teacher.generate([sample.prompt], [meta["seed"]], meta["height"], meta["width"], decode=False,
                                negative_prompts=[meta.get("negative_prompt") or ""])
         fresh = out.latent[0].numpy().astype(np.float16).astype(np.float32)
         diffs.append({"key": key, "max_abs_diff": float(np.abs(fresh - stored).max()),

@@ -9,7 +9,6 @@ stats (the commit marker). No sample bytes go through the driver.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -24,14 +23,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from .store import Store, image_bytes, npy_bytes, tar_bytes
+from .shardformat import encode_sample, tar_bytes
+from .store import Store
 from .teacher import Teacher, noise_fingerprint
 
 log = logging.getLogger(__name__)
-
-# Test hook: when set to a file path that does not exist yet, the worker creates it and kills its
-# own process at the start of its next shard (simulates a preempted or OOM-killed worker once).
-CRASH_ONCE_ENV = "TWOSTEP_TEST_CRASH_ONCE"
 
 
 @dataclass
@@ -76,9 +72,6 @@ class ShardWorker:
     def describe(self) -> dict[str, Any]:
         return {**self.facts, "worker": self.name}
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def run(self, shard: int, fingerprint: str) -> dict[str, Any]:
         """Generate manifest rows ``[shard·N, (shard+1)·N)`` and commit them; returns the stats.
 
@@ -109,7 +102,6 @@ class ShardWorker:
                                      "reason": f"{type(result).__name__}: {result}"})
                 else:
                     encoded[i] = self._pool.submit(self._encode, rows[i], *result)
-            _maybe_crash()  # test hook: dies here, after the shard's first batch
         return [encoded[i].result() for i in sorted(encoded)], failures, len(rows)  # manifest order
 
     def _generate(self, rows: list[dict], idx: list[int], default: int):
@@ -142,22 +134,18 @@ class ShardWorker:
 
     def _encode(self, row: dict, noise: torch.Tensor, mid: torch.Tensor | None, latent: torch.Tensor,
                 image: np.ndarray | None, seconds: float, h: int, w: int) -> dict[str, Any]:
-        """One sample's tar members (all bytes)."""
+        """One sample's tar members (all bytes), in the store format (docs/store.md)."""
         meta = {"prompt_id": row["prompt_id"], "seed": int(row["seed"]), "height": h, "width": w,
                 "noise_sha256": noise_fingerprint(noise), "seconds": round(seconds, 4),
                 **self.facts}
         for k, v in row.items():
             if k not in ("prompt", "prompt_id", "seed", "height", "width"):
                 meta.setdefault(k, v)
-        sample = {"__key__": row["prompt_id"], "txt": row["prompt"].encode(),
-                  "json": json.dumps(meta, sort_keys=True, default=str).encode(), "latent.npy": npy_bytes(latent.numpy().astype(np.float16))}
-        if "mid" in self.cfg.save and mid is not None:
-            sample["mid.npy"] = npy_bytes(mid.numpy().astype(np.float16))
-        if "noise" in self.cfg.save:
-            sample["noise.npy"] = npy_bytes(noise.numpy().astype(np.float32))
-        if image is not None and self.cfg.image_format != "none":
-            sample[self.cfg.image_format] = image_bytes(image, self.cfg.image_format)
-        return sample
+        save = self.cfg.save
+        return encode_sample(row["prompt_id"], row["prompt"], meta, latent.numpy(),
+                             mid=mid.numpy() if "mid" in save and mid is not None else None,
+                             noise=noise.numpy() if "noise" in save else None,
+                             image=image, image_format=self.cfg.image_format)
 
 
 def _batches(order: list[int], rows: list[dict], default: int, size: int):
@@ -173,13 +161,3 @@ def _batches(order: list[int], rows: list[dict], default: int, size: int):
         key = k
     if batch:
         yield batch
-
-
-
-
-def _maybe_crash() -> None:
-    marker = os.environ.get(CRASH_ONCE_ENV)
-    if marker and not os.path.exists(marker):
-        open(marker, "w").close()
-        log.warning("%s set: killing this worker process (test hook)", CRASH_ONCE_ENV)
-        os._exit(17)

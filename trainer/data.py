@@ -1,7 +1,8 @@
 """The trainer's streaming shard reader: rank/worker split, deterministic order, exact resume.
 
-Reads the generation job's WebDataset shards (``<key>.txt``, ``.json``, ``.latent.npy``, optional
-``.mid.npy`` and ``.noise.npy``) from any fsspec URL. Each (rank, loader worker) owns a fixed
+Reads the generation job's WebDataset shards from any fsspec URL, parsed and validated by
+:func:`twostep.pipeline.shardformat.iter_samples` (the format is defined there and in docs/store.md;
+``twostep verify`` uses the same parser). Each (rank, loader worker) owns a fixed
 slice of a per-epoch shard permutation and reads one whole shard at a time, shuffling only within
 it: there is no cross-shard shuffle buffer, so a worker's position is three integers
 (epoch, index into its shard list, offset into the shard's permuted order) and resuming from it
@@ -17,13 +18,11 @@ next delivers first (the DataLoader hands out batches round-robin from worker 0)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
-import io
 import json
 import logging
-import tarfile
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from twostep.pipeline.shardformat import Sample, ShardFormatError, iter_samples
 from twostep.pipeline.teacher import noise_fingerprint, seed_noise
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,8 @@ def _store_shards(root: str, fs: Any, index_path: str) -> tuple[list[ShardInfo],
 # --- reading one shard ----------------------------------------------------------------------------
 
 class CorruptShard(Exception):
-    """A shard cannot be used; the message says why. Not a ValueError, so that the ValueErrors of
-    json, utf-8 and npy parsing, which become CorruptShard, never re-wrap one."""
+    """A shard cannot be used (missing, sha256 or sample count differs from index.json, or it breaks
+    the store format); the message says why."""
 
 
 def _fetch(url: str, so: dict, attempts: int = 3) -> bytes:
@@ -152,57 +152,21 @@ def _fetch(url: str, so: dict, attempts: int = 3) -> bytes:
     raise AssertionError("unreachable")
 
 
-def _tar_groups(data: bytes) -> dict[str, dict[str, bytes]]:
-    """key → {member suffix: bytes}, in tar order; key = basename up to the first dot (WebDataset's rule)."""
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, _, suffix = m.name.rsplit("/", 1)[-1].partition(".")
-            members = out.setdefault(key, {})
-            if suffix in members:
-                raise CorruptShard(f"member {key}.{suffix} appears twice")
-            members[suffix] = tf.extractfile(m).read()
-    return out
-
-
-def _npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def _decode(key: str, m: dict[str, bytes], load_mid: bool) -> dict[str, Any]:
-    """One sample's arrays and metadata (numpy; converted to tensors when yielded)."""
-    missing = [s for s in ("txt", "json", "latent.npy") if s not in m]
-    if missing:
-        raise CorruptShard(f"sample {key} has no {', '.join(missing)} member")
-    meta = json.loads(m["json"])
-    if "seed" not in meta:
-        raise CorruptShard(f"sample {key}: its json has no seed")
-    s = {"key": key, "prompt": m["txt"].decode("utf-8"), "seed": int(meta["seed"]),
-         "noise_sha256": meta.get("noise_sha256"), "latent": _npy(m["latent.npy"])}
-    if s["latent"].ndim != 3:
-        raise CorruptShard(f"sample {key}: latent has shape {s['latent'].shape}, not (C, h, w)")
-    for name in (["mid"] if load_mid else []) + ["noise"]:
-        if f"{name}.npy" in m:
-            s[name] = _npy(m[f"{name}.npy"])
-            if s[name].shape != s["latent"].shape:
-                raise CorruptShard(f"sample {key}: {name} shape {s[name].shape} != latent {s['latent'].shape}")
-    return s
-
-
-def read_shard(info: ShardInfo, storage_options: dict | None = None, load_mid: bool = True) -> list[dict]:
+def read_shard(info: ShardInfo, storage_options: dict | None = None, load_mid: bool = True) -> list[Sample]:
     """All samples of one shard, in tar order; raises :class:`CorruptShard` with a reason if unusable.
 
-    The whole shard is decoded before any sample is used, so a corrupt shard is skipped whole.
+    The whole shard is validated before any sample is used, so a corrupt shard is skipped whole.
+    ``load_mid=False`` drops the mid arrays (they are still checked: every reader refuses the same shards).
     """
     data = _fetch(info.url, storage_options or {})
     if info.sha256 and hashlib.sha256(data).hexdigest() != info.sha256:
         raise CorruptShard("sha256 differs from index.json (corrupt, truncated or replaced)")
     try:
-        samples = [_decode(k, m, load_mid) for k, m in _tar_groups(data).items()]
-    except (tarfile.TarError, EOFError, ValueError, zlib.error) as e:  # json/utf-8/npy errors are ValueErrors
-        raise CorruptShard(f"{type(e).__name__}: {e}") from e
+        samples = list(iter_samples(data))
+    except ShardFormatError as e:
+        raise CorruptShard(str(e)) from e
+    if not load_mid:
+        samples = [dataclasses.replace(s, mid=None) for s in samples]
     if info.nsamples is not None and len(samples) != info.nsamples:
         raise CorruptShard(f"{len(samples)} samples, index.json says {info.nsamples}")
     return samples
@@ -348,7 +312,7 @@ class ShardStream(IterableDataset):
                                    "shards is corrupt or empty")
             epoch, index, offset = epoch + 1, 0, 0
 
-    def _load(self, sid: int) -> list[dict] | None:
+    def _load(self, sid: int) -> list[Sample] | None:
         """A shard's samples, or None (with a warning the first time) if it is corrupt."""
         info = self.shards[sid]
         if info.url in self._bad:
@@ -360,19 +324,20 @@ class ShardStream(IterableDataset):
             self._bad[info.url] = str(e)
             return None
 
-    def _finish(self, s: dict, url: str) -> dict[str, Any]:
+    def _finish(self, s: Sample, url: str) -> dict[str, Any]:
         """Tensors for one sample; the noise read from noise.npy or regenerated from the seed and checked."""
-        latent = torch.from_numpy(s["latent"].astype(np.float32))
-        out = {"key": s["key"], "prompt": s["prompt"], "seed": s["seed"], "latent": latent}
-        if "mid" in s:
-            out["mid"] = torch.from_numpy(s["mid"].astype(np.float32))
-        if "noise" in s:
-            out["noise"] = torch.from_numpy(s["noise"].astype(np.float32))
+        latent = torch.from_numpy(s.latent.astype(np.float32))
+        out = {"key": s.key, "prompt": s.prompt, "seed": s.seed, "latent": latent}
+        if s.mid is not None:
+            out["mid"] = torch.from_numpy(s.mid.astype(np.float32))
+        if s.noise is not None:
+            out["noise"] = torch.from_numpy(s.noise.astype(np.float32))
             return out
-        noise = seed_noise(s["seed"], tuple(latent.shape))
-        if s["noise_sha256"] and noise_fingerprint(noise) != s["noise_sha256"]:
+        noise = seed_noise(s.seed, tuple(latent.shape))
+        recorded = s.meta.get("noise_sha256")
+        if recorded and noise_fingerprint(noise) != recorded:
             raise RuntimeError(
-                f"shard {url}, sample {s['key']}: the noise regenerated from seed {s['seed']} does not match "
+                f"shard {url}, sample {s.key}: the noise regenerated from seed {s.seed} does not match "
                 "the noise_sha256 recorded in its json. This torch build's CPU RNG stream differs from the one "
                 f"that wrote the store (torch {torch.__version__} here), so teacher targets would not pair with "
                 "their noise; regenerate the store with `--save noise` (or with the same torch version)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from twostep.pipeline.job import GenerateConfig, run_generation
 from twostep.pipeline.store import Store, StoreError
 from twostep.pipeline.verify import verify_store
-from twostep.pipeline.worker import CRASH_ONCE_ENV
+from twostep.pipeline.worker import ShardWorker
 from twostep.prompts.toy import build_toy_manifest
 
 ROWS, SHARD = 20, 8  # 3 shards: 8 + 8 + 4
@@ -120,16 +121,39 @@ def test_lease_refuses_a_second_driver(clean_store, manifest):
         Store(str(out)).release_lease("someone-else")
 
 
-def test_worker_killed_mid_shard(ray_cluster, manifest, clean_store, tmp_path):
-    """A worker process dies at the start of a shard: it is replaced, the shard requeued, and the store
-    equals a clean run's (same keys, same latent, mid, noise and image bytes)."""
+def _crash_once_worker(marker) -> type[ShardWorker]:
+    """A ShardWorker whose process exits once, the first time a batch is generated (a preempted or
+    OOM-killed worker, mid-shard: the shard has more batches). The first actor to create ``marker``
+    dies; the others and the replacements run normally. Defined inside a function, so Ray ships the
+    class to its worker processes by value (cloudpickle), not as a test module they cannot import."""
+
+    class CrashOnce(ShardWorker):
+        def _generate(self, rows, idx, default):
+            yield from super()._generate(rows, idx, default)
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            os._exit(17)
+
+    return CrashOnce
+
+
+def test_worker_killed_mid_shard(ray_cluster, manifest, clean_store, tmp_path, caplog):
+    """A worker process dies mid-shard: it is replaced, the shard requeued, and the store equals a
+    clean run's (same keys, same latent, mid, noise and image bytes)."""
     marker = tmp_path / "crashed"
-    os.environ[CRASH_ONCE_ENV] = str(marker)
-    try:
-        index = run_generation(_cfg(manifest, tmp_path / "store", save=("mid", "noise")))
-    finally:
-        del os.environ[CRASH_ONCE_ENV]
-    assert marker.exists()  # the crash happened
+    with caplog.at_level(logging.WARNING, logger="twostep.generate"):
+        index = run_generation(_cfg(manifest, tmp_path / "store", save=("mid", "noise")),
+                               worker_cls=_crash_once_worker(marker))
+    dead = int(marker.read_text())  # the crash happened, in this process
+    with pytest.raises(ProcessLookupError):
+        os.kill(dead, 0)
+    assert "died on shard" in caplog.text and "replacing it" in caplog.text
+    workers = {json.load(open(p))["worker"] for p in glob.glob(f"{tmp_path}/store/shards/*.json")}
+    assert not any(w.endswith(f":{dead}") for w in workers)  # its shard was redone elsewhere
     assert index["status"] == "complete" and index["samples"] == ROWS
     assert verify_store(str(tmp_path / "store"))["ok"]
     assert _arrays(tmp_path / "store") == _arrays(clean_store[0])

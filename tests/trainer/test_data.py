@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from twostep.pipeline.job import write_index
-from twostep.pipeline.store import Store, npy_bytes, tar_bytes
+from twostep.pipeline.shardformat import encode_sample, tar_bytes
+from twostep.pipeline.store import Store
 from twostep.pipeline.teacher import noise_fingerprint, seed_noise
 from twostep.trainer.data import ShardInfo, ShardStream, StreamLoader, resolve_shards
 
@@ -35,12 +36,9 @@ def _sample(key: str, seed: int, noise_sha: str | None = None, noise_file: bool 
     noise = seed_noise(seed, SHAPE)
     meta = {"prompt_id": key, "seed": seed, "height": 8, "width": 8,
             "noise_sha256": noise_sha or noise_fingerprint(noise)}
-    s = {"__key__": key, "txt": f"a prompt for {key}".encode(), "json": json.dumps(meta).encode(),
-         "latent.npy": npy_bytes((0.5 * noise + 0.1).numpy().astype(np.float16)),
-         "mid.npy": npy_bytes((0.75 * noise).numpy().astype(np.float16))}
-    if noise_file:  # deliberately not seed_noise: proves the file is what the reader uses
-        s["noise.npy"] = npy_bytes((noise * 2 + 1).numpy().astype(np.float32))
-    return s
+    # noise.npy deliberately not seed_noise: proves the file is what the reader uses
+    return encode_sample(key, f"a prompt for {key}", meta, (0.5 * noise + 0.1).numpy(), mid=(0.75 * noise).numpy(),
+                         noise=(noise * 2 + 1).numpy() if noise_file else None)
 
 
 def make_store(url: str, so: dict | None = None, sizes: list[int] = SIZES, **kw) -> list[str]:
