@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,6 @@ class TeacherOutput:
     """(B, H, W, 3) uint8 decoded images (None when decoding was not asked for)."""
     nfe: int = 0
     """Transformer calls made per sample (CFG counts once)."""
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def noise_fingerprint(noise: torch.Tensor) -> str:
