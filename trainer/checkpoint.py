@@ -1,4 +1,5 @@
-"""Checkpoints (accelerate's ``save_state`` plus our own state: EMA, data position, progress) and the EMA.
+"""Checkpoints: accelerate's ``save_state`` plus our own state (EMA, data position, progress). The EMA
+class is ``twostep.ema.EMA``, re-exported here.
 
 Layout: ``RUN_DIR/checkpoints/step-00000200/`` holds accelerate's files (models, optimisers; sharded
 under FSDP), ``ema.safetensors`` (``ema-rank{r}.safetensors`` under FSDP, where each rank keeps the EMA
@@ -11,68 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
+
+from twostep.ema import EMA, local
+
+__all__ = ["EMA", "Checkpoints", "local"]
 
 log = logging.getLogger(__name__)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor: the local shard of an FSDP2 ``DTensor``, a plain tensor as is."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-class EMA:
-    """Exponential moving average of a module's trainable parameters (fp32).
-
-    Written here rather than diffusers' ``EMAModel`` because it must also work on FSDP's local
-    shards: it only ever touches each rank's own part of each parameter (``local``), keyed by name,
-    so its state is plain tensors that save per rank.
-    """
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {n: local(p).detach().float().clone() for n, p in module.named_parameters()
-                       if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, module: nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))  # short warm-up: early weights fade fast
-        for n, p in module.named_parameters():
-            if n in self.shadow:
-                self.shadow[n].lerp_(local(p).detach().float(), 1 - d)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.shadow) - set(state)
-        if missing:
-            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]}")
-        for n in self.shadow:
-            self.shadow[n].copy_(state[n])
-
-    @contextmanager
-    def applied(self, module: nn.Module):
-        """Temporarily load the EMA weights into ``module`` (restored on exit)."""
-        backup = {}
-        with torch.no_grad():
-            for n, p in module.named_parameters():
-                if n in self.shadow:
-                    backup[n] = local(p).detach().clone()
-                    local(p).copy_(self.shadow[n].to(p.dtype))
-        try:
-            yield module
-        finally:
-            with torch.no_grad():
-                for n, p in module.named_parameters():
-                    if n in backup:
-                        local(p).copy_(backup[n])
 
 
 class Checkpoints:

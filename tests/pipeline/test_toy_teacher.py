@@ -89,12 +89,12 @@ def test_train_teacher_script_end_to_end_and_resume(tmp_path):
 
 
 def test_training_sigma_shift_moves_the_median_noise_level():
-    from twostep.pipeline.toy.train_teacher import _sample_sigma
+    from twostep.pipeline.toy.train_transformer import sample_sigma
 
     g = torch.Generator().manual_seed(0)
     # σ = s·u / (1 + (s - 1)·u) at u = 1/2 is s / (1 + s): 0.75 for the scheduler's 3, 1/3 for 0.5
     for shift, median in ((3.0, 0.75), (1.0, 0.5), (0.5, 1 / 3)):
-        sig = _sample_sigma(20000, shift, g, torch.device("cpu"))
+        sig = sample_sigma(20000, shift, g, torch.device("cpu"))
         assert sig.min() >= 0 and sig.max() <= 1
         assert sig.median().item() == pytest.approx(median, abs=0.01)
 
@@ -123,7 +123,7 @@ def test_evaluate_on_a_toy_manifest(tmp_path, toy):
 
 def test_object_weights_cover_the_object_and_nothing_far_from_it():
     from twostep.pipeline.toy.render import object_centre, render_batch
-    from twostep.pipeline.toy.train_teacher import object_weights
+    from twostep.pipeline.toy.train_transformer import object_weights
     from twostep.prompts.toy import ToyScene
 
     scenes = [ToyScene(shape="square", colour="red", size="small", position="top left", background="white"),
@@ -171,7 +171,7 @@ def test_shape_confusion_counts_named_against_read():
 
 def test_shape_code_target_marks_the_object_in_its_shape_channel():
     from twostep.pipeline.toy.render import coverage, render_batch
-    from twostep.pipeline.toy.train_teacher import background_colours, shape_code_loss, shape_code_target
+    from twostep.pipeline.toy.train_vae import background_colours, shape_code_loss, shape_code_target
     from twostep.prompts.toy import BACKGROUNDS, COLOURS, SHAPES, ToyScene
 
     scenes = [ToyScene(shape="triangle", colour="red", size="large", position="top left", background="white"),
@@ -198,7 +198,8 @@ def test_shape_code_target_marks_the_object_in_its_shape_channel():
 
 def test_decoder_stage_trains_the_decoder_and_leaves_the_encoder_alone():
     from twostep.pipeline.toy.render import render_batch
-    from twostep.pipeline.toy.train_teacher import ToyTeacherConfig, background_colours, finetune_decoder
+    from twostep.pipeline.toy.teacher_config import ToyTeacherConfig
+    from twostep.pipeline.toy.train_vae import background_colours, finetune_decoder
     from twostep.pipeline.zimage import build_pipeline
     from twostep.prompts.toy import sample_scene
 
@@ -215,3 +216,70 @@ def test_decoder_stage_trains_the_decoder_and_leaves_the_encoder_alone():
     assert any(not torch.equal(v, vae.decoder.state_dict()[k]) for k, v in dec.items())
     assert record["decoder_stage"]["steps"] == 2 and record["psnr_db"] > 0
     assert set(record["checker_on_reconstructions"]) >= {"shape", "all"}
+
+
+def test_every_train_teacher_flag_shows_the_default_it_gets():
+    """--help shows each flag's dataclass default; parsing a command line without the flag (gpu preset:
+    the dataclass defaults) gives exactly that value, and typing the shown value gives it back."""
+    import re
+    from dataclasses import MISSING, fields
+
+    from twostep.config_flags import field_default, format_value
+    from twostep.pipeline.toy.train_teacher import (
+        CONFIG_FLAGS,
+        ToyRunOptions,
+        ToyTeacherConfig,
+        build_parser,
+        parse_args,
+    )
+
+    ap = build_parser()
+    printed = "".join(ap.format_help().split())  # argparse re-wraps help texts: compare without whitespace
+    cfg, _ = parse_args(["--out", "o", "--preset", "gpu"])
+    _, opts = parse_args(["--out", "o"])
+    assert cfg == ToyTeacherConfig()
+    helps = {}
+    for action in ap._actions:
+        if action.dest == "help":
+            continue
+        cls, parsed = (ToyTeacherConfig, cfg) if action.dest in CONFIG_FLAGS else (ToyRunOptions, opts)
+        default = field_default({f.name: f for f in fields(cls)}[action.dest])
+        text = helps[action.option_strings[0]] = action.help % {}  # argparse %-formats help texts
+        assert "".join(text.split()) in printed
+        if default is MISSING or default == "":
+            assert "(default" not in text
+            continue
+        assert getattr(parsed, action.dest) == default
+        shown = re.search(r"\(default: ([^;)]+)", text).group(1)
+        assert shown == format_value(default), action.option_strings
+        if action.type is not None:
+            assert action.type(shown) == default, action.option_strings
+    assert len(helps) == len(CONFIG_FLAGS) + len(fields(ToyRunOptions))
+    # the three that once disagreed with the code, and a preset's value beside the default
+    assert helps["--object-weight"].endswith("(default: 4.0)") and helps["--vae-shape-code"].endswith("(default: 1.0)")
+    assert helps["--vae-channels"].endswith("(default: 16,32,32)")
+    assert helps["--steps"].endswith("(default: 12000; --preset cpu: 100000)")
+
+
+def test_train_teacher_flags_override_the_preset_and_nothing_else():
+    from dataclasses import replace
+
+    from twostep.pipeline.toy.train_teacher import ToyTeacherConfig, parse_args
+
+    cfg, opts = parse_args(["--out", "o", "--preset", "cpu", "--train-shift", "0.5", "--vae-channels", "32,64",
+                            "--steps", "7", "--vae-only", "--init", "runs/x", "--workers", "3"])
+    assert cfg == replace(ToyTeacherConfig.preset("cpu"), shift=0.5, vae_channels=(32, 64), steps=7)
+    assert (opts.out, opts.preset, opts.vae_only, opts.init, opts.workers) == ("o", "cpu", True, "runs/x", 3)
+    with pytest.raises(SystemExit) as e:  # the shape code needs a free latent channel beside one per shape
+        parse_args(["--out", "o", "--latent-channels", "3"])
+    assert e.value.code == 2
+
+
+def test_transformer_lr_warms_up_linearly_then_follows_the_cosine():
+    from twostep.pipeline.toy.teacher_config import ToyTeacherConfig
+    from twostep.pipeline.toy.train_transformer import transformer_lr
+
+    cfg = ToyTeacherConfig(lr=1.0, warmup=4)
+    assert [transformer_lr(cfg, s, 0.0) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert transformer_lr(cfg, 100, 0.5) == pytest.approx(0.5) and transformer_lr(cfg, 100, 1.2) == 0.0
+    assert transformer_lr(ToyTeacherConfig(lr=1.0, warmup=0), 0, 0.0) == 1.0  # no warm-up, as the trainer's

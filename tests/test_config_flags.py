@@ -1,0 +1,81 @@
+"""Command-line flags built from a config dataclass: help from the field docstrings, defaults from the fields."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import pytest
+
+from twostep.config_flags import add_dataclass_flags, field_docs
+
+
+@dataclass
+class _Base:
+    size: int = 3
+    """Side in pixels (50% of the usual)."""
+
+
+@dataclass
+class _Config(_Base):
+    out: str = ""
+    """Output folder; empty = none."""
+    widths: tuple[int, ...] = (16, 32)
+    """Block widths."""
+    rate: float = 0.5
+    """Learning rate."""
+    mode: str = field(default="a", metadata={"choices": ("a", "b")})
+    """Which mode."""
+    fast: bool = False
+    """Go fast."""
+    undocumented: int = 1
+
+
+def test_field_docs_reads_the_string_under_each_field_including_bases():
+    docs = field_docs(_Config)
+    assert docs["size"] == "Side in pixels (50% of the usual)." and docs["widths"] == "Block widths."
+    assert "undocumented" not in docs
+
+
+def test_flags_take_help_default_and_type_from_the_fields():
+    ap = argparse.ArgumentParser()
+    actions = add_dataclass_flags(ap, _Config, ["size", "out", "widths", "rate", "mode", "fast"],
+                                  flags={"rate": "--lr"}, variants={"small": _Config(size=1)})
+    text = " ".join(ap.format_help().split())
+    assert "Side in pixels (50% of the usual). (default: 3; small: 1)" in text
+    assert "Block widths. (default: 16,32)" in text and "--lr RATE Learning rate. (default: 0.5)" in text
+    assert "Output folder; empty = none." in text and "(default: )" not in text
+    args = ap.parse_args([])
+    assert (args.size, args.out, args.widths, args.rate, args.mode, args.fast) == (3, "", (16, 32), 0.5, "a", False)
+    args = ap.parse_args(["--widths", "8,8,4", "--lr", "1e-3", "--mode", "b", "--fast"])
+    assert (args.widths, args.rate, args.mode, args.fast) == ((8, 8, 4), 1e-3, "b", True)
+    assert actions["rate"].option_strings == ["--lr"]
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--mode", "c"])
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--widths", "8,x"])
+
+
+def test_override_flags_stay_out_of_the_namespace_unless_given():
+    ap = argparse.ArgumentParser()
+    add_dataclass_flags(ap, _Config, ["size", "rate"], overrides=True)
+    assert vars(ap.parse_args([])) == {}
+    assert vars(ap.parse_args(["--rate", "2"])) == {"rate": 2.0}
+    assert "(default: 0.5)" in ap.format_help()
+
+
+def test_a_field_without_a_docstring_or_default_is_handled():
+    with pytest.raises(ValueError, match="undocumented"):
+        add_dataclass_flags(argparse.ArgumentParser(), _Config, ["undocumented"])
+
+    @dataclass
+    class Needs:
+        out: str
+        """Where to write."""
+
+    ap = argparse.ArgumentParser()
+    add_dataclass_flags(ap, Needs)
+    assert "(default" not in ap.format_help()
+    with pytest.raises(SystemExit):
+        ap.parse_args([])
+    assert ap.parse_args(["--out", "x"]).out == "x"
