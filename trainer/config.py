@@ -55,11 +55,15 @@ class ModelConfig:
     """Teacher layers whose image tokens feed the discriminator heads; empty = 3 evenly spaced."""
     disc_hidden: int = 256
     """Width of each discriminator head."""
+    disc_head: str = "mlp"
+    """Discriminator head: mlp (per token) | conv (spectral-norm convs with a residual 3×3 block on the token
+    grid, SANA-Sprint's head shape)."""
 
     def __post_init__(self) -> None:
         _check(0.0 < self.sigma_mid < 1.0, "model.sigma_mid must be in (0, 1)")
         _check(self.lora_rank >= 0, "model.lora_rank must be ≥ 0")
         _check(self.disc_hidden >= 1, "model.disc_hidden must be ≥ 1")
+        _check(self.disc_head in ("mlp", "conv"), "model.disc_head must be mlp|conv")
 
 
 @dataclass
@@ -83,8 +87,15 @@ class LossConfig:
     """Discriminator's real samples: teacher (its latents in the shards) | external (data.external)."""
     gan_loss: str = "hinge"
     """hinge | logistic (non-saturating)."""
+    gan_reduce: str = "image"
+    """image: average the token logits into one logit per image, then the GAN loss | token: the loss on
+    every token logit, averaged (SANA-Sprint's per-token hinge)."""
+    misaligned_fakes: bool = False
+    """Add real latents rolled by one in the batch, under the original captions, as extra fakes of the
+    final term's discriminator loss (text alignment)."""
     sigma_mean: float = 0.0
-    """Re-noising σ for the discriminator ~ sigmoid(N(sigma_mean, sigma_std²)) (logit-normal)."""
+    """Re-noising σ of the final output, for the discriminator and the student's adversarial term alike,
+    ~ sigmoid(N(sigma_mean, sigma_std²)) (logit-normal; lower means less noise)."""
     sigma_std: float = 1.0
     r1_weight: float = 0.0
     """Approximate R1: the discriminator's change under small input noise on real samples (0 = off)."""
@@ -97,6 +108,7 @@ class LossConfig:
         _check(self.step1_loss in ("none", "regress", "adv", "both"), "loss.step1_loss must be none|regress|adv|both")
         _check(self.real_source in ("teacher", "external"), "loss.real_source must be teacher|external")
         _check(self.gan_loss in ("hinge", "logistic"), "loss.gan_loss must be hinge|logistic")
+        _check(self.gan_reduce in ("image", "token"), "loss.gan_reduce must be image|token")
         _check(self.sigma_std > 0 and self.r1_noise > 0, "loss.sigma_std and loss.r1_noise must be > 0")
         for name in ("step1_weight", "step1_adv_weight", "adv_weight", "paired_weight", "feature_matching_weight",
                      "r1_weight"):
@@ -119,6 +131,12 @@ class OptimConfig:
     """Linear LR warm-up of both optimisers."""
     grad_clip: float = 1.0
     """Max gradient norm (0 = off), for student and heads separately."""
+    g_every: int = 1
+    """Update the student every g_every-th step; the discriminator is updated every step (DMD2's balance:
+    several discriminator updates per student update)."""
+    g_start: int = 0
+    """Steps at the start where only the discriminator trains (the student is frozen), so that the student
+    follows a discriminator that already tells its outputs from the teacher's."""
     ema_decay: float = 0.999
     """EMA of the student's weights (exported and sampled); 0 = no EMA."""
 
@@ -126,6 +144,7 @@ class OptimConfig:
         self.betas = tuple(self.betas)  # YAML gives a list
         _check(self.lr > 0 and self.disc_lr > 0, "optim.lr and optim.disc_lr must be > 0")
         _check(0 <= self.ema_decay < 1, "optim.ema_decay must be in [0, 1)")
+        _check(self.g_every >= 1 and self.g_start >= 0, "optim.g_every must be ≥ 1 and optim.g_start ≥ 0")
 
 
 @dataclass

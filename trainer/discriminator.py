@@ -2,9 +2,18 @@
 
 The teacher's forward sees the (re-noised) latent at its noise level and the caption, so the
 features are conditioned on both; forward hooks collect the image tokens of a few layers and the
-forward stops after the deepest one (GUIDE §3). Each head maps every image token to a logit,
-modulated by the noise level (FiLM from a sinusoidal σ embedding), averaged over tokens; the
-discriminator's logit is the mean over heads. Only the heads are trained.
+forward stops after the deepest one (docs/design.md, "Discriminator features"). Each head maps every
+image token to a logit, modulated by the noise level (FiLM from a sinusoidal σ embedding); the
+discriminator's output is the mean over heads of these token logits, (B, N). The loss decides how
+tokens are reduced (``loss.gan_reduce``): averaged into one logit per image before the hinge, or a
+hinge per token (SANA-Sprint's heads). Only the heads are trained.
+
+Two head kinds (``model.disc_head``):
+
+* ``mlp``: LayerNorm → FiLM → Linear → SiLU → Linear, token by token;
+* ``conv``: on the (h/2, w/2) token grid, spectral-norm 1×1 conv → LeakyReLU → residual spectral-norm
+  3×3 conv → spectral-norm 1×1 conv to one logit per token (the shape of SANA's / StyleGAN-T's
+  ``DiscHead``, with a 2-D kernel since the image tokens are a row-major grid).
 """
 
 from __future__ import annotations
@@ -13,8 +22,11 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
 
 from twostep.pipeline.zimage_batched import batched_forward, supports_batched
+
+HEAD_KINDS = ("mlp", "conv")
 
 
 def default_layers(n_layers: int, k: int = 3) -> list[int]:
@@ -30,36 +42,69 @@ def sigma_embedding(sigma: torch.Tensor, dim: int = 64) -> torch.Tensor:
     return torch.cat([ang.sin(), ang.cos()], -1)
 
 
-class Head(nn.Module):
-    """Image tokens (B, N, D) + σ → per-sample logit (B,)."""
+class _Film(nn.Module):
+    """LayerNorm of the tokens, then scale and shift from the σ embedding (zero-initialised: identity)."""
 
-    def __init__(self, dim: int, hidden: int, emb: int = 64):
+    def __init__(self, dim: int, emb: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.film = nn.Linear(emb, 2 * dim)
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
 
     def forward(self, tokens: torch.Tensor, semb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.film(semb).unsqueeze(1).chunk(2, dim=-1)
-        h = self.norm(tokens.float()) * (1 + scale) + shift
-        return self.mlp(h).squeeze(-1).mean(1)  # (B, N) token logits → (B,)
+        return self.norm(tokens.float()) * (1 + scale) + shift
+
+
+class Head(nn.Module):
+    """MLP head: image tokens (B, N, D) + σ embedding → token logits (B, N)."""
+
+    def __init__(self, dim: int, hidden: int, emb: int = 64):
+        super().__init__()
+        self.film = _Film(dim, emb)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, tokens: torch.Tensor, semb: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return self.mlp(self.film(tokens, semb)).squeeze(-1)
+
+
+class ConvHead(nn.Module):
+    """Spectral-norm conv head on the token grid: tokens (B, N, D), N = gh·gw → token logits (B, N)."""
+
+    def __init__(self, dim: int, hidden: int, emb: int = 64):
+        super().__init__()
+        self.film = _Film(dim, emb)
+        self.inp = spectral_norm(nn.Conv2d(dim, hidden, 1))
+        self.res = spectral_norm(nn.Conv2d(hidden, hidden, 3, padding=1))
+        self.out = spectral_norm(nn.Conv2d(hidden, 1, 1))
+        self.act = nn.LeakyReLU(0.2)
+
+    def forward(self, tokens: torch.Tensor, semb: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        b, _, d = tokens.shape
+        h = self.film(tokens, semb).transpose(1, 2).reshape(b, d, *grid)  # row-major token grid
+        h = self.act(self.inp(h))
+        h = (h + self.act(self.res(h))) / math.sqrt(2)
+        return self.out(h).flatten(1)
 
 
 class Discriminator(nn.Module):
     """``backbone``: the frozen teacher transformer (not a registered submodule: it is neither
     trained nor checkpointed with the heads, and stays shared with the teacher)."""
 
-    def __init__(self, backbone: nn.Module, layers: list[int] | None = None, hidden: int = 256):
+    def __init__(self, backbone: nn.Module, layers: list[int] | None = None, hidden: int = 256,
+                 head: str = "mlp"):
         super().__init__()
         object.__setattr__(self, "backbone", backbone)
         n_layers = len(backbone.layers)
         self.layers = list(layers) if layers else default_layers(n_layers)
         if any(not 0 <= i < n_layers for i in self.layers):
             raise ValueError(f"discriminator layers {self.layers} out of range for a {n_layers}-layer teacher")
+        if head not in HEAD_KINDS:
+            raise ValueError(f"discriminator head {head!r}: expected one of {', '.join(HEAD_KINDS)}")
         dim = int(backbone.config.dim)
-        self.heads = nn.ModuleList(Head(dim, hidden) for _ in self.layers)
+        kind = ConvHead if head == "conv" else Head
+        self.heads = nn.ModuleList(kind(dim, hidden) for _ in self.layers)
 
     def features(self, x: torch.Tensor, sigma: torch.Tensor, caps: list[torch.Tensor]) -> list[torch.Tensor]:
         """Image tokens (B, N, D) of each hooked layer for latents ``x`` at noise levels ``sigma`` (B,)."""
@@ -75,7 +120,9 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, caps: list[torch.Tensor],
                 return_features: bool = False):
+        """Token logits (B, N) (and the features when asked): the mean of the heads' token logits."""
         feats = self.features(x, sigma, caps)
         semb = sigma_embedding(sigma.to(x.device))
-        logits = torch.stack([head(f, semb) for head, f in zip(self.heads, feats)]).mean(0)
+        grid = (x.shape[-2] // 2, x.shape[-1] // 2)
+        logits = torch.stack([head(f, semb, grid) for head, f in zip(self.heads, feats)]).mean(0)
         return (logits, feats) if return_features else logits

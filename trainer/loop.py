@@ -31,6 +31,7 @@ from .checkpoint import EMA, Checkpoints
 from .config import TrainConfig, to_dict, to_yaml
 from .data import ShardStream, StreamLoader, resolve_shards
 from .discriminator import Discriminator
+from .report import MetricsLog, plot_run
 from .student import TwoStepStudent, gather_student, is_sharded
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def setup(cfg: TrainConfig, run_dir: str | Path) -> Parts:
     student = TwoStepStudent(teacher.transformer, m.sigma_mid, m.decoupled, m.lora_rank, m.gradient_checkpointing)
     if m.gradient_checkpointing:  # the discriminator backpropagates to its input through the frozen teacher
         teacher.transformer.enable_gradient_checkpointing()
-    disc = Discriminator(teacher.transformer, m.disc_layers, m.disc_hidden).to(accelerator.device)
+    disc = Discriminator(teacher.transformer, m.disc_layers, m.disc_hidden, m.disc_head).to(accelerator.device)
     opt_g = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr,
                               betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.optim.disc_lr, betas=cfg.optim.betas,
@@ -156,12 +157,19 @@ def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, l
     """Student update: the 2-step forward (end to end unless ``loss.e2e`` is false) and its losses.
 
     Returns the metrics and the detached (final, step-1 state) outputs for the discriminator step,
-    or None as the outputs when the step was skipped (non-finite loss or gradient)."""
+    or None as the outputs when the step was skipped (non-finite loss or gradient). On the steps
+    between student updates (``optim.g_every`` > 1, or before ``optim.g_start``) only the outputs are
+    computed, without gradients, and the metrics hold ``g_update: 0``."""
     cfg, lc, acc = p.cfg, p.cfg.loss, p.accelerator
     disc = acc.unwrap_model(p.disc)  # heads are not updated here: bypass DDP's reducer
     g = _generator(cfg, acc.process_index, step, 1)
     noise, latent = batch["noise"], batch["latent"]
+    if step < cfg.optim.g_start or (step - cfg.optim.g_start) % cfg.optim.g_every != 0:  # discriminator only
+        with torch.no_grad(), acc.autocast():
+            _, x_mid, x0 = p.student(noise, caps, e2e=lc.e2e)
+        return {"g_update": 0.0}, (x0.detach(), x_mid.detach())
     terms: dict[str, torch.Tensor] = {}
+    red = lambda logits: L.reduce_logits(logits, lc.gan_reduce)  # noqa: E731
     with acc.autocast():
         x0_1, x_mid, x0 = p.student(noise, caps, e2e=lc.e2e)
         if lc.paired_weight > 0:
@@ -175,14 +183,14 @@ def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, l
             eps = torch.randn(x0.shape, generator=g).to(x0.device)
             logits, feats = disc(L.renoise(x0, sigma, eps), sigma, caps, return_features=True)
             if lc.adv_weight > 0:
-                terms["adv"] = lc.adv_weight * ramp * L.g_loss(logits, lc.gan_loss)
+                terms["adv"] = lc.adv_weight * ramp * L.g_loss(red(logits), lc.gan_loss)
             if lc.feature_matching_weight > 0:
                 with torch.no_grad():
                     real_feats = disc.features(L.renoise(latent, sigma, eps), sigma, caps)
                 terms["feature_matching"] = lc.feature_matching_weight * L.feature_matching(real_feats, feats)
         if lc.step1_loss in ("adv", "both") and lc.step1_adv_weight > 0:
             s_mid = torch.full((len(x_mid),), cfg.model.sigma_mid, device=x_mid.device)
-            terms["step1_adv"] = lc.step1_adv_weight * ramp * L.g_loss(disc(x_mid, s_mid, caps), lc.gan_loss)
+            terms["step1_adv"] = lc.step1_adv_weight * ramp * L.g_loss(red(disc(x_mid, s_mid, caps)), lc.gan_loss)
     if not terms:
         raise ValueError("no student loss is enabled (all weights are 0 and step1_loss is none)")
     total = sum(terms.values())
@@ -192,6 +200,9 @@ def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, l
             grads = torch.autograd.grad(v, [x0, x_mid, x0_1], retain_graph=True, allow_unused=True)
             out[f"grad_norm/{k}"] = torch.sqrt(sum((gr.float() ** 2).sum() for gr in grads if gr is not None)
                                                or torch.zeros(()))
+        total_norm = sum(out[f"grad_norm/{k}"] for k in terms).clamp_min(1e-12)
+        for k in terms:  # each term's share of the summed gradient norms at the outputs
+            out[f"grad_share/{k}"] = out[f"grad_norm/{k}"] / total_norm
     if not _all_finite(acc, total):
         p.opt_g.zero_grad(set_to_none=True)
         return {**out, "skipped": 1.0}, None
@@ -210,7 +221,12 @@ def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, l
 
 def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int,
                        fakes: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
-    """Heads update: teacher latents (or external images) are real, the student's outputs fake."""
+    """Heads update: teacher latents (or external images) are real, the student's outputs fake
+    (and, with ``loss.misaligned_fakes``, real latents under the wrong captions).
+
+    Diagnostics come from the logits computed before this update, on inputs the heads were never
+    trained on (this step's fresh student outputs, fresh re-noising): ``disc/heldout_accuracy``
+    (real > 0, fake < 0, classes weighted equally) and ``disc/logit_gap`` (mean real − mean fake)."""
     cfg, lc, acc = p.cfg, p.cfg.loss, p.accelerator
     fake, fake_mid = fakes
     if not lc.uses_adversarial:
@@ -221,28 +237,35 @@ def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: in
         f = p.teacher.vae_scale_factor
         real, real_caps = p.external.next_batch(len(fake), fake.shape[-2] * f, fake.shape[-1] * f)
     out = {}
+    red = lambda logits: L.reduce_logits(logits, lc.gan_reduce)  # noqa: E731
     p.opt_d.zero_grad(set_to_none=True)  # drops what the generator step left on the heads
     with acc.autocast():
         terms = []
         if lc.adv_weight > 0:
             sigma = L.sample_sigma(len(fake), lc.sigma_mean, lc.sigma_std, g).to(fake.device)
             eps = torch.randn(fake.shape, generator=g).to(fake.device)
-            real_in = L.renoise(real, sigma[:len(real)], eps[:len(real)])
-            d_real = p.disc(real_in, sigma[:len(real)], real_caps)
+            s_real, e_real = sigma[:len(real)], eps[:len(real)]
+            real_in = L.renoise(real, s_real, e_real)
+            d_real = p.disc(real_in, s_real, real_caps)
             d_fake = p.disc(L.renoise(fake, sigma, eps), sigma, caps)
-            terms.append(L.d_loss(d_real, d_fake, lc.gan_loss))
-            out.update({"disc/real_logit": d_real.detach().mean(), "disc/fake_logit": d_fake.detach().mean()})
+            fakes_all = red(d_fake)
+            if lc.misaligned_fakes:
+                d_mis = p.disc(L.renoise(L.misaligned(real), s_real, e_real), s_real, real_caps)
+                fakes_all = torch.cat([fakes_all, red(d_mis)])
+                out["disc/misaligned_logit"] = d_mis.detach().mean()
+                out["disc/misaligned_accuracy"] = (L.reduce_logits(d_mis.detach(), "image") < 0).float().mean()
+            terms.append(L.d_loss(red(d_real), fakes_all, lc.gan_loss))
+            out.update(_d_diagnostics(d_real.detach(), d_fake.detach(), ""))
             if lc.r1_weight > 0:
-                r1 = L.approx_r1(p.disc, real_in, sigma[:len(real)], real_caps, lc.r1_noise, g, d_real)
+                r1 = L.approx_r1(p.disc, real_in, s_real, real_caps, lc.r1_noise, g, d_real)
                 terms.append(lc.r1_weight * r1)
                 out["loss/r1"] = r1.detach()
         if lc.step1_loss in ("adv", "both") and lc.step1_adv_weight > 0:
             s_mid = torch.full((len(fake_mid),), cfg.model.sigma_mid, device=fake.device)
             d_real_mid = p.disc(_need_mid(batch), s_mid, caps)
             d_fake_mid = p.disc(fake_mid, s_mid, caps)
-            terms.append(L.d_loss(d_real_mid, d_fake_mid, lc.gan_loss))
-            out.update({"disc/real_mid_logit": d_real_mid.detach().mean(),
-                        "disc/fake_mid_logit": d_fake_mid.detach().mean()})
+            terms.append(L.d_loss(red(d_real_mid), red(d_fake_mid), lc.gan_loss))
+            out.update(_d_diagnostics(d_real_mid.detach(), d_fake_mid.detach(), "_mid"))
         total = sum(terms)
     out["loss/disc"] = total.detach()
     if not _all_finite(acc, total):
@@ -253,6 +276,13 @@ def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: in
     p.opt_d.step()
     p.opt_d.zero_grad(set_to_none=True)
     return out
+
+
+def _d_diagnostics(real: torch.Tensor, fake: torch.Tensor, suffix: str) -> dict[str, torch.Tensor]:
+    """Mean logits, their gap and the real/fake accuracy of pre-update logits."""
+    return {f"disc/real{suffix}_logit": real.mean(), f"disc/fake{suffix}_logit": fake.mean(),
+            f"disc/logit_gap{suffix}": real.mean() - fake.mean(),
+            f"disc/heldout_accuracy{suffix}": L.accuracy(real, fake)}
 
 
 def _need_mid(batch: dict) -> torch.Tensor:
@@ -328,7 +358,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train",
                disable=not acc.is_main_process, mininterval=2.0)
     batches = iter(p.loader)
-    t_last, metrics = time.perf_counter(), {}
+    t_last, metrics, last_g = time.perf_counter(), {}, {}
+    history = MetricsLog(p.run_dir / "metrics.jsonl", start) if acc.is_main_process else None
     try:
         for step in bar:
             batch = _to_device(next(batches), acc.device)
@@ -338,6 +369,11 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
             log_now = (step + 1) % cfg.log_every == 0
             caps = p.teacher.encode_prompts(batch["prompt"])
             out, fakes = generator_step(p, batch, caps, step, log_now)
+            g_update = bool(out.pop("g_update", 1.0))
+            if g_update:
+                last_g = {k: v for k, v in out.items() if not k.startswith("grad_")}
+            else:  # a discriminator-only step logs the last student update's losses
+                out.update(last_g)
             if fakes is not None:
                 out.update(discriminator_step(p, batch, caps, step, fakes))
             if "skipped" in out:
@@ -352,7 +388,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
                         "data, or raise max_nonfinite, then run the same command to resume from it.")
             else:
                 p.progress["nonfinite_streak"] = 0
-                if p.ema is not None:
+                if p.ema is not None and g_update:
                     p.ema.update(acc.unwrap_model(p.student), step)
             p.progress["step"] = step + 1
             if log_now:
@@ -364,6 +400,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
                 if torch.cuda.is_available():
                     metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 acc.log(metrics, step=step + 1)
+                if history is not None:
+                    history.append(step + 1, metrics)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in metrics.items() if k.startswith("loss/")})
             if grid is not None and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
                 grid.save(step + 1)
@@ -380,6 +418,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
             acc.end_training()
     if grid is not None:
         grid.save(p.progress["step"])
+    if acc.is_main_process:
+        plot_run(p.run_dir)
     if cfg.export:
         export(p)
     result = {**_public(p.progress), "metrics": metrics}

@@ -1,5 +1,9 @@
-"""Loss terms. Latents follow GUIDE §3: ``x_σ = (1-σ)·x0 + σ·ε``; the student's step-1 state is
-``x_mid = (1-σ_mid)·x̂0₁ + σ_mid·ε``."""
+"""Loss terms. Latents follow docs/design.md ("σ and x0"): ``x_σ = (1-σ)·x0 + σ·ε``; the student's
+step-1 state is ``x_mid = (1-σ_mid)·x̂0₁ + σ_mid·ε``.
+
+Discriminator logits are token logits (B, N) or image logits (B,); every GAN loss here averages over
+all its elements, so ``reduce_logits(…, "token")`` gives SANA-Sprint's per-token hinge and
+``"image"`` a hinge on the token-averaged logit."""
 
 from __future__ import annotations
 
@@ -27,16 +31,35 @@ def step1_target(mid: torch.Tensor, noise: torch.Tensor, sigma_mid: float) -> to
     return (mid - sigma_mid * noise) / (1 - sigma_mid)
 
 
+def reduce_logits(logits: torch.Tensor, how: str) -> torch.Tensor:
+    """Token logits (B, N) → image logits (B,) for ``how="image"``; unchanged for ``"token"``."""
+    return logits.mean(1) if how == "image" and logits.dim() == 2 else logits
+
+
 def d_loss(real: torch.Tensor, fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
-    """Discriminator loss on real and fake logits (B,)."""
+    """Discriminator loss on real and fake logits ((B,) or (B, N)), each averaged over its elements."""
     if kind == "hinge":
         return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
     return F.softplus(-real).mean() + F.softplus(fake).mean()
 
 
 def g_loss(fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
-    """Generator (student) adversarial loss on fake logits (B,)."""
+    """Generator (student) adversarial loss on fake logits ((B,) or (B, N))."""
     return -fake.mean() if kind == "hinge" else F.softplus(-fake).mean()
+
+
+def misaligned(real: torch.Tensor) -> torch.Tensor:
+    """Real latents rolled by one position in the batch: under the original captions they are
+    image/caption pairs that do not belong together, extra fakes that make the discriminator check
+    text alignment (SANA-Sprint's ``misaligned_pairs_D``)."""
+    return real.roll(1, dims=0)
+
+
+def accuracy(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Real/fake accuracy of image logits (token logits are averaged first): real > 0, fake < 0,
+    each class weighted equally."""
+    real, fake = reduce_logits(real, "image"), reduce_logits(fake, "image")
+    return ((real > 0).float().mean() + (fake < 0).float().mean()) / 2
 
 
 def feature_matching(real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor:
@@ -53,7 +76,7 @@ def approx_r1(disc, x: torch.Tensor, sigma: torch.Tensor, caps: list[torch.Tenso
     """Approximate R1: E‖D(x + δ) − D(x)‖² / σ_δ², δ ~ N(0, σ_δ²), on real inputs.
 
     Exact R1 needs a double backward through the frozen teacher, which fused attention kernels do not
-    support; this finite-difference form costs one more discriminator forward (GUIDE §8).
+    support; this finite-difference form costs one more discriminator forward (docs/training.md, "R1").
     """
     delta = torch.randn(x.shape, generator=g).to(x.device, x.dtype) * noise_std
     base = logits if logits is not None else disc(x, sigma, caps)

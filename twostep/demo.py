@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from twostep.trainer.config import load_config
     from twostep.trainer.loop import train
 
-    from .eval import evaluate, write_report
+    from .eval import evaluate, summary_line, write_report
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,10 +84,9 @@ def run(args: argparse.Namespace) -> int:
     for name, label in (("teacher8", "teacher, 8 steps"), ("student2", "student, 2 steps"),
                         ("naive2", "teacher, naive 2 steps")):
         m = metrics[name]
-        print(f"  {label:24s} all named attributes right {m['accuracy']['all']:.3f}   FD to teacher-8 "
-              f"{m['fd_to_teacher8']:7.2f}   recall {m['recall']:.3f}   {m['images_per_s']:6.2f} images/s")
-    print(f"  gap closed {metrics['gap_closed']:.2f} (FD floor {metrics['fd_floor_teacher8_vs_teacher8']:.2f})"
-          if metrics["gap_closed"] is not None else "  gap closed: n/a")
+        print(f"  {label:24s} all named attributes right {m['accuracy']['all']:.3f}   FD to reference "
+              f"{m['fd_to_reference']:7.2f}   recall {m['recall']:.3f}   {m['images_per_s']:6.2f} images/s")
+    print(f"  {summary_line(metrics)}")
     print(f"outputs: manifest {manifest}; store {store}; run {run_dir}; student {run_dir / 'student'}; "
           f"report {report}")
     return 0

@@ -6,18 +6,23 @@
 
 Three sample sets from the same prompts and the same initial noise (each sample's seed on a CPU
 generator, as the store has it): (a) the teacher at 8 steps, (b) the student at 2 steps, (c) the
-teacher sampled naively at 2 steps. Reported for each, against (a):
+teacher sampled naively at 2 steps; and an 8-step *reference* from other seeds. Every set is scored
+unpaired, against the reference (docs/evaluation.md):
   - Fréchet distance (FD) in a feature space: the toy checker's features for the toy world, open_clip
-    image features (``--clip-model``) or DINOv2 CLS features (``--dino-model``) otherwise; the floor
-    (two 8-step sets with different seeds) and the gap closed
-    ``1 − (FD(student) − floor) / (FD(naive 2) − floor)`` (GUIDE §4);
+    image features (``--clip-model``) or DINOv2 CLS features (``--dino-model``) otherwise; gap closed
+    ``1 − (FD(student) − FD(teacher 8)) / (FD(naive 2) − FD(teacher 8))``, 1 = as close to the reference
+    as the teacher itself; ``--references 2`` repeats it against a second reference (the spread is the
+    figure's noise);
+  - the paired FD to the same-noise 8-step set, a second column: how closely a set follows the
+    teacher's own noise-to-image map (a regression student can beat the teacher here, so it is not
+    a quality score);
   - precision and recall (k-NN manifolds, k=3) in the same features: recall falls when a student
     collapses onto fewer modes, which FD can miss;
   - per-prompt diversity: several seeds for each of a few prompts, mean pairwise distance in the
     features and in pixels;
   - toy world: the checker's accuracy on the attributes each caption names, and for every attribute
     a caption leaves out the total variation between the set's distribution of it and the
-    teacher's; FD to ground-truth renders;
+    reference's; FD to ground-truth renders;
   - CLIP score (open_clip, when ``--clip-model`` is given);
   - latency per batch call and images/s, same batch size and device for all three.
 Writes ``metrics.json``, ``report.md``, ``report.html``, ``metrics.png`` (a plot) and ``grid.png``
@@ -27,9 +32,11 @@ Writes ``metrics.json``, ``report.md``, ``report.html``, ``metrics.png`` (a plot
 from __future__ import annotations
 
 import argparse
+import hashlib
 import html
 import json
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -103,13 +110,14 @@ def run_timed(fn: Sampler, prompts: list[str], seeds: list[int], batch: int, dev
 
 
 def gap_closed(fd_student: float, fd_naive: float, floor: float) -> float | None:
-    """1 − (FD(student) − floor) / (FD(naive 2) − floor); 1 = as close as the teacher to itself."""
+    """1 − (FD(student) − floor) / (FD(naive 2) − floor), with ``floor`` = FD(teacher 8 steps): 1 = as
+    close to the reference as the teacher itself, 0 = no better than the teacher's naive 2 steps."""
     return None if fd_naive <= floor else 1.0 - (fd_student - floor) / (fd_naive - floor)
 
 
 def omitted_tv(pred: list[dict], ref: list[dict], named: list[dict]) -> dict[str, float | None]:
     """For each attribute, over the prompts whose caption leaves it out: total variation between the
-    distribution of the predicted value in ``pred`` and in ``ref`` (the teacher's 8-step set)."""
+    distribution of the predicted value in ``pred`` and in ``ref`` (the 8-step reference set)."""
     out: dict[str, float | None] = {}
     for a in ATTRIBUTES:
         rows = [i for i, d in enumerate(named) if d.get(a) is None]
@@ -123,14 +131,61 @@ def omitted_tv(pred: list[dict], ref: list[dict], named: list[dict]) -> dict[str
     return out
 
 
-def evaluate(student_dir: str, teacher: Teacher, n: int = 500, seed: int = 20261122, batch: int = 100,
+def reference_seeds(seed: int, n: int, k: int) -> list[int]:
+    """Seeds of the k-th 8-step reference set: independent of the eval seeds and of each other."""
+    return [derive_seed(seed + 1, f"floor-{i}" if k == 0 else f"reference{k}-{i}") for i in range(n)]
+
+
+def cached_run(cache: str | Path | None, key: dict, fn: Callable[[], tuple[np.ndarray, dict]]
+               ) -> tuple[np.ndarray, dict]:
+    """``fn()`` (images, timing), stored in ``cache`` as ``<sha256 of key>.npz`` and read from there
+    next time. Only teacher-side sets are cached (the key names the teacher, its sampler and
+    versions, the prompts, seeds and size), so several students score against one reference at
+    the cost of one."""
+    if cache is None:
+        return fn()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    path = Path(cache) / f"{digest}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            return z["images"], json.loads(str(z["timing"]))
+    images, timing = fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, images=images, timing=np.array(json.dumps(timing)))
+    os.replace(tmp, path)
+    return images, timing
+
+
+def unpaired_scores(ref: np.ndarray, sets: dict[str, np.ndarray]) -> dict:
+    """FD, precision and recall of each feature set against the reference features ``ref``, and the
+    gap closed by ``student2`` between ``naive2`` (0) and ``teacher8`` (1)."""
+    fd = {k: frechet_distance(f, ref) for k, f in sets.items()}
+    pr = {k: precision_recall(ref, f) for k, f in sets.items()}
+    gap = (gap_closed(fd["student2"], fd["naive2"], fd["teacher8"])
+           if {"student2", "naive2", "teacher8"} <= set(fd) else None)
+    return {"fd": fd, "precision": {k: v[0] for k, v in pr.items()}, "recall": {k: v[1] for k, v in pr.items()},
+            "gap_closed": gap}
+
+
+def evaluate(student_dir: str | None, teacher: Teacher, n: int = 500, seed: int = 20261122, batch: int = 100,
              prompts: str | None = None, size: tuple[int, int] | None = None, clip: ClipModel | None = None,
              features: str = "auto", diversity_prompts: int = 16, diversity_seeds: int = 4,
-             dino: DinoModel | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-    """Sample the three sets and compute every metric; returns ``(metrics, images)``.
+             dino: DinoModel | None = None, references: int = 1, cache: str | Path | None = None,
+             student: Sampler | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Sample the sets and compute every metric; returns ``(metrics, images)``.
+
+    Every set is scored *unpaired*, against an 8-step reference drawn from other seeds
+    (docs/evaluation.md): the teacher's own 8-step set is then no longer identical to what it is
+    compared with, and nothing can beat it in expectation. ``references`` > 1 scores against that
+    many independent references and reports the gap closed of each (its spread is the noise of the
+    figure). The paired FD to the same-noise 8-step set is kept as a second, named column: how
+    closely a set follows the teacher's own trajectory.
 
     ``features``: toy (the checker's), clip (``clip``'s image embeddings), dino (``dino``'s CLS
-    features) or auto: toy for toy prompts, else clip when ``clip`` is given, else dino."""
+    features) or auto: toy for toy prompts, else clip when ``clip`` is given, else dino.
+    ``student``: a sampler used in place of the exported student at ``student_dir`` (tests, baselines).
+    ``cache``: a folder that keeps the teacher-side sets between calls (:func:`cached_run`)."""
     ep = eval_prompts(prompts, n, seed, size)
     n, h, w = len(ep.prompts), ep.height, ep.width
     if features == "auto":
@@ -141,24 +196,35 @@ def evaluate(student_dir: str, teacher: Teacher, n: int = 500, seed: int = 20261
                          "(e.g. facebook/dinov2-large or a local folder)")
     if features == "dino" and dino is None:
         raise ValueError("--features dino needs --dino-model (e.g. facebook/dinov2-large or a local folder)")
+    if references < 1:
+        raise ValueError(f"references must be ≥ 1, not {references}")
     checker = None
     if features == "toy" or ep.named is not None:
         from twostep.pipeline.toy.checker import load_checker
 
         checker = load_checker()
     featurize = {"toy": checker, "clip": clip, "dino": dino}[features].features
+    naive = teacher.with_sampler(num_steps=2)
     samplers = {"teacher8": teacher_sampler(teacher, h, w),
-                "student2": student_sampler(student_dir, teacher, h, w),
-                "naive2": teacher_sampler(teacher.with_sampler(num_steps=2), h, w)}
+                "student2": student or student_sampler(student_dir, teacher, h, w),
+                "naive2": teacher_sampler(naive, h, w)}
+    ident = {"teacher8": teacher.describe(), "naive2": naive.describe()}
+
+    def sample(key: str, label: str, p: list[str], s: list[int]) -> tuple[np.ndarray, dict]:
+        def go():
+            return run_timed(samplers[key], p, s, batch, teacher.device, label)
+        if key == "student2":
+            return go()
+        return cached_run(cache, {"set": ident[key], "prompts": p, "seeds": s, "size": [h, w], "batch": batch}, go)
+
     images, timing = {}, {}
     for key, label in ROWS:
-        images[key], timing[key] = run_timed(samplers[key], ep.prompts, ep.seeds, batch, teacher.device, label)
-    other = [derive_seed(seed + 1, f"floor-{i}") for i in range(n)]
-    floor_set, _ = run_timed(samplers["teacher8"], ep.prompts, other, batch, teacher.device,
-                             "teacher 8 steps, other seeds (floor)")
+        images[key], timing[key] = sample(key, label, ep.prompts, ep.seeds)
+    ref_images = [sample("teacher8", f"teacher 8 steps, reference {k + 1} (other seeds)", ep.prompts,
+                         reference_seeds(seed, n, k))[0] for k in range(references)]
     feats = {k: featurize(v) for k, v in images.items()}
-    f_floor = featurize(floor_set)
-    floor = frechet_distance(f_floor, feats["teacher8"])
+    ref_feats = [featurize(r) for r in ref_images]
+    scores = [unpaired_scores(r, feats) for r in ref_feats]
 
     # per-prompt diversity: K seeds for each of the first m prompts
     m, k = min(diversity_prompts, n), diversity_seeds
@@ -168,22 +234,31 @@ def evaluate(student_dir: str, teacher: Teacher, n: int = 500, seed: int = 20261
         d_seeds = [derive_seed(seed + 2, f"diversity-{i}-{j}") for i in range(m) for j in range(k)]
         div = {}
         for key, label in ROWS:
-            imgs, _ = run_timed(samplers[key], d_prompts, d_seeds, batch, teacher.device, f"{label}, diversity")
+            imgs, _ = sample(key, f"{label}, diversity", d_prompts, d_seeds)
             pix = imgs.reshape(m, k, -1).astype(np.float64) / 255.0
             div[key] = {"features": round(mean_pairwise_distance(featurize(imgs).reshape(m, k, -1)), 4),
                         "pixels_rms": round(mean_pairwise_distance(pix) / np.sqrt(pix.shape[-1]), 4)}
 
+    sc = scores[0]
+    paired = {key: frechet_distance(feats[key], feats["teacher8"]) for key in ("student2", "naive2")}
     metrics: dict = {"n": n, "seed": seed, "prompts": prompts, "height": h, "width": w, "teacher": teacher.name,
                      "student": student_dir, "device": str(teacher.device), "features": features,
                      "clip_model": clip.spec if clip is not None else None,
                      "dino_model": dino.spec if dino is not None else None,
-                     "fd_floor_teacher8_vs_teacher8": round(floor, 3),
+                     "gap_closed": _r(sc["gap_closed"]),
+                     "references": [{"gap_closed": _r(s["gap_closed"]),
+                                     "fd": {key: round(v, 3) for key, v in s["fd"].items()}} for s in scores],
+                     "paired_gap_closed": _r(gap_closed(paired["student2"], paired["naive2"],
+                                                        sc["fd"]["teacher8"])),
                      "diversity": {"prompts": m, "seeds": k} if div else None}
+    gaps = [s["gap_closed"] for s in scores if s["gap_closed"] is not None]
+    if len(gaps) > 1:
+        metrics["gap_closed_spread"] = round(max(gaps) - min(gaps), 4)
     for key, _ in ROWS:
-        ref = f_floor if key == "teacher8" else feats["teacher8"]  # the teacher against itself, other seeds
-        prec, rec = precision_recall(ref, feats[key])
-        metrics[key] = {"fd_to_teacher8": 0.0 if key == "teacher8" else round(frechet_distance(feats[key], ref), 3),
-                        "precision": round(prec, 4), "recall": round(rec, 4), **timing[key]}
+        metrics[key] = {"fd_to_reference": round(sc["fd"][key], 3),
+                        "paired_fd_to_teacher8": round(paired[key], 3) if key in paired else None,
+                        "precision": round(sc["precision"][key], 4), "recall": round(sc["recall"][key], 4),
+                        **timing[key]}
         if div:
             metrics[key]["diversity"] = div[key]
         if clip is not None:
@@ -194,16 +269,17 @@ def evaluate(student_dir: str, teacher: Teacher, n: int = 500, seed: int = 20261
         rng = np.random.default_rng(seed + 1)  # the same render set as the teacher's own evaluation
         f_truth = checker.features(render_batch([sample_scene(rng) for _ in range(n)], h))
         preds = {key: checker.predict(v) for key, v in images.items()}
-        pred_floor = checker.predict(floor_set)
+        pred_ref = checker.predict(ref_images[0])
         for key, _ in ROWS:
             metrics[key]["accuracy"] = checker.accuracy(preds[key], ep.named)
-            metrics[key]["omitted_tv"] = omitted_tv(preds[key], pred_floor if key == "teacher8" else preds["teacher8"],
-                                                    ep.named)
+            metrics[key]["omitted_tv"] = omitted_tv(preds[key], pred_ref, ep.named)
             f_key = feats[key] if features == "toy" else checker.features(images[key])
             metrics[key]["fd_to_renders"] = round(frechet_distance(f_key, f_truth), 3)
-    metrics["gap_closed"] = gap_closed(metrics["student2"]["fd_to_teacher8"], metrics["naive2"]["fd_to_teacher8"],
-                                       floor)
     return metrics, images
+
+
+def _r(x: float | None, nd: int = 4) -> float | None:
+    return None if x is None else round(x, nd)
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -214,7 +290,7 @@ def table(metrics: dict) -> tuple[list[str], list[list[str]]]:
     toy = "accuracy" in metrics["teacher8"]
     clip = "clip_score" in metrics["teacher8"]
     div = metrics.get("diversity")
-    head = ["", "FD to teacher-8", "precision", "recall"]
+    head = ["", "FD to reference", "paired FD to teacher-8", "precision", "recall"]
     if div:
         head += ["diversity (features)", "diversity (pixels)"]
     if toy:
@@ -225,7 +301,8 @@ def table(metrics: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for key, label in ROWS:
         m = metrics[key]
-        r = [label, f"{m['fd_to_teacher8']:.2f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}"]
+        paired = "—" if m["paired_fd_to_teacher8"] is None else f"{m['paired_fd_to_teacher8']:.2f}"
+        r = [label, f"{m['fd_to_reference']:.2f}", paired, f"{m['precision']:.3f}", f"{m['recall']:.3f}"]
         if div:
             r += [f"{m['diversity']['features']:.3f}", f"{m['diversity']['pixels_rms']:.4f}"]
         if toy:
@@ -246,10 +323,13 @@ def _notes(metrics: dict) -> list[str]:
              "dino": f"DINOv2 CLS features ({metrics['dino_model']})"}[metrics["features"]]
     notes = [f"{metrics['n']} prompts at {metrics['height']}×{metrics['width']} on {metrics['device']}, teacher "
              f"`{metrics['teacher']}`, student `{metrics['student']}`; the same noise for all three sets.",
-             f"FD, precision and recall in {feats}, against the teacher's 8-step set (the teacher's own row: "
-             "against a second 8-step set with other seeds).",
-             f"Floor (teacher 8 steps vs itself, other seeds): {metrics['fd_floor_teacher8_vs_teacher8']:.2f}. "
-             f"Gap closed: {'n/a' if gap is None else f'{gap:.3f}'}."]
+             f"FD, precision and recall in {feats}, unpaired: against a reference set of the teacher at 8 steps "
+             "from other seeds. Paired FD: against the teacher's 8-step set from the same noise (how closely the "
+             "set follows the teacher's trajectory; not a quality score).",
+             f"Gap closed (unpaired): {_fmt(gap)}"
+             + (f" (per reference: {', '.join(_fmt(r['gap_closed']) for r in metrics['references'])}; "
+                f"spread {metrics['gap_closed_spread']:.3f})" if "gap_closed_spread" in metrics else "")
+             + f". Paired gap closed: {_fmt(metrics['paired_gap_closed'])}."]
     if metrics.get("diversity"):
         d = metrics["diversity"]
         notes.append(f"Diversity: mean pairwise distance between {d['seeds']} seeds of each of {d['prompts']} "
@@ -260,6 +340,10 @@ def _notes(metrics: dict) -> list[str]:
                      "reads it) and the teacher's, averaged over attributes; per attribute in metrics.json.")
     notes.append("Timing: median seconds per batch call after one warm-up call, and images/s, same batch size.")
     return notes
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def write_report(metrics: dict, images: dict[str, np.ndarray], out: Path) -> Path:
@@ -275,7 +359,7 @@ def write_report(metrics: dict, images: dict[str, np.ndarray], out: Path) -> Pat
     k = min(12, metrics["n"])
     grid([images[name][:k] for name, _ in ROWS]).save(out / "grid.png")
     toy = "accuracy" in metrics["teacher8"]
-    panels = [("FD to teacher 8 steps (lower is closer)", "fd_to_teacher8"), ("recall vs teacher 8 steps", "recall"),
+    panels = [("FD to the 8-step reference (lower is closer)", "fd_to_reference"), ("recall vs the reference", "recall"),
               ("images / s", "images_per_s")]
     if toy:
         panels.insert(0, ("all named attributes right", None))
@@ -286,8 +370,8 @@ def write_report(metrics: dict, images: dict[str, np.ndarray], out: Path) -> Pat
     for ax, (title, key) in zip(axes, panels):
         vals = [metrics[n]["accuracy"]["all"] if key is None else metrics[n][key] for n, _ in ROWS]
         ax.bar(labels, vals, color=["#555", "#2a7", "#c84"])
-        if key == "fd_to_teacher8":
-            ax.axhline(metrics["fd_floor_teacher8_vs_teacher8"], ls="--", c="k", lw=1, label="floor")
+        if key == "fd_to_reference":
+            ax.axhline(metrics["teacher8"]["fd_to_reference"], ls="--", c="k", lw=1, label="teacher 8 steps")
             ax.legend()
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
@@ -319,6 +403,14 @@ def write_report(metrics: dict, images: dict[str, np.ndarray], out: Path) -> Pat
 # --- CLI -----------------------------------------------------------------------------------------
 
 
+def summary_line(metrics: dict) -> str:
+    """``gap closed 0.95 (unpaired; per reference …); paired 1.40``: the headline, as the CLIs print it."""
+    refs = metrics["references"]
+    per = f"; per reference {', '.join(_fmt(r['gap_closed']) for r in refs)}" if len(refs) > 1 else ""
+    return (f"gap closed {_fmt(metrics['gap_closed'])} (unpaired, against an 8-step reference from other seeds"
+            f"{per}); paired gap closed {_fmt(metrics['paired_gap_closed'])} (trajectory following)")
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         h, _, w = text.lower().partition("x")
@@ -342,7 +434,7 @@ def _arguments(ap: argparse.ArgumentParser) -> None:
                          "manifests also give the named attributes); default: N fresh toy prompts")
     ap.add_argument("-n", "--num-samples", type=int, default=500, help="eval prompts (default: 500)")
     ap.add_argument("--seed", type=int, default=20261122,
-                    help="seed of the toy prompts, the floor's and diversity's noise, and the render set")
+                    help="seed of the toy prompts, the references' and diversity's noise, and the render set")
     ap.add_argument("--size", type=_size, default=None, metavar="H[xW]",
                     help="image size (default: the manifest's height/width; 64 for toy prompts)")
     ap.add_argument("--batch-size", type=int, default=100, help="samples per call, the same for all three sets")
@@ -363,6 +455,12 @@ def _arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--diversity-prompts", type=int, default=16,
                     help="prompts sampled with several seeds for per-prompt diversity; 0 = skip (default: 16)")
     ap.add_argument("--diversity-seeds", type=int, default=4, help="seeds per diversity prompt (default: 4)")
+    ap.add_argument("--references", type=int, default=1,
+                    help="independent 8-step reference sets (other seeds) to score against; with 2 or more the "
+                         "report gives the gap closed against each and their spread (default: 1)")
+    ap.add_argument("--cache", default=None, metavar="DIR",
+                    help="keep the teacher-side sample sets (8 steps, naive 2 steps, references) in DIR and reuse "
+                         "them when the teacher, prompts, seeds and size match (scoring several students)")
     ap.add_argument("--out", default="out/eval", help="folder for the report, metrics and grids (default: out/eval)")
 
 
@@ -390,7 +488,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         metrics, images = evaluate(student, teacher, args.num_samples, args.seed, args.batch_size, args.prompts,
                                    args.size, clip, args.features, args.diversity_prompts, args.diversity_seeds,
-                                   dino)
+                                   dino, args.references, args.cache)
     except ValueError as e:
         log.error("%s", e)
         return 2
@@ -400,11 +498,10 @@ def run(args: argparse.Namespace) -> int:
         m = metrics[name]
         acc = f"all named right {m['accuracy']['all']:.3f}  " if "accuracy" in m else ""
         cs = f"CLIP score {m['clip_score']:.2f}  " if "clip_score" in m else ""
-        print(f"{label:24s} {acc}{cs}FD to teacher-8 {m['fd_to_teacher8']:8.2f}  recall {m['recall']:.3f}  "
+        print(f"{label:24s} {acc}{cs}FD to reference {m['fd_to_reference']:8.2f}  recall {m['recall']:.3f}  "
               f"{m['images_per_s']:.2f} images/s")
-    print(f"floor (teacher-8 vs teacher-8, other seeds) {metrics['fd_floor_teacher8_vs_teacher8']:.2f}; "
-          f"gap closed {metrics['gap_closed']}; wrote {report}, {out / 'report.html'}, {out / 'metrics.json'}, "
-          f"{out / 'grid.png'}")
+    print(summary_line(metrics))
+    print(f"wrote {report}, {out / 'report.html'}, {out / 'metrics.json'}, {out / 'grid.png'}")
     return 0
 
 

@@ -294,3 +294,113 @@ def test_external_real_images_feed_the_discriminator(tiny_store, tiny_pipeline_d
     assert latents.shape == (4, 16, 16, 16) and len(caps) == 4
     out = _one_step(p)
     assert "skipped" not in out and "disc/real_logit" in out
+
+
+# --- the adversarial terms ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head", ["mlp", "conv"])
+def test_heads_give_one_logit_per_image_token(tiny_pipeline_dir, head):
+    from twostep.pipeline.teacher import Teacher
+    from twostep.trainer.discriminator import Discriminator
+
+    teacher = Teacher.load(tiny_pipeline_dir, device="cpu")
+    disc = Discriminator(teacher.transformer, [0, 1], 16, head)
+    x = torch.randn(3, teacher.transformer.config.in_channels, 16, 16)
+    caps = teacher.encode_prompts(["a red circle", "a blue square", "x"])
+    logits = disc(x, torch.tensor([0.2, 0.5, 0.9]), caps)
+    assert logits.shape == (3, 8 * 8)  # patch 2: (16/2)·(16/2) image tokens
+    if head == "conv":  # spectral norm on every conv of the head
+        assert all(hasattr(m, "parametrizations") for m in disc.heads[0].modules() if isinstance(m, torch.nn.Conv2d))
+    with pytest.raises(ValueError, match="discriminator head 'big'"):
+        Discriminator(teacher.transformer, [0], 16, "big")
+
+
+def test_per_token_conv_heads_pass_gradients_to_both_steps(tiny_store, tiny_pipeline_dir, tmp_path):
+    """Adversarial terms alone, conv heads, per-token hinge: both parameter sets still learn from them."""
+    p = _parts(tiny_store, tiny_pipeline_dir, tmp_path, "model.disc_head=conv", "loss.gan_reduce=token",
+               "loss.paired_weight=0", "loss.step1_loss=adv", "loss.adv_weight=1", "loss.step1_adv_weight=1")
+    student = p.accelerator.unwrap_model(p.student)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    out = _one_step(p)
+    assert set(k for k in out if k.startswith("loss/")) >= {"loss/adv", "loss/step1_adv", "loss/disc"}
+    assert "loss/paired" not in out and "loss/step1_regress" not in out
+    assert float(out["grad_norm/adv"]) > 0 and float(out["grad_norm/step1_adv"]) > 0
+    assert float(out["grad_share/adv"]) + float(out["grad_share/step1_adv"]) == pytest.approx(1.0)
+    changed = {k.split(".")[0] for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"transformer", "transformer_2"}
+    for k in ("disc/heldout_accuracy", "disc/logit_gap", "disc/heldout_accuracy_mid", "disc/logit_gap_mid"):
+        assert k in out
+    assert 0.0 <= float(out["disc/heldout_accuracy"]) <= 1.0
+    gap = float(out["disc/real_logit"]) - float(out["disc/fake_logit"])
+    assert float(out["disc/logit_gap"]) == pytest.approx(gap, abs=1e-6)
+
+
+def test_misaligned_pairs_are_extra_fakes(tiny_store, tiny_pipeline_dir, tmp_path, monkeypatch):
+    """The fake side of the discriminator's loss holds the student's outputs and, after them, the real
+    latents rolled by one in the batch under the original captions, scored by the same heads."""
+    from twostep.trainer import loop
+    from twostep.trainer import losses as L
+
+    p = _parts(tiny_store, tiny_pipeline_dir, tmp_path, "loss.misaligned_fakes=true", "loss.step1_loss=none")
+    seen, renoised = [], []
+    real_renoise, real_d_loss = L.renoise, L.d_loss
+
+    def renoise(x0, sigma, eps):
+        renoised.append((x0, sigma, real_renoise(x0, sigma, eps)))
+        return renoised[-1][2]
+
+    def d_loss(real, fake, kind="hinge"):
+        seen.append((real.detach(), fake.detach()))
+        return real_d_loss(real, fake, kind)
+
+    monkeypatch.setattr(L, "renoise", renoise)
+    monkeypatch.setattr(L, "d_loss", d_loss)
+    batch = next(iter(p.loader))
+    caps = p.teacher.encode_prompts(batch["prompt"])
+    _, fakes = loop.generator_step(p, batch, caps, 0, log_now=False)
+    renoised.clear()
+    heads = {k: v.clone() for k, v in p.disc.state_dict().items()}
+    out = loop.discriminator_step(p, batch, caps, 0, fakes)
+    (real, fake), = seen
+    b = len(batch["latent"])
+    assert real.shape == (b,) and fake.shape == (2 * b,)
+    x0, sigma, x_mis = renoised[-1]  # the third re-noising: rolled reals
+    assert torch.equal(x0, L.misaligned(batch["latent"])) and torch.equal(x0[1:], batch["latent"][:-1])
+    p.disc.load_state_dict(heads)  # the heads as they were when the loss was computed
+    with torch.no_grad():
+        expect = L.reduce_logits(p.disc(x_mis, sigma, caps), "image")
+    assert torch.allclose(fake[b:], expect, atol=1e-5)
+    assert "disc/misaligned_logit" in out and 0.0 <= float(out["disc/misaligned_accuracy"]) <= 1.0
+
+
+def test_discriminator_only_steps_leave_the_student_alone(tiny_store, tiny_pipeline_dir, tmp_path):
+    from twostep.trainer.loop import discriminator_step, generator_step
+
+    p = _parts(tiny_store, tiny_pipeline_dir, tmp_path, "optim.g_every=2", "optim.g_start=1")
+    student = p.accelerator.unwrap_model(p.student)
+    batch = next(iter(p.loader))
+    caps = p.teacher.encode_prompts(batch["prompt"])
+    for step, updates in ((0, False), (1, True), (2, False), (3, True)):
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        heads = {k: v.clone() for k, v in p.disc.state_dict().items()}
+        out, fakes = generator_step(p, batch, caps, step, log_now=False)
+        assert ("g_update" not in out) is updates
+        same = all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+        assert same is not updates, step
+        discriminator_step(p, batch, caps, step, fakes)
+        assert any(not torch.equal(v, heads[k]) for k, v in p.disc.state_dict().items())  # heads every step
+
+
+def test_run_logs_diagnostics_and_plots_them(tiny_store, tiny_pipeline_dir, tmp_path):
+    from twostep.trainer.loop import train
+    from twostep.trainer.report import MetricsLog, read_metrics
+
+    run = tmp_path / "run"
+    train(tiny_cfg(tiny_store, tiny_pipeline_dir, "max_steps=4", "log_every=1"), run)
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all("disc/heldout_accuracy" in r and "grad_share/adv" in r for r in rows)
+    assert (run / "report.png").stat().st_size > 0 and "heldout_accuracy" in (run / "report.md").read_text()
+    MetricsLog(run / "metrics.jsonl", start=2)  # a resume from step 2 drops the rows after it
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]

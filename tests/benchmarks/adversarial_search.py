@@ -1,0 +1,88 @@
+"""The search for an adversarial-only recipe (``toy_gan_only``), and the discriminator's diagnostics.
+
+Each setting is the ``toy_gan_only`` config (or the ``toy`` one) with a few overrides, trained for the
+same number of steps from the same store and scored on the same prompts, unpaired (docs/evaluation.md).
+The table (``OUT/search.md``, ``OUT/search.json``) gives for each: gap closed, FD to the 8-step
+reference, all named right, recall, omitted-attribute TV, and the discriminator's held-out accuracy
+and the adversarial terms' gradient share over the last logged steps. Finished runs are skipped.
+
+    python tests/benchmarks/adversarial_search.py --store out/demo/store [--settings gan_only old_heads ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toyruns import reference_row, run_one, summarise, table
+
+# name: (config, overrides, what it tests)
+SETTINGS: dict[str, tuple[str, list[str], str]] = {
+    "gan_only": ("toy_gan_only", [], "the shipped adversarial-only recipe"),
+    "old_heads": ("toy_gan_only", ["model.disc_head=mlp", "loss.gan_reduce=image", "loss.misaligned_fakes=false"],
+                  "the recipe with the earlier heads: MLP, hinge on the token-averaged logit, no misaligned pairs"),
+    "image_hinge": ("toy_gan_only", ["loss.gan_reduce=image"], "hinge on the token-averaged logit"),
+    "no_misaligned": ("toy_gan_only", ["loss.misaligned_fakes=false"], "no misaligned caption pairs"),
+    "mlp_head": ("toy_gan_only", ["model.disc_head=mlp"], "MLP heads instead of conv heads"),
+    "sigma0": ("toy_gan_only", ["loss.sigma_mean=0.0"], "re-noising logit mean 0 instead of −0.6"),
+    "sigma_low": ("toy_gan_only", ["loss.sigma_mean=-1.2"], "re-noising logit mean −1.2"),
+    "g_every3": ("toy_gan_only", ["optim.g_every=3"], "three discriminator updates per student update"),
+    "no_g_start": ("toy_gan_only", ["optim.g_start=0"], "no discriminator-only start"),
+    "dlr_equal": ("toy_gan_only", ["optim.disc_lr=1e-5"], "discriminator lr equal to the student's"),
+    "lr3e-5": ("toy_gan_only", ["optim.lr=3e-5"], "student lr 3e-5"),
+    "lr3e-6": ("toy_gan_only", ["optim.lr=3e-6"], "student lr 3e-6"),
+    "logistic": ("toy_gan_only", ["loss.gan_loss=logistic"], "non-saturating logistic loss instead of hinge"),
+    "r1": ("toy_gan_only", ["loss.r1_weight=1.0"], "approximate R1, weight 1"),
+    "final_only": ("toy_gan_only", ["loss.step1_loss=none"], "no step-1 adversarial term"),
+    "full": ("toy", [], "the default toy config (regressions + adversarial terms)"),
+    "regress_only": ("toy", ["loss.adv_weight=0", "loss.step1_loss=regress"], "the regressions alone"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", required=True, help="a toy teacher store (twostep generate, or twostep demo's)")
+    ap.add_argument("--out", default="runs/adversarial_search", help="runs and the table")
+    ap.add_argument("--steps", type=int, default=250, help="training steps per run (default: 250)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per setting (default: 0)")
+    ap.add_argument("--eval-samples", type=int, default=1000, help="eval prompts per run (default: 1000)")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--set", dest="extra", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides applied to every setting (e.g. log_with=none)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    results: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        for name in args.settings:
+            config, overrides, _ = SETTINGS[name]
+            m = run_one(name, config, overrides, seed, args.store, args.steps, args.eval_samples, out, args.extra)
+            results.setdefault(name, []).append(m)
+            summary = summarise(results)
+            for k, ms in results.items():
+                diag = [x["run"]["diagnostics"] for x in ms]
+                summary[k]["diagnostics"] = diag
+                summary[k]["what"] = SETTINGS[k][2]
+                summary[k]["overrides"] = [SETTINGS[k][0], *SETTINGS[k][1]]
+            refs = reference_row(next(iter(results.values())))
+            (out / "search.json").write_text(json.dumps({"args": vars(args), "summary": summary, "reference": refs},
+                                                        indent=1))
+            (out / "search.md").write_text(table(summary, refs) + "\n")
+            print(f"{name} seed {seed}: gap closed {m['gap_closed']}, all named right "
+                  f"{m['student2']['accuracy']['all']:.3f}, recall {m['student2']['recall']:.3f}, "
+                  f"D held-out accuracy {m['run']['diagnostics'].get('disc/heldout_accuracy')}", flush=True)
+    print(table(summarise(results), reference_row(next(iter(results.values())))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
