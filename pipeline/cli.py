@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-
-log = logging.getLogger("twostep.generate")
+import os
 
 
 def _json_arg(text: str) -> dict:
@@ -72,35 +70,79 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=_verify)
 
 
+def _named(flag: str, check, *args) -> None:
+    """Run ``check(*args)``; its error message (which starts with the path) gets the flag in front."""
+    from twostep.cli import reworded
+
+    try:
+        check(*args)
+    except (OSError, ValueError) as e:
+        raise reworded(e, f"{flag} {e}") from None
+
+
+def _local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _check_generate(args: argparse.Namespace) -> None:
+    """What can be checked on this machine before Ray starts or the store is touched."""
+    from twostep.prompts.manifest import check_manifest
+
+    from .teacher import check_teacher_spec
+
+    if "://" not in args.manifest:  # a URL is fetched (and its errors named) by the job
+        _named("--manifest", check_manifest, args.manifest)
+    check_teacher_spec(args.teacher, "--teacher")
+    out = args.out.removeprefix("file://")
+    if _local(args.out) and os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {args.out}: a file, not a store folder")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .job import GenerateConfig, run_generation
-    from .store import StoreError
 
     overrides = {k: v for k, v in (("num_steps", args.num_steps), ("guidance_scale", args.guidance_scale))
                  if v is not None}
-    try:
-        cfg = GenerateConfig(manifest=args.manifest, out=args.out, teacher=args.teacher, shard_size=args.shard_size,
-                             batch_size=args.batch_size, num_workers=args.num_workers,
-                             gpus_per_worker=args.gpus_per_worker, image_format=args.image_format,
-                             save=tuple(s for s in args.save.split(",") if s), ray_address=args.ray_address,
-                             max_shard_retries=args.max_shard_retries, on_sample_error=args.on_sample_error,
-                             overwrite=args.overwrite, storage_options=args.storage_options,
-                             sampler_overrides=overrides)
-        if args.dry_run:
-            print(json.dumps(dataclasses.asdict(cfg), indent=1))
-            return 0
-        index = run_generation(cfg)
-    except (StoreError, ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
-        return 2
+    # Bad values (ValueError) and a store that cannot be used (StoreError): twostep.cli prints them.
+    cfg = GenerateConfig(manifest=args.manifest, out=args.out, teacher=args.teacher, shard_size=args.shard_size,
+                         batch_size=args.batch_size, num_workers=args.num_workers,
+                         gpus_per_worker=args.gpus_per_worker, image_format=args.image_format,
+                         save=tuple(s for s in args.save.split(",") if s), ray_address=args.ray_address,
+                         max_shard_retries=args.max_shard_retries, on_sample_error=args.on_sample_error,
+                         overwrite=args.overwrite, storage_options=args.storage_options,
+                         sampler_overrides=overrides)
+    if args.dry_run:
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+        return 0
+    _check_generate(args)
+    index = run_generation(cfg)
     print(f"{index['status']}: {index['samples']} samples in {len(index['shards'])}/{index['num_shards']} shards, "
           f"{index['failed_samples']} failed samples, {index['seconds']:.0f}s; store: {args.out}")
     return 0 if index["status"] == "complete" else 1
 
 
+def _check_store(url: str, storage_options: dict | None) -> None:
+    """A folder (or bucket prefix) holding a readable index.json, or an error that names it."""
+    from .store import Store
+
+    path = url.removeprefix("file://")
+    if _local(url) and not os.path.isdir(path):
+        raise (NotADirectoryError(f"store {url}: a file, not a store folder") if os.path.exists(path)
+               else FileNotFoundError(f"store {url}: no such folder"))
+    store = Store(url, storage_options)
+    if not store.exists("index.json"):
+        raise FileNotFoundError(f"store {url}: not a twostep store (no index.json; a generation job that "
+                                "never got going leaves none)")
+    try:
+        json.loads(store.read_bytes("index.json"))
+    except ValueError as e:
+        raise ValueError(f"store {url}: index.json is not JSON ({e})") from None
+
+
 def _verify(args: argparse.Namespace) -> int:
     from .verify import verify_store
 
+    _check_store(args.store, args.storage_options or None)
     report = verify_store(args.store, args.storage_options or None, args.regenerate, args.seed, args.device,
                           args.teacher)
     if args.json:

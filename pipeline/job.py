@@ -34,6 +34,7 @@ from twostep.prompts.manifest import read_meta
 
 from .shardformat import IMAGE_FORMATS, OPTIONAL_ARRAYS, STORE_FORMAT, members_text
 from .store import Store, StoreError
+from .teacher import check_teacher_spec
 from .worker import ShardWorker, WorkerConfig
 
 log = logging.getLogger("twostep.generate")
@@ -87,6 +88,7 @@ def run_generation(cfg: GenerateConfig, worker_cls: type[ShardWorker] = ShardWor
 
     ``worker_cls``: the actor class, :class:`ShardWorker` or a subclass of it (the fault tests pass
     one whose process dies mid-shard)."""
+    check_teacher_spec(cfg.teacher, "--teacher")  # before Ray starts or the store is touched
     t0 = time.time()
     if "://" not in cfg.manifest:
         return _run(cfg, t0, cfg.manifest, worker_cls)
@@ -105,6 +107,7 @@ def _run(cfg: GenerateConfig, t0: float, source: str, worker_cls: type[ShardWork
     """The job on a local manifest file; ``source`` is what the user named, for messages."""
     import ray
 
+    ours = not ray.is_initialized()  # a cluster this job starts, it stops: its workers and their output end here
     manifest_hash, _ = read_meta(cfg.manifest)
     if not manifest_hash:
         raise StoreError(f"{source}: no manifest hash in its footer; build it with twostep prompts "
@@ -136,6 +139,8 @@ def _run(cfg: GenerateConfig, t0: float, source: str, worker_cls: type[ShardWork
     finally:
         keeper.stop()
         store.release_lease(owner)
+        if ours and ray.is_initialized():
+            ray.shutdown()
     return summary
 
 
@@ -171,10 +176,15 @@ def _init_ray(ray, cfg: GenerateConfig) -> None:
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return
+    # The workers' output (teacher loading bars, their log lines) and Ray's INFO lines reach this
+    # terminal only when the libraries log at INFO (twostep -v); a failing shard's error comes back
+    # as its exception either way, and the workers' logs stay in Ray's session folder.
+    verbose = logging.getLogger().isEnabledFor(logging.INFO)
+    logs = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **logs)
     else:  # the embedded default: a local cluster sized to this machine
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, **logs)
 
 
 class _Actors:

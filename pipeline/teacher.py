@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,27 @@ def weights_id(path: str, revision: str | None = None) -> str | None:
     return h.hexdigest()[:16]
 
 
+# A hub id: owner/name, optionally @revision (branch, tag or commit); never a path ("/…", "./…", "a/b/c").
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+
+
+def check_teacher_spec(spec: str, what: str = "teacher") -> None:
+    """Raise an error naming ``what`` (a flag or config key) and ``spec`` unless it is ``toy``, a local
+    pipeline folder (with ``model_index.json``) or a hub id ``owner/name[@revision]``. Looks at the
+    local disk only, so a driver can check its flags before it starts workers or writes anything."""
+    if spec == "toy":
+        if not (TOY_TEACHER_DIR / "model_index.json").exists():
+            raise FileNotFoundError(f"the toy teacher is not in {TOY_TEACHER_DIR}; train it with "
+                                    "python -m twostep.pipeline.toy.train_teacher")
+    elif os.path.isdir(spec):
+        if not os.path.exists(os.path.join(spec, "model_index.json")):
+            raise FileNotFoundError(f"{what} {spec}: not a diffusers pipeline folder (no model_index.json)")
+    elif os.path.exists(spec):
+        raise ValueError(f"{what} {spec}: a file, not a pipeline folder")
+    elif not HUB_ID.fullmatch(spec):
+        raise FileNotFoundError(f"{what} {spec}: no such folder, and not toy or a hub id (owner/name[@revision])")
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -168,15 +190,11 @@ class Teacher:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         revision = None
+        check_teacher_spec(spec)
         if spec == "toy":
             path, name = str(TOY_TEACHER_DIR), "toy"
-            if not (TOY_TEACHER_DIR / "model_index.json").exists():
-                raise FileNotFoundError(f"the toy teacher is not in {TOY_TEACHER_DIR}; train it with "
-                                        "python -m twostep.pipeline.toy.train_teacher")
         elif os.path.isdir(spec):
             path, name = spec, os.path.abspath(spec)
-            if not os.path.exists(os.path.join(spec, "model_index.json")):
-                raise FileNotFoundError(f"{spec}: not a diffusers pipeline folder (no model_index.json)")
         else:
             path, _, revision = spec.partition("@")
             name, revision = path, revision or None

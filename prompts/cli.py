@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
-from .build import BuildOptions, ManifestError, build_manifest
-from .readers import InputError
+from .build import BuildOptions, build_manifest
+from .manifest import check_manifest
 from .report import format_report, inspect_manifest
 from .split import split_manifest
-
-log = logging.getLogger("twostep.prompts")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -69,7 +66,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("-o", "--out-dir", default=None, help="folder for the two files (default: beside MANIFEST)")
     s.set_defaults(func=_split)
 
-
     t = ps.add_parser("toy", help="write a manifest of toy-world (shapes) captions",
                       description="Sample captions of the procedural shapes world (each attribute left out "
                                   "with probability --omit-prob) into a manifest; the attributes a caption "
@@ -94,15 +90,11 @@ def _toy(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    try:
-        opts = BuildOptions(seed=args.seed, per_prompt=args.per_prompt, max_chars=args.max_chars,
-                            case_insensitive=args.case_insensitive, on_invalid=args.on_invalid,
-                            text_column=args.text_column, hf_split=args.hf_split,
-                            height=args.height, width=args.width)
-        s = build_manifest(args.inputs, args.output, opts)
-    except (ManifestError, InputError, ValueError) as e:
-        log.error("%s", e)
-        return 2
+    opts = BuildOptions(seed=args.seed, per_prompt=args.per_prompt, max_chars=args.max_chars,
+                        case_insensitive=args.case_insensitive, on_invalid=args.on_invalid,
+                        text_column=args.text_column, hf_split=args.hf_split,
+                        height=args.height, width=args.width)
+    s = build_manifest(args.inputs, args.output, opts)  # ManifestError, InputError: twostep.cli prints them
     if args.json:
         print(json.dumps(s.__dict__, indent=2))
         return 0
@@ -115,17 +107,15 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    check_manifest(args.manifest)
     info = inspect_manifest(args.manifest)
     print(json.dumps(info, indent=2) if args.json else format_report(info))
     return 0 if info["hash_ok"] else 1
 
 
 def _split(args: argparse.Namespace) -> int:
-    try:
-        s = split_manifest(args.manifest, args.eval_fraction, args.out_dir, args.salt)
-    except ValueError as e:
-        log.error("%s", e)
-        return 2
+    check_manifest(args.manifest)
+    s = split_manifest(args.manifest, args.eval_fraction, args.out_dir, args.salt)
     print(f"train: {s.train} ({s.train_rows} rows, hash {s.train_hash})")
     print(f"eval:  {s.eval} ({s.eval_rows} rows, hash {s.eval_hash})")
     return 0

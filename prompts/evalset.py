@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .manifest import derive_seed
+from .manifest import derive_seed, parquet_metadata
 from .toy import ATTRIBUTES, sample_toy_prompts
 
 
@@ -33,7 +33,7 @@ def eval_prompts(path: str | None, n: int, seed: int, size: tuple[int, int] | No
                            [{a: r[a] for a in ATTRIBUTES} for r in rows])
     import pyarrow.parquet as pq
 
-    names = set(pq.read_schema(path).names)
+    names = set(parquet_metadata(path).schema.to_arrow_schema().names)
     missing = {"prompt", "seed"} - names
     if missing:
         raise ValueError(f"{path}: not a twostep manifest, missing column(s) {sorted(missing)}")

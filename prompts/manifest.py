@@ -85,9 +85,30 @@ def compute_hash(path: str | os.PathLike) -> str:
     return hasher.hexdigest()
 
 
+def parquet_metadata(path: str | os.PathLike) -> pq.FileMetaData:
+    """The footer of a parquet file; a missing, unreadable or non-parquet file raises an error that
+    names it (pyarrow's own messages do not name the file for a file that is not parquet)."""
+    try:
+        return pq.read_metadata(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (pa.ArrowException, OSError) as e:  # a folder, a text file, a truncated file, no permission
+        kind = "a folder, not a parquet file" if os.path.isdir(path) else f"not a readable parquet file ({e})"
+        raise ValueError(f"{path}: {kind}") from None
+
+
+def check_manifest(path: str | os.PathLike) -> None:
+    """Raise an error naming ``path`` unless it is a readable parquet file with the core columns."""
+    names = parquet_metadata(path).schema.to_arrow_schema().names
+    missing = [c for c in CORE_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"{path}: not a twostep manifest (no column {', '.join(missing)}); make one with "
+                         "twostep prompts build or twostep prompts toy")
+
+
 def read_meta(path: str | os.PathLike) -> tuple[str | None, dict[str, Any]]:
     """The stored manifest hash and build record of a manifest parquet file."""
-    meta = pq.read_metadata(path).metadata or {}
+    meta = parquet_metadata(path).metadata or {}
     digest = meta.get(HASH_KEY)
     build = json.loads(meta[BUILD_KEY]) if BUILD_KEY in meta else {}
     return (digest.decode() if digest else None), build

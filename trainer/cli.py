@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 log = logging.getLogger("twostep.train")
 
@@ -33,25 +34,41 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _check_inputs(cfg, args: argparse.Namespace) -> None:
+    """The teacher, the data and the run directory, checked before anything loads or is written."""
+    from twostep.cli import reworded
+    from twostep.pipeline.teacher import check_teacher_spec
+
+    from .data import resolve_shards
+
+    check_teacher_spec(cfg.model.teacher, "--teacher" if args.teacher else "model.teacher")
+    data = "--data" if args.data else "data.data"
+    try:
+        resolve_shards(cfg.data.data, cfg.data.storage_options or None)
+    except (OSError, ValueError) as e:  # missing, not a store, no shards, an unreadable index.json
+        named = str(cfg.data.data) in str(e)  # resolve_shards names the spec in most of its messages
+        raise reworded(e, f"{data}: {e}" if named else f"{data} {cfg.data.data}: {e}") from None
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise NotADirectoryError(f"--out {args.out}: a file, not a run directory")
+
+
 def run(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config, to_yaml
+    from .config import load_config, to_yaml
 
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.data={args.data}")
     if args.teacher:
         overrides.append(f"model.teacher={args.teacher}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        raise SystemExit(f"twostep train: {e}") from None
+    cfg = load_config(args.config, overrides)  # ConfigError (a ValueError): twostep.cli prints it
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
     if not args.out:
-        raise SystemExit("twostep train: --out RUN_DIR is required (except with --dry-run)")
+        raise ValueError("--out RUN_DIR is required (except with --dry-run)")
     if not cfg.data.data:
-        raise SystemExit("twostep train: no data: pass --data STORE_OR_SHARDS or set data.data in the config")
+        raise ValueError("no data: pass --data STORE_OR_SHARDS or set data.data in the config")
+    _check_inputs(cfg, args)
     from .loop import train
 
     result = train(cfg, args.out)

@@ -61,24 +61,45 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8-sig") as f:
-            prompts += [line.rstrip("\r\n") for line in f if line.strip()]
+        try:
+            with open(args.prompts_file, encoding="utf-8-sig") as f:
+                prompts += [line.rstrip("\r\n") for line in f if line.strip()]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file") from None
+        except IsADirectoryError:
+            raise IsADirectoryError(f"--prompts-file {args.prompts_file}: a folder, not a text file") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts-file {args.prompts_file}: not UTF-8 text ({e.reason} at byte "
+                             f"{e.start})") from None
     return prompts
+
+
+def _check_student(path: str) -> None:
+    """An exported student folder, or an error naming ``--student`` (before any weights load)."""
+    if not os.path.isdir(path):
+        raise (NotADirectoryError(f"--student {path}: a file, not an exported student folder")
+               if os.path.exists(path) else FileNotFoundError(f"--student {path}: no such folder"))
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(f"--student {path}: not an exported student (no model_index.json); "
+                                "twostep train writes one to RUN_DIR/student")
 
 
 def main(args: argparse.Namespace) -> int:
     from .export import load_student
 
+    # Bad input raises OSError or ValueError naming the flag; twostep.cli prints it as one line.
+    _check_student(args.student)
     prompts = _read_prompts(args)
     if not prompts:
-        raise SystemExit("twostep sample: give --prompt or --prompts-file")
+        raise ValueError("no prompts: give --prompt or --prompts-file (an empty file has none)")
     if args.batch_size < 1:
-        raise SystemExit("twostep sample: --batch-size must be at least 1")
+        raise ValueError("--batch-size must be at least 1")
     out = Path(args.out)
     single_file = out.suffix.lower() == ".png"
     if single_file and len(prompts) != 1:
-        raise SystemExit(f"twostep sample: --out {out} is a .png file but there are {len(prompts)} prompts; "
-                         "give a folder")
+        raise ValueError(f"--out {out} is a .png file but there are {len(prompts)} prompts; give a folder")
+    if not single_file and out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out}: a file, not a folder (a single image needs a .png name)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
@@ -88,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
     width = args.width or pipe.default_size
     multiple = pipe.vae_scale_factor * 2
     if height % multiple or width % multiple:
-        raise SystemExit(f"twostep sample: height and width must be multiples of {multiple}, got {height}×{width}")
+        raise ValueError(f"--height and --width must be multiples of {multiple}, got {height}×{width}")
     log.info("sampling %d image(s) of %d×%d from %s on %s (%s), σ = %s", len(prompts), height, width,
              args.student, device, str(dtype).removeprefix("torch."), pipe.sigmas)
 

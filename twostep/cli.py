@@ -1,4 +1,9 @@
-"""The ``twostep`` command line: one program, a subcommand per stage."""
+"""The ``twostep`` command line: one program, a subcommand per stage.
+
+Bad input (a missing or unreadable file, a folder of the wrong kind, a bad flag value) ends the
+command with one line, ``twostep COMMAND: error: <what and why>``, and exit status 2, like
+argparse's own usage errors; ``--debug`` or ``-v`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import logging
 import sys
 
 from . import __version__
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,8 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "teacher generation to WebDataset shards, streaming training, evaluation.",
     )
     parser.add_argument("--version", action="version", version=f"twostep {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also log the libraries' INFO lines (accelerate, Ray and its workers' output) and "
+                             "twostep's debug messages; show tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback when a command fails on bad input")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="the stage to run; 'twostep COMMAND --help' explains its flags")
     prompts_cli.add_parser(sub)
@@ -36,12 +47,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """twostep's INFO lines and everyone's warnings by default; ``verbose``: the libraries' INFO lines
+    (accelerate's checkpoint messages, Ray's, which also makes the generation job forward its workers'
+    output) and twostep's DEBUG lines; ``quiet``: warnings and errors only."""
+    root_level = logging.INFO if verbose else logging.WARNING
+    own_level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=root_level, format=LOG_FORMAT, datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(root_level)  # basicConfig leaves the level alone when handlers exist
+    logging.getLogger("twostep").setLevel(own_level)
+
+
+def reworded(e: Exception, message: str) -> Exception:
+    """A new error of ``e``'s broad kind (FileNotFoundError, NotADirectoryError, another OSError, or
+    ValueError) with ``message``: for a command that puts the flag's name in front of a library's
+    message (library error classes may not take a plain message)."""
+    for kind in (FileNotFoundError, NotADirectoryError, IsADirectoryError, OSError):
+        if isinstance(e, kind):
+            return kind(message)
+    return ValueError(message)
+
+
+def _expected(e: BaseException) -> bool:
+    """Errors that bad input raises (as opposed to bugs): shown as one line, not a traceback."""
+    from twostep.pipeline.store import StoreError
+
+    # OSError: missing, unreadable or wrong-kind paths (FileNotFoundError, NotADirectoryError, …);
+    # ValueError: bad values and unreadable content (ConfigError, ManifestError, InputError,
+    # pyarrow.ArrowInvalid, json.JSONDecodeError); StoreError: a store that cannot be used as asked.
+    return isinstance(e, (OSError, ValueError, StoreError))
+
+
+def _command(args: argparse.Namespace) -> str:
+    """``generate``, ``prompts inspect``, …: the words of the command line that chose ``args.func``."""
+    sub = getattr(args, "prompts_cmd", None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    return args.func(args)
+    configure_logging(args.verbose, args.quiet)
+    try:
+        return args.func(args)
+    except Exception as e:
+        if args.debug or args.verbose or not _expected(e):
+            raise
+        message = str(e).strip() or type(e).__name__
+        print(f"twostep {_command(args)}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -310,7 +310,7 @@ def test_sample_writes_one_png_of_the_right_size(two_dir, tmp_path):
     run_sample(["--student", two_dir, "--prompt", "a red cube", "--height", "32", "--width", "48",
                 "-o", str(out), "--device", "cpu"])
     assert Image.open(out).size == (48, 32)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--out .* is a .png file but there are 2 prompts"):
         run_sample(["--student", two_dir, "--prompt", "a", "--prompt", "b", "-o", str(out)])
 
 
