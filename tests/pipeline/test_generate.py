@@ -159,10 +159,41 @@ def test_worker_killed_mid_shard(ray_cluster, manifest, clean_store, tmp_path, c
     assert _arrays(tmp_path / "store") == _arrays(clean_store[0])
 
 
-def test_failing_shard_is_retried_then_recorded(ray_cluster, manifest, tmp_path):
-    # a teacher folder that cannot load makes every attempt fail: the job must end, not hang
+def test_a_teacher_that_cannot_load_ends_the_job(ray_cluster, manifest, tmp_path):
+    # a teacher folder that cannot load: the job must end with the reason, not hang
     with pytest.raises(Exception, match="model_index.json|not a diffusers pipeline"):
         run_generation(_cfg(manifest, tmp_path / "store", teacher=str(tmp_path), max_shard_retries=1))
+
+
+def _failing_shard_worker(shard: int, log_path) -> type[ShardWorker]:
+    """A ShardWorker whose task for ``shard`` always raises; every attempt appends a line to ``log_path``."""
+
+    class FailsOneShard(ShardWorker):
+        def run(self, i: int, fingerprint: str) -> dict:
+            if i != shard:
+                return super().run(i, fingerprint)
+            with open(log_path, "a") as f:
+                f.write(f"{i}\n")
+            raise RuntimeError(f"shard {i} fails (injected)")
+
+    return FailsOneShard
+
+
+def test_failing_shard_is_retried_then_recorded_and_a_rerun_completes_it(ray_cluster, manifest, clean_store,
+                                                                         tmp_path):
+    out, attempts = tmp_path / "store", tmp_path / "attempts"
+    index = run_generation(_cfg(manifest, out, save=("mid", "noise"), max_shard_retries=1),
+                           worker_cls=_failing_shard_worker(1, attempts))
+    assert attempts.read_text().split() == ["1", "1"]  # the first try and one retry
+    assert index["status"] == "incomplete" and index["missing_shards"] == [1]
+    assert list(index["failed_shards"]) == ["1"] and "fails (injected)" in index["failed_shards"]["1"]
+    assert index["samples"] == ROWS - SHARD and not os.path.exists(out / "shards" / "000001.json")
+    assert not verify_store(str(out))["ok"]
+    before = {p: os.path.getmtime(p) for p in glob.glob(f"{out}/shards/*")}
+    index = run_generation(_cfg(manifest, out, save=("mid", "noise")))
+    assert index["status"] == "complete" and index["samples"] == ROWS
+    assert {p: os.path.getmtime(p) for p in before} == before  # the rerun did only the failed shard
+    assert _arrays(out) == _arrays(clean_store[0]) and verify_store(str(out))["ok"]
 
 
 def test_killed_driver_then_rerun_equals_clean_run(manifest, clean_store, tmp_path):
