@@ -408,10 +408,10 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
             stop = preempt.any_rank(acc)
             due = (step + 1) % cfg.checkpoint_every == 0 or stop or step + 1 == cfg.max_steps
             if due and p.progress["nonfinite_streak"] == 0:  # never checkpoint inside a bad streak
-                ckpts.save(acc, step + 1, p.ema, p.loader.state_dict(), _public(p.progress), ema_sharded=fsdp)
+                ckpts.save(acc, step + 1, p.ema, p.loader.state_dict(), dict(p.progress), ema_sharded=fsdp)
             if stop:
                 log.warning("preempted: checkpoint saved at step %d; run the same command to resume", step + 1)
-                return {**_public(p.progress), "preempted": True}
+                return {**p.progress, "preempted": True}
     finally:
         preempt.restore()
         if cfg.log_with != "none":
@@ -422,14 +422,10 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
         plot_run(p.run_dir)
     if cfg.export:
         export(p)
-    result = {**_public(p.progress), "metrics": metrics}
+    result = {**p.progress, "metrics": metrics}
     if acc.is_main_process:
         (p.run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result
-
-
-def _public(progress: dict) -> dict:
-    return {k: v for k, v in progress.items() if not k.startswith("_")}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -1,20 +1,26 @@
-"""The paper's ablation in miniature, on the toy world (README, "Ablation").
+"""The paper's ablation in miniature, on the toy world (docs/results/ablation.md).
 
-Variants, each trained from the same store with the same settings and seeds, then scored with
-``twostep eval`` on the same prompts:
+Variants, each trained from the same store with the same settings and seeds, then scored unpaired on
+the same prompts (docs/evaluation.md):
 
 * ``full``: the toy config (teacher samples as the GAN's real data, decoupled steps, end to end,
-  step-1 loss);
+  step-1 loss, plus the paired regression);
+* ``regress_only``: the paired and step-1 regressions, no adversarial term;
+* ``adv_only``: the adversarial terms alone (``toy_gan_only``);
 * ``real_renders``: ground-truth renders (a WebDataset of toy images with captions) as real data;
-* ``shared``: one parameter set for both steps;
+* ``shared``: one parameter set for both steps, at equal trainable parameters when the students are
+  LoRA adapters (``--lora-rank R``: decoupled rank R per step against shared rank 2R);
 * ``detached``: the step-1 state detached (no end-to-end gradient);
 * ``no_step1``: no explicit step-1 loss.
 
-Reported per variant: mean and spread (min–max over seeds) of gap closed, FD to the teacher's
-8 steps and all-correct rate; the table goes to ``OUT/ablation.md`` and ``OUT/ablation.json``,
-one grid per variant beside it. Finished runs are skipped, so the command resumes.
+``--lora-rank R`` runs every variant as per-step LoRA adapters of rank R (the capacity-limited
+regime, where the regressions alone fall short); 0 trains every weight. Reported per variant: mean,
+sd and range over seeds of gap closed, FD to the 8-step reference, all named right, recall,
+omitted-attribute TV and the paired FD; the table goes to ``OUT/ablation.md`` and
+``OUT/ablation.json``, one grid per variant beside it. Finished runs are skipped, so the command
+resumes.
 
-    python tests/benchmarks/ablation.py --store runs/toy/store [--steps 150] [--seeds 0 1] [--eval-samples 200]
+    python tests/benchmarks/ablation.py --store out/demo/store --lora-rank 4 [--steps 250] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -23,83 +29,47 @@ import argparse
 import json
 import logging
 import shutil
-import statistics
+import sys
 from pathlib import Path
 
-VARIANTS: dict[str, list[str]] = {
-    "full": [],
-    "real_renders": ["loss.real_source=external"],
-    "shared": ["model.decoupled=false"],
-    "detached": ["loss.e2e=false"],
-    "no_step1": ["loss.step1_loss=none"],
+sys.path.insert(0, str(Path(__file__).parent))
+from toyruns import reference_row, run_one, summarise, table
+
+# name: (config, overrides); "{r}" and "{r2}" are the LoRA rank and twice it
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "full": ("toy", []),
+    "regress_only": ("toy", ["loss.adv_weight=0", "loss.step1_loss=regress"]),
+    "adv_only": ("toy_gan_only", []),
+    "real_renders": ("toy", ["loss.real_source=external"]),
+    "shared": ("toy", ["model.decoupled=false", "model.lora_rank={r2}"]),
+    "detached": ("toy", ["loss.e2e=false"]),
+    "no_step1": ("toy", ["loss.step1_loss=none"]),
 }
 
 
-def run_one(variant: str, seed: int, store: str, renders: str, steps: int, n_eval: int, out: Path,
-            reeval: bool = False) -> dict:
-    from twostep.eval import evaluate, write_report
-    from twostep.pipeline.teacher import Teacher
-    from twostep.trainer.config import load_config
-    from twostep.trainer.loop import train
-
-    run = out / f"{variant}-seed{seed}"
-    done = run / "eval" / "metrics.json"
-    if done.exists() and not (reeval and "recall" not in json.loads(done.read_text())["student2"]):
-        return json.loads(done.read_text())
-    cfg = load_config("toy", [f"data.data={store}", f"data.external={renders}", f"max_steps={steps}", f"seed={seed}",
-                              f"checkpoint_every={max(1, steps // 3)}", "sample_every=0", *VARIANTS[variant]])
-    if not (run / "result.json").exists():  # trained and exported already: only score it
-        train(cfg, run)
-    metrics, images = evaluate(str(run / "student"), Teacher.load("toy"), n_eval)
-    write_report(metrics, images, run / "eval")
-    return metrics
-
-
-def summarise(results: dict[str, list[dict]]) -> dict:
-    def spread(xs):
-        return {"mean": round(statistics.mean(xs), 4), "min": round(min(xs), 4), "max": round(max(xs), 4)}
-
-    def row(ms):
-        r = {"gap_closed": spread([m["gap_closed"] for m in ms]),
-             "fd_to_teacher8": spread([m["student2"]["fd_to_teacher8"] for m in ms]),
-             "all_correct": spread([m["student2"]["accuracy"]["all"] for m in ms]),
-             "naive2_fd_to_teacher8": spread([m["naive2"]["fd_to_teacher8"] for m in ms]),
-             "seeds": len(ms)}
-        if all("recall" in m["student2"] for m in ms):  # metrics of the current twostep eval
-            r["recall"] = spread([m["student2"]["recall"] for m in ms])
-            r["omitted_tv"] = spread([m["student2"]["omitted_tv"]["mean"] for m in ms])
-        return r
-
-    return {v: row(ms) for v, ms in results.items()}
-
-
-def table(summary: dict) -> str:
-    def fmt(d, p=3):
-        return f"{d['mean']:.{p}f} ({d['min']:.{p}f}–{d['max']:.{p}f})"
-
-    extra = all("recall" in s for s in summary.values())
-    lines = ["| variant | gap closed | FD to teacher-8 | all named right | "
-             + ("recall | omitted-attribute TV | " if extra else "") + "seeds |",
-             "|---|---|---|---|" + ("---|---|" if extra else "") + "---|"]
-    for v, s in summary.items():
-        more = f"{fmt(s['recall'])} | {fmt(s['omitted_tv'])} | " if extra else ""
-        lines.append(f"| {v} | {fmt(s['gap_closed'])} | {fmt(s['fd_to_teacher8'], 1)} | {fmt(s['all_correct'])} "
-                     f"| {more}{s['seeds']} |")
-    return "\n".join(lines)
+def overrides(variant: str, rank: int, renders: str) -> tuple[str, list[str]]:
+    config, extra = VARIANTS[variant]
+    base = [f"model.lora_rank={rank}", f"data.external={renders}"]
+    return config, base + [x.format(r=rank, r2=2 * rank) for x in extra]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", required=True, help="a toy teacher store (twostep generate)")
+    ap.add_argument("--store", required=True, help="a toy teacher store (twostep generate, or twostep demo's)")
     ap.add_argument("--out", default="runs/ablation", help="runs and the table (default: runs/ablation)")
-    ap.add_argument("--steps", type=int, default=150, help="training steps per run (default: 150)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per variant (default: 0 1)")
-    ap.add_argument("--eval-samples", type=int, default=200, help="eval prompts per run (default: 200)")
+    ap.add_argument("--steps", type=int, default=250, help="training steps per run (default: 250)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per variant (default: 0 1 2)")
+    ap.add_argument("--eval-samples", type=int, default=1000, help="eval prompts per run (default: 1000)")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="per-step LoRA rank of every variant (shared: twice it); 0 = full weights (default: 0)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--reeval", action="store_true",
-                    help="re-score finished runs whose metrics predate recall and omitted-attribute TV")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     from twostep.pipeline.toy.render import write_render_shards
 
@@ -109,13 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:  # seed-major: a partial run still covers every variant once
         for v in args.variants:
-            results.setdefault(v, []).append(run_one(v, seed, args.store, renders, args.steps, args.eval_samples, out,
-                                                   args.reeval))
+            config, ov = overrides(v, args.lora_rank, renders)
+            m = run_one(v, config, ov, seed, args.store, args.steps, args.eval_samples, out)
+            results.setdefault(v, []).append(m)
             shutil.copy(out / f"{v}-seed{seed}" / "eval" / "grid.png", out / f"grid-{v}.png")
             summary = summarise(results)
-            (out / "ablation.json").write_text(json.dumps({"args": vars(args), "summary": summary}, indent=1))
-            (out / "ablation.md").write_text(table(summary) + "\n")
-    print(table(summarise(results)))
+            refs = reference_row(next(iter(results.values())))
+            (out / "ablation.json").write_text(json.dumps({"args": vars(args), "summary": summary,
+                                                           "reference": refs}, indent=1))
+            (out / "ablation.md").write_text(table(summary, refs) + "\n")
+            print(f"{v} seed {seed}: gap closed {m['gap_closed']}", flush=True)
+    print(table(summarise(results), reference_row(next(iter(results.values())))))
     return 0
 
 
