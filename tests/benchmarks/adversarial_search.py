@@ -40,6 +40,9 @@ SETTINGS: dict[str, tuple[str, list[str], str]] = {
     "r1": ("toy_gan_only", ["loss.r1_weight=1.0"], "approximate R1, weight 1"),
     "final_only": ("toy_gan_only", ["loss.step1_loss=none"], "no step-1 adversarial term"),
     "full": ("toy", [], "the default toy config (regressions + adversarial terms)"),
+    "full_new_d": ("toy", ["model.disc_head=conv", "loss.gan_reduce=token", "loss.misaligned_fakes=true",
+                           "optim.disc_lr=1e-3", "loss.sigma_mean=-0.6"],
+                   "the toy config with the adversarial-only recipe's discriminator"),
     "regress_only": ("toy", ["loss.adv_weight=0", "loss.step1_loss=regress"], "the regressions alone"),
 }
 
