@@ -22,7 +22,9 @@ from toyruns import reference_row, run_one, summarise, table
 
 # name: (config, overrides, what it tests)
 SETTINGS: dict[str, tuple[str, list[str], str]] = {
-    "gan_only": ("toy_gan_only", [], "the shipped adversarial-only recipe"),
+    "gan_only": ("toy_gan_only", [], "the shipped adversarial-only recipe (three discriminator updates per student "
+                 "update)"),
+    "g_every1": ("toy_gan_only", ["optim.g_every=1"], "one discriminator update per student update"),
     "old_heads": ("toy_gan_only", ["model.disc_head=mlp", "loss.gan_reduce=image", "loss.misaligned_fakes=false"],
                   "the recipe with the earlier heads: MLP, hinge on the token-averaged logit, no misaligned pairs"),
     "image_hinge": ("toy_gan_only", ["loss.gan_reduce=image"], "hinge on the token-averaged logit"),
@@ -30,12 +32,13 @@ SETTINGS: dict[str, tuple[str, list[str], str]] = {
     "mlp_head": ("toy_gan_only", ["model.disc_head=mlp"], "MLP heads instead of conv heads"),
     "sigma0": ("toy_gan_only", ["loss.sigma_mean=0.0"], "re-noising logit mean 0 instead of −0.6"),
     "sigma_low": ("toy_gan_only", ["loss.sigma_mean=-1.2"], "re-noising logit mean −1.2"),
-    "g_every3": ("toy_gan_only", ["optim.g_every=3"], "three discriminator updates per student update"),
+    "g_every5": ("toy_gan_only", ["optim.g_every=5"], "five discriminator updates per student update (DMD2's)"),
+    "lr2e-5": ("toy_gan_only", ["optim.lr=2e-5"], "student lr 2e-5"),
     "no_g_start": ("toy_gan_only", ["optim.g_start=0"], "no discriminator-only start"),
     "r1_lr3e-6": ("toy_gan_only", ["loss.r1_weight=1.0", "optim.lr=3e-6"], "approximate R1 and student lr 3e-6"),
     "dlr1e-4": ("toy_gan_only", ["optim.disc_lr=1e-4"], "discriminator lr 1e-4 (10× the student's, not 100×)"),
-    "lr3e-5": ("toy_gan_only", ["optim.lr=3e-5"], "student lr 3e-5"),
-    "lr3e-6": ("toy_gan_only", ["optim.lr=3e-6"], "student lr 3e-6"),
+    "g_every1_lr3e-5": ("toy_gan_only", ["optim.g_every=1", "optim.lr=3e-5"],
+                        "one discriminator update per student update, student lr 3e-5"),
     "logistic": ("toy_gan_only", ["loss.gan_loss=logistic"], "non-saturating logistic loss instead of hinge"),
     "r1": ("toy_gan_only", ["loss.r1_weight=1.0"], "approximate R1, weight 1"),
     "final_only": ("toy_gan_only", ["loss.step1_loss=none"], "no step-1 adversarial term"),
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-samples", type=int, default=1000, help="eval prompts per run (default: 1000)")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="only tabulate the finished runs of the chosen settings and seeds; train nothing")
     ap.add_argument("--set", dest="extra", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides applied to every setting (e.g. log_with=none)")
     args = ap.parse_args(argv)
@@ -69,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for name in args.settings:
             config, overrides, _ = SETTINGS[name]
+            if args.table_only and not (out / f"{name}-seed{seed}" / "eval" / "metrics.json").exists():
+                continue
             m = run_one(name, config, overrides, seed, args.store, args.steps, args.eval_samples, out, args.extra)
             results.setdefault(name, []).append(m)
             summary = summarise(results)
