@@ -56,9 +56,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=_generate)
 
     v = sub.add_parser("verify", help="check a shard store; optionally regenerate samples and compare",
-                       description="Check every shard against index.json (present, size, sha256, sample count, "
-                                   "keys = manifest rows) and report what is missing or corrupt.")
+                       description="Check a store against index.json and report what is missing or corrupt. "
+                                   "By default a fast check from one listing of shards/ (every shard present "
+                                   "with its recorded size and commit marker, samples + failures = its rows); "
+                                   "--full also reads every shard (sha256, the shard parser, keys = manifest "
+                                   "rows), in parallel.")
     v.add_argument("store", metavar="STORE", help="store URL")
+    v.add_argument("--full", action="store_true",
+                   help="also read every shard: sha256, format (the trainer's parser) and keys")
+    v.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="with the full check, read only N random shards (implies --full)")
+    v.add_argument("--threads", type=int, default=16, help="shards read at once by the full check (default: 16)")
+    v.add_argument("--ray-address", default=None,
+                   help="run the full check as Ray tasks on this cluster (default: RAY_ADDRESS, else threads)")
     v.add_argument("--regenerate", type=int, default=0, metavar="K",
                    help="regenerate K random samples with the recorded teacher and compare latents")
     v.add_argument("--seed", type=int, default=0, help="which samples --regenerate picks (default: 0)")
@@ -143,13 +153,17 @@ def _verify(args: argparse.Namespace) -> int:
     from .verify import verify_store
 
     _check_store(args.store, args.storage_options or None)
+    if args.sample is not None and args.sample < 1:
+        raise ValueError(f"--sample {args.sample}: must be >= 1")
     report = verify_store(args.store, args.storage_options or None, args.regenerate, args.seed, args.device,
-                          args.teacher)
+                          args.teacher, full=args.full or args.sample is not None, sample=args.sample,
+                          threads=args.threads, ray_address=args.ray_address, progress=not args.json)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print(f"{'OK' if report['ok'] else 'PROBLEMS'}: {report.get('shards', 0)} shards, "
-              f"{report.get('samples', 0)} samples")
+              f"{report.get('samples', 0)} samples ({report.get('mode', 'fast')} check"
+              + (f", {report['checked']} shards read" if report.get("mode") == "full" else "") + ")")
         for p in report["problems"]:
             print("  " + p)
         if "regenerate" in report:

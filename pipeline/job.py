@@ -4,9 +4,13 @@ The unit of work is a shard (a fixed row range of the manifest). The driver take
 lease, checks that an existing store was made with the same manifest, teacher and sampler, then
 hands uncommitted shards to ``ShardWorker`` actors. A task that raises is retried up to
 ``max_shard_retries`` times; an actor that dies (killed, OOM, preempted) is replaced by a new one
-and its shard is put back in the queue (``ray.util.ActorPool`` does neither: ray #50313). At the end it writes ``index.json``, ``failed.parquet`` and
-the dataset card from the committed shards' stats, so a driver that died leaves a store the next
-run completes.
+and its shard is put back in the queue (``ray.util.ActorPool`` does neither: ray #50313).
+
+Start-up costs a few requests whatever the store's size: the committed shards come from one listing
+of ``shards/`` plus the last ``index.json``, and only stats the index lacks are read (concurrently).
+The driver keeps the stats its tasks return, rewrites ``index.json`` at intervals while it runs,
+and at the end writes ``index.json``, ``failed.parquet`` and the dataset card from them, with no
+second pass over the store; a driver that died leaves a store the next run completes.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from tqdm.auto import tqdm
 from twostep.prompts.manifest import read_meta
 
 from .shardformat import IMAGE_FORMATS, OPTIONAL_ARRAYS, STORE_FORMAT, members_text
-from .store import Store, StoreError
+from .store import INDEX_ENTRY, Store, StoreError
 from .teacher import check_teacher_spec
 from .worker import ShardWorker, WorkerConfig
 
@@ -59,6 +63,11 @@ class GenerateConfig:
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
     sampler_overrides: dict[str, Any] = field(default_factory=dict)
+    index_every_shards: int = 500
+    """While the job runs, ``index.json`` is rewritten after this many newly committed shards, or
+    after ``index_every_s`` seconds with at least one, so a killed driver leaves a useful index.
+    Each write serialises every entry (about 200 bytes a shard)."""
+    index_every_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.image_format not in (*IMAGE_FORMATS, "none"):
@@ -71,6 +80,8 @@ class GenerateConfig:
             raise ValueError("--on-sample-error must be skip or fail")
         if self.shard_size < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ValueError("--shard-size, --batch-size and --num-workers must be >= 1")
+        if self.index_every_shards < 1 or self.index_every_s <= 0:
+            raise ValueError("index_every_shards must be >= 1 and index_every_s > 0")
 
 
 def fingerprint(manifest_hash: str, cfg: GenerateConfig, facts: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -126,16 +137,19 @@ def _run(cfg: GenerateConfig, t0: float, source: str, worker_cls: type[ShardWork
         actors = _Actors(ray, cfg, store, worker_cls)
         facts = actors.describe()
         fp, ident = fingerprint(manifest_hash, cfg, facts)
-        _check_store(store, fp, ident, cfg)
-        if not store.exists("index.json"):  # records the settings at once, for a rerun after a crash
-            store.put_json("index.json", {"status": "in progress", "fingerprint": fp, "identity": ident,
-                                          "num_shards": num_shards, "shards": []})
-        todo = [i for i in range(num_shards) if not store.committed(i, fp)]
+        old = _check_store(store, fp, ident, cfg)
+        # One listing plus the last index, not two round trips per shard (docs/store.md, Commit marker).
+        committed = {i: s for i, s in store.committed_shards(fp, old).items() if i < num_shards}
+        index = _IndexWriter(store, fp, ident, num_shards, facts, committed, cfg)
+        if old is None:  # records the settings at once, for a rerun after a crash
+            index.write(time.time() - t0)
+        todo = [i for i in range(num_shards) if i not in committed]
         log.info("%d shards of %d rows; %d committed already, %d to do; store %s",
                  num_shards, cfg.shard_size, num_shards - len(todo), len(todo), cfg.out)
-        failed_shards = _dispatch(ray, actors, todo, cfg, keeper, fp)
+        failed_shards = _dispatch(ray, actors, todo, cfg, keeper, fp, index, t0)
         keeper.check()
-        summary = write_index(store, fp, ident, num_shards, facts, time.time() - t0, failed_shards)
+        summary = write_index(store, fp, ident, num_shards, facts, time.time() - t0, failed_shards,
+                              stats=index.stats)
     finally:
         keeper.stop()
         store.release_lease(owner)
@@ -235,18 +249,55 @@ def _copy_manifest(store: Store, cfg: GenerateConfig, manifest_hash: str) -> Non
     store.put_file("manifest.parquet", cfg.manifest)
 
 
-def _check_store(store: Store, fp: str, ident: dict, cfg: GenerateConfig) -> None:
+def _check_store(store: Store, fp: str, ident: dict, cfg: GenerateConfig) -> dict[str, Any] | None:
+    """The store's index.json (None when there is none), after checking it records these settings."""
     index = store.read_json("index.json")
     if index and index.get("fingerprint") != fp:
         old = index.get("identity", {})
         diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
         raise StoreError(f"{cfg.out} was made with other settings ({', '.join(diff)} differ); "
                          "use another --out, or --overwrite to replace it")
+    return index
+
+
+class _IndexWriter:
+    """The committed shards' stats as the driver learns them (start-up scan, then each task's
+    result), and ``index.json`` written from them every ``index_every_shards`` new shards or
+    ``index_every_s`` seconds, so a driver killed mid-job leaves an index the next run starts from."""
+
+    def __init__(self, store: Store, fp: str, ident: dict, num_shards: int, facts: dict,
+                 stats: dict[int, dict[str, Any]], cfg: GenerateConfig):
+        self.store, self.fp, self.ident, self.num_shards, self.facts = store, fp, ident, num_shards, facts
+        self.stats = stats
+        self.every_shards, self.every_s = cfg.index_every_shards, cfg.index_every_s
+        self.new, self.last = 0, time.monotonic()
+
+    def add(self, stats: dict[str, Any]) -> None:
+        self.stats[stats["shard"]] = stats
+        self.new += 1
+
+    def maybe_write(self, seconds: float) -> None:
+        if self.new and (self.new >= self.every_shards or time.monotonic() - self.last >= self.every_s):
+            self.write(seconds)
+
+    def write(self, seconds: float) -> None:
+        """An ``in progress`` index of the shards committed so far (the final one is :func:`write_index`)."""
+        shards = [_entry(self.stats[i]) for i in sorted(self.stats)]
+        self.store.put_json("index.json", {
+            "status": "in progress", "fingerprint": self.fp, "identity": self.ident,
+            "num_shards": self.num_shards, "shards": shards, "samples": sum(s["samples"] for s in shards),
+            "teacher": self.facts, "seconds": round(seconds, 1)})
+        self.new, self.last = 0, time.monotonic()
+
+
+def _entry(stats: dict[str, Any]) -> dict[str, Any]:
+    return {k: stats[k] for k in INDEX_ENTRY}
 
 
 def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, keeper: _LeaseKeeper,
-              fp: str) -> dict[int, str]:
-    """Run shards on the actors until all are committed or out of retries."""
+              fp: str, index: _IndexWriter, t_job: float) -> dict[int, str]:
+    """Run shards on the actors until all are committed or out of retries; each committed shard's
+    stats go to ``index`` (which writes index.json at intervals)."""
     from ray.exceptions import RayActorError, RayError, RayTaskError
 
     queue, attempts, failed = deque(todo), dict.fromkeys(todo, 0), {}
@@ -266,6 +317,7 @@ def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, keeper
             k, shard, handle = inflight.pop(ref)
             try:
                 stats = ray.get(ref)
+                index.add(stats)
                 samples += stats["samples"]
                 failures += len(stats["failures"])
                 bar.update(1)
@@ -284,6 +336,7 @@ def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, keeper
             idle.append(k)
             rate = samples / max(time.time() - t0, 1e-9)
             bar.set_postfix(img_s=f"{rate:.2f}", failed_samples=failures, failed_shards=len(failed))
+        index.maybe_write(time.time() - t_job)  # before the next dispatch: a task started now sees it
         keeper.check()
     bar.close()
     return failed
@@ -299,16 +352,18 @@ def _retry(shard: int, attempts: dict, cfg: GenerateConfig, queue: deque, failed
 
 
 def write_index(store: Store, fp: str, ident: dict, num_shards: int, facts: dict, seconds: float,
-                failed_shards: dict[int, str]) -> dict[str, Any]:
-    """index.json, failed.parquet and README.md from the committed shards' stats."""
+                failed_shards: dict[int, str], stats: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """index.json, failed.parquet and README.md from the committed shards' stats: ``stats`` (shard →
+    stats, as the driver collected them), or when None, what :meth:`Store.committed_shards` finds."""
+    if stats is None:
+        stats = store.committed_shards(fp, store.read_json("index.json"))
     shards, failed_rows, missing = [], [], []
     for i in range(num_shards):
-        stats = store.committed(i, fp)
-        if stats is None:
+        if i not in stats:
             missing.append(i)
             continue
-        shards.append({k: stats[k] for k in ("url", "samples", "sha256", "bytes", "shard")})
-        failed_rows += [{**f, "shard": i} for f in stats["failures"]]
+        shards.append(_entry(stats[i]))
+        failed_rows += [{**f, "shard": i} for f in stats[i]["failures"]]
     samples = sum(s["samples"] for s in shards)
     index = {"status": "complete" if not missing else "incomplete", "fingerprint": fp, "identity": ident,
              "num_shards": num_shards, "shards": shards, "missing_shards": missing,

@@ -5,17 +5,27 @@ index, and the writer's lease. What the files and shards hold is defined in :mod
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 
 from .shardformat import SHARD_STATS, SHARD_TAR
+
+INDEX_ENTRY = ("url", "samples", "sha256", "bytes", "shard", "failures")
+"""What ``index.json`` keeps of each committed shard's stats: enough for a rerun to trust the entry
+without reading the stats file, and for ``failed.parquet``."""
+
+_SHARD_FILE = re.compile(r"(\d+)\.(tar|json)")
 
 
 class StoreError(RuntimeError):
@@ -108,6 +118,70 @@ class Store:
     def shard_stats(self, shard: int) -> dict[str, Any] | None:
         return self.read_json(SHARD_STATS.format(shard))
 
+    def list_shards(self) -> dict[int, dict[str, int]]:
+        """One listing of ``shards/``: shard → sizes of its members present (``{"tar": n, "json": m}``).
+
+        On an object store this is a paginated LIST (1,000 keys a request, sizes included) instead of
+        two round trips per shard. Names that are not a shard's tar or stats (temporary files, other
+        tools' files, sub-folders, ``42.tar`` for ``000042.tar``) are left out.
+        """
+        base = self.path("shards")
+        self.fs.invalidate_cache(base)  # a cached listing from an earlier run in this process is stale
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        out: dict[int, dict[str, int]] = {}
+        for name, info in found.items():
+            rel = name[len(self.root) + 1:] if name.startswith(self.root + "/") else ""
+            m = _SHARD_FILE.fullmatch(rel.removeprefix("shards/"))
+            if info.get("type") == "directory" or not m:
+                continue
+            i = int(m[1])
+            if rel != (SHARD_TAR if m[2] == "tar" else SHARD_STATS).format(i):
+                continue
+            out.setdefault(i, {})[m[2]] = int(info["size"])
+        return out
+
+    def committed_shards(self, fingerprint: str, index: dict[str, Any] | None = None,
+                         threads: int = 32) -> dict[int, dict[str, Any]]:
+        """Every committed shard's stats, from one listing plus ``index`` (the last ``index.json``).
+
+        The commit rule of :meth:`committed`: the stats file is there, carries ``fingerprint``, and
+        the tar has the size it records. A shard the index lists (same fingerprint, all of
+        :data:`INDEX_ENTRY`) whose tar has that size in the listing and whose stats file is listed is
+        taken from the index; the stats of other listed shards (e.g. committed by a driver that
+        died before writing the index) are read, ``threads`` at a time.
+        """
+        listing = self.list_shards()
+        known = {}
+        if index and index.get("fingerprint") == fingerprint:
+            known = {e["shard"]: e for e in index.get("shards", []) if all(k in e for k in INDEX_ENTRY)}
+        out: dict[int, dict[str, Any]] = {}
+        unknown = []
+        for i, sizes in sorted(listing.items()):
+            if "tar" not in sizes or "json" not in sizes:
+                continue
+            entry = known.get(i)
+            if entry is not None and entry["bytes"] == sizes["tar"]:
+                out[i] = entry
+            else:
+                unknown.append(i)
+        if unknown:
+            with ThreadPoolExecutor(min(threads, len(unknown)), thread_name_prefix="stats") as pool:
+                for i, stats in zip(unknown, pool.map(self._stats_or_none, unknown)):
+                    if (stats is not None and stats.get("fingerprint") == fingerprint
+                            and stats.get("bytes") == listing[i]["tar"]):
+                        out[i] = stats
+        return out
+
+    def _stats_or_none(self, shard: int) -> dict[str, Any] | None:
+        try:
+            stats = self.shard_stats(shard)
+        except ValueError:  # not JSON: not a commit marker
+            return None
+        return stats if isinstance(stats, dict) else None
+
     def committed(self, shard: int, fingerprint: str) -> dict[str, Any] | None:
         """The shard's stats if it is committed with these settings (and its tar is there)."""
         stats = self.shard_stats(shard)
@@ -121,22 +195,100 @@ class Store:
         return stats
 
     # --- lease ---------------------------------------------------------------------------------
+    # Taking it is a compare-and-swap where the store offers one (docs/store.md, Commit marker,
+    # index and lease): a local folder creates lease.json with a hard link of a finished file (as
+    # O_EXCL, but never visible half-written) and replaces a stale one by renaming exactly the inode
+    # it read; S3 creates it with a PUT carrying If-None-Match: * and replaces a stale one with
+    # If-Match on the ETag it read. Other stores keep read-write-read.
+
+    @property
+    def lease_mode(self) -> str:
+        """How the lease is taken here: ``link`` (local), ``conditional-put`` (S3) or ``read-write-read``."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return "link" if self.local else "conditional-put" if {"s3", "s3a"} & set(protocols) else "read-write-read"
 
     def acquire_lease(self, owner: str, ttl: float = 300.0) -> None:
         """Take the writer's lease, or raise if another live driver holds it.
 
         ``owner`` is ``host:pid:nonce``. A lease from a process of this host that no longer runs
         is taken over at once; one from another host only once it expires (the holder renews it).
+        Of two drivers that start at once, exactly one gets it where :attr:`lease_mode` is not
+        ``read-write-read``.
         """
-        held = self.read_json("lease.json")
-        now = time.time()
-        if held and held.get("owner") != owner and held.get("expires", 0) > now and not _holder_gone(held["owner"]):
-            raise StoreError(f"{self.url} is being written by {held['owner']} (lease until "
-                             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(held['expires']))}); "
-                             "wait for it, or remove lease.json if that driver is gone")
-        self.put_json("lease.json", {"owner": owner, "expires": now + ttl, "taken_at": now})
-        if (self.read_json("lease.json") or {}).get("owner") != owner:
-            raise StoreError(f"{self.url}: another driver took the lease at the same time")
+        record = json.dumps({"owner": owner, "expires": time.time() + ttl, "taken_at": time.time()}).encode()
+        for _ in range(3):
+            held, version = self._read_lease()
+            if held is not None and held.get("owner") != owner:
+                expires = held.get("expires", 0)
+                if expires > time.time() and not _holder_gone(str(held.get("owner"))):
+                    raise StoreError(f"{self.url} is being written by {held.get('owner')} (lease until "
+                                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(expires))}); "
+                                     "wait for it, or remove lease.json if that driver is gone")
+            if self._swap_lease(record, None if held is None else version):
+                return
+        raise StoreError(f"{self.url}: another driver took the lease at the same time")
+
+    def _read_lease(self) -> tuple[dict[str, Any] | None, Any]:
+        """(lease record or None, the version a swap compares against: inode, ETag or None)."""
+        path = self.path("lease.json")
+        if self.lease_mode == "link":
+            try:
+                with open(path, "rb") as f:
+                    return json.loads(f.read()), os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                return None, None
+        if self.lease_mode == "conditional-put":
+            bucket, key, _ = self.fs.split_path(path)
+            try:
+                out = fsspec.asyn.sync(self.fs.loop, _get_with_etag, self.fs, bucket, key)
+            except FileNotFoundError:
+                return None, None
+            return json.loads(out[0]), out[1]
+        return self.read_json("lease.json"), None
+
+    def _swap_lease(self, record: bytes, version: Any) -> bool:
+        """Write ``record`` as lease.json if it is still absent (``version`` None) or still the
+        version read; False when another driver changed it first."""
+        path = self.path("lease.json")
+        mode = self.lease_mode
+        if mode == "link":
+            self.fs.makedirs(self.root, exist_ok=True)
+            if version is not None:  # rename exactly the stale file away, or learn that it changed
+                grave = f"{self.root}/.lease.{uuid.uuid4().hex}.old"
+                try:
+                    os.rename(path, grave)
+                except FileNotFoundError:
+                    return False
+                if os.stat(grave).st_ino != version:  # another driver's fresh lease: put it back
+                    with contextlib.suppress(FileExistsError):
+                        os.link(grave, path)
+                    os.remove(grave)
+                    return False
+                os.remove(grave)
+            tmp = f"{self.root}/.lease.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(record)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # fails if it exists: an atomic create of a complete file
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.remove(tmp)
+        if mode == "conditional-put":
+            cond = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+            try:
+                self.fs.pipe_file(path, record, **cond)
+                return True
+            except OSError as e:  # 412 Precondition Failed (s3fs: FileExistsError or EINVAL)
+                if "pre-condition" in str(e).lower() or "precondition" in str(e).lower() \
+                        or isinstance(e, FileExistsError):
+                    return False
+                raise
+        self.put_bytes("lease.json", record)
+        return (self.read_json("lease.json") or {}).get("owner") == json.loads(record)["owner"]
 
     def renew_lease(self, owner: str, ttl: float = 300.0) -> None:
         self.put_json("lease.json", {"owner": owner, "expires": time.time() + ttl, "taken_at": time.time()})
@@ -145,3 +297,10 @@ class Store:
         held = self.read_json("lease.json")
         if held and held.get("owner") == owner:
             self.fs.rm(self.path("lease.json"))
+
+
+async def _get_with_etag(fs, bucket: str, key: str) -> tuple[bytes, str]:
+    """One GET of an S3 object: its bytes and the ETag they have (s3fs's cat gives no ETag)."""
+    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    async with resp["Body"] as body:
+        return await body.read(), resp["ETag"]

@@ -5,6 +5,10 @@ Plain Python (tested without Ray); the job wraps it in a Ray actor that runs two
 json) runs on a background thread while the teacher generates the next batch; across shards, a
 lock lets one shard generate while the previous one builds its tar, uploads it and writes its
 stats (the commit marker). No sample bytes go through the driver.
+
+A worker never holds the manifest: for each shard it reads only the parquet row groups that hold
+the shard's rows (:func:`read_rows`; ``twostep prompts`` writes row groups of 8,192 rows), so its
+memory does not grow with the manifest and a bucket manifest is read in ranges, not downloaded.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -62,8 +67,7 @@ class ShardWorker:
         self.cfg = cfg
         self.store = Store(cfg.store_url, cfg.storage_options)
         self.teacher = teacher or Teacher.load(cfg.teacher, device=cfg.device, **cfg.sampler_overrides)
-        with fsspec.open(cfg.manifest, "rb", **(cfg.storage_options or {})) as f:
-            self.manifest = pq.read_table(f)
+        self._manifest: pq.ParquetFile | None = None  # opened at the first shard (footer only)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.facts = self.teacher.describe()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
@@ -85,9 +89,18 @@ class ShardWorker:
                  "seconds": round(time.perf_counter() - t0, 3), "fingerprint": fingerprint}
         return self.store.commit_shard(shard, tar, stats)
 
+    def rows(self, shard: int) -> list[dict[str, Any]]:
+        """The shard's manifest rows, read from the row groups that hold them."""
+        if self._manifest is None:
+            # 1 MiB blocks: a row group or two per read, not s3fs's default 50 MiB read-ahead
+            f = fsspec.open(self.cfg.manifest, "rb", block_size=2**20, **(self.cfg.storage_options or {})).open()
+            self._manifest = pq.ParquetFile(f)
+        n = self.cfg.shard_size
+        return read_rows(self._manifest, shard * n, n).to_pylist()
+
     def _generate_shard(self, shard: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
         n = self.cfg.shard_size
-        rows = self.manifest.slice(shard * n, n).to_pylist()
+        rows = self.rows(shard)
         default = self.teacher.default_size
         order = sorted(range(len(rows)), key=lambda i: (rows[i].get("height") or default,
                                                         rows[i].get("width") or default, i))
@@ -146,6 +159,23 @@ class ShardWorker:
                              mid=mid.numpy() if "mid" in save and mid is not None else None,
                              noise=noise.numpy() if "noise" in save else None,
                              image=image, image_format=self.cfg.image_format)
+
+
+def read_rows(pf: pq.ParquetFile, start: int, n: int) -> pa.Table:
+    """Rows ``[start, start + n)`` of a parquet file, reading only the row groups that hold them
+    (memory: those groups, not the file)."""
+    md = pf.metadata
+    groups, offset, first = [], 0, 0
+    for g in range(md.num_row_groups):
+        size = md.row_group(g).num_rows
+        if offset < start + n and offset + size > start:
+            if not groups:
+                first = offset
+            groups.append(g)
+        offset += size
+    if not groups:
+        return pf.schema_arrow.empty_table()
+    return pf.read_row_groups(groups).slice(start - first, n)
 
 
 def _batches(order: list[int], rows: list[dict], default: int, size: int):

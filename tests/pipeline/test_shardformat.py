@@ -242,7 +242,7 @@ def test_twostep_verify_command(tmp_path):
     good, bad = str(tmp_path / "good"), str(tmp_path / "bad")
     _write_store(good)
     _write_store(bad, shard0=BAD["duplicate member"][0]())
-    cmd = [sys.executable, "-m", "twostep.cli", "verify"]
+    cmd = [sys.executable, "-m", "twostep.cli", "verify", "--full"]  # the default fast check reads no shard
     ok = subprocess.run([*cmd, good], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0 and ok.stdout.startswith("OK: 2 shards, 5 samples"), ok.stdout + ok.stderr
     no = subprocess.run([*cmd, bad], capture_output=True, text=True, timeout=300)

@@ -1,0 +1,367 @@
+"""Generation at fleet scale: start-up from one listing plus the index (requests counted on the S3-protocol
+server itself), a store committed by a killed driver, foreign files in the listing, the index written at
+intervals, and workers that read only their shard's manifest rows."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from twostep.pipeline.job import GenerateConfig, fingerprint, run_generation
+from twostep.pipeline.shardformat import SHARD_STATS, SHARD_TAR, encode_sample, tar_bytes
+from twostep.pipeline.store import Store
+from twostep.pipeline.worker import ShardWorker, read_rows
+from twostep.prompts.manifest import read_meta
+from twostep.prompts.toy import build_toy_manifest
+
+SHARDS = 200  # shards of one sample: enough for listing pagination to matter, quick to write
+
+
+class RequestLog:
+    """Every HTTP request the S3-protocol server receives, from any process (a WSGI wrapper)."""
+
+    def __init__(self, app):
+        self.app, self.requests, self._lock = app, [], threading.Lock()
+
+    def __call__(self, environ, start_response):
+        with self._lock:
+            self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
+                                  environ.get("QUERY_STRING", "")))
+        return self.app(environ, start_response)
+
+    def take(self) -> list[tuple[str, str, str]]:
+        with self._lock:
+            out, self.requests = self.requests, []
+        return out
+
+
+@pytest.fixture
+def counted_s3(free_port):
+    """moto's S3 server on 127.0.0.1 (as ``s3_server`` in conftest) with its WSGI app wrapped in a
+    :class:`RequestLog`: (storage options, request log)."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    log = RequestLog(server._server.app)
+    server._server.app = log  # werkzeug's request handler calls server.app for every request
+    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    if not fs.exists("twostep-test"):
+        fs.mkdir("twostep-test")
+    log.take()
+    yield opts, log
+    server.stop()
+
+
+def _sample(key: str, seed: int) -> dict:
+    meta = {"prompt_id": key, "seed": seed, "height": 8, "width": 8}
+    return encode_sample(key, f"prompt {key}", meta, np.full((4, 1, 1), seed % 7, np.float16))
+
+
+def _commit_all(store: Store, keys: list[str], fp: str, shards) -> dict[int, dict]:
+    """Commit one-sample shards with the store API, 16 at a time; returns shard → stats."""
+    def one(i):
+        return store.commit_shard(i, tar_bytes([_sample(keys[i], i)]),
+                                  {"samples": 1, "failures": [], "rows": 1, "fingerprint": fp})
+
+    with ThreadPoolExecutor(16) as pool:
+        return dict(zip(shards, pool.map(one, shards)))
+
+
+def _index(fp: str, stats: dict[int, dict]) -> dict:
+    from twostep.pipeline.store import INDEX_ENTRY
+
+    return {"fingerprint": fp, "shards": [{k: s[k] for k in INDEX_ENTRY} for _, s in sorted(stats.items())]}
+
+
+# --- start-up from one listing (no Ray) ------------------------------------------------------------
+
+def test_committed_shards_from_one_listing_and_the_index(counted_s3):
+    """A complete index: one LIST request, whatever the shard count. Shards committed after the
+    index was written (a driver that died): one GET of each one's stats, nothing else."""
+    opts, log = counted_s3
+    store = Store("s3://twostep-test/scale/listing", opts)
+    keys = [f"k{i}" for i in range(SHARDS)]
+    stats = _commit_all(store, keys, "fp", range(SHARDS))
+    log.take()
+    found = store.committed_shards("fp", _index("fp", stats))
+    requests = log.take()
+    assert sorted(found) == list(range(SHARDS))
+    assert [m for m, _, _ in requests] == ["GET"] and "list-type=2" in requests[0][2]
+    # the index of a driver killed after 150 commits: the other 50 stats files are read, once each
+    found = store.committed_shards("fp", _index("fp", {i: stats[i] for i in range(150)}))
+    requests = log.take()
+    assert sorted(found) == list(range(SHARDS))
+    assert {k: found[i][k] for i in (7, 170) for k in ("sha256", "bytes")} == \
+        {k: stats[i][k] for i in (7, 170) for k in ("sha256", "bytes")}
+    stats_reads = sorted(p for m, p, _ in requests if p.endswith(".json"))
+    assert stats_reads == [f"/twostep-test/scale/listing/{SHARD_STATS.format(i)}" for i in range(150, SHARDS)]
+    assert len(requests) == 1 + 50
+    # no index at all, or one of other settings: every listed stats file is read
+    assert sorted(store.committed_shards("fp", None)) == list(range(SHARDS))
+    assert store.committed_shards("other", _index("fp", stats)) == {}
+
+
+def test_listing_with_foreign_files(tmp_path):
+    """Junk names, a tar without stats, stats without a tar, a temporary file, a sub-folder, a
+    non-canonical name, stats of other settings, a truncated tar and a stats file that is not JSON:
+    only the good shards count."""
+    store = Store(str(tmp_path / "store"))
+    keys = [f"k{i}" for i in range(12)]
+    stats = _commit_all(store, keys, "fp", range(4))
+    _commit_all(store, keys, "other-settings", [4])
+    _commit_all(store, keys, "fp", [5, 6])
+    store.put_bytes(SHARD_STATS.format(5), b"{not json")
+    tar6 = tmp_path / "store" / SHARD_TAR.format(6)
+    tar6.write_bytes(tar6.read_bytes()[:-512])  # truncated after its commit
+    store.put_bytes(SHARD_TAR.format(7), tar_bytes([_sample("k7", 7)]))  # tar without its marker
+    store.put_json(SHARD_STATS.format(8), {**stats[0], "shard": 8, "url": SHARD_TAR.format(8)})  # marker, no tar
+    for junk in ("shards/notes.txt", "shards/.000009.tar.1f2e.tmp", "shards/9.tar", "shards/9.json",
+                 "shards/sub/000010.tar", "shards/sub/000010.json", "shards/000011.tar.json", "shards/000011"):
+        store.put_bytes(junk, b"x")
+    listing = store.list_shards()
+    assert set(listing) == set(range(9))
+    found = store.committed_shards("fp", _index("fp", stats))
+    assert sorted(found) == [0, 1, 2, 3]
+    assert store.committed_shards("fp", None).keys() == found.keys()
+    # an index entry whose tar has another size in the listing is not trusted
+    entry = _index("fp", stats)
+    entry["shards"][2]["bytes"] += 1
+    assert sorted(store.committed_shards("fp", entry)) == [0, 1, 2, 3]  # re-read from its stats
+
+
+# --- the real job on the S3-protocol server ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    for attempt in range(3):  # a loaded machine can miss the raylet's 30 s start-up deadline
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    yield ray
+    ray.shutdown()
+
+
+def _toy_fingerprint(cfg: GenerateConfig) -> str:
+    from twostep.pipeline.teacher import Teacher
+
+    facts = Teacher.load("toy", device="cpu").describe()
+    return fingerprint(read_meta(cfg.manifest)[0], cfg, facts)[0]
+
+
+def test_killed_driver_store_then_no_op_rerun_on_s3(ray_cluster, counted_s3, tmp_path):
+    """A store whose shards were all committed by a driver that died before writing any index: the
+    rerun reads each stats file once and generates nothing. The rerun after it, on a complete store,
+    makes a few requests that do not depend on the number of shards: no per-shard request at all."""
+    opts, log = counted_s3
+    build_toy_manifest(SHARDS, tmp_path / "m.parquet", seed=5)
+    url = "s3://twostep-test/scale/noop"
+    cfg = GenerateConfig(manifest=str(tmp_path / "m.parquet"), out=url, shard_size=1, num_workers=1,
+                         image_format="none", save=(), storage_options=opts)
+    keys = pq.read_table(cfg.manifest).column("prompt_id").to_pylist()
+    store = Store(url, opts)
+    store.put_file("manifest.parquet", cfg.manifest)
+    stats = _commit_all(store, keys, _toy_fingerprint(cfg), range(SHARDS))
+    log.take()
+
+    index = run_generation(cfg)
+    first = log.take()
+    assert index["status"] == "complete" and index["samples"] == SHARDS and len(index["shards"]) == SHARDS
+    assert [s["sha256"] for s in index["shards"]] == [stats[i]["sha256"] for i in range(SHARDS)]
+    assert not [p for m, p, _ in first if m == "PUT" and "/shards/" in p]  # nothing regenerated
+    assert sum(1 for m, p, _ in first if m == "GET" and p.endswith(".json") and "/shards/" in p) == SHARDS
+
+    index = run_generation(cfg)
+    second = log.take()
+    assert index["status"] == "complete" and index["samples"] == SHARDS
+    assert not [p for _, p, _ in second if "/shards/" in p]  # one LIST of the prefix, no per-shard request
+    assert len(second) <= 25, second
+    print(f"no-op rerun of {SHARDS} shards: {len(second)} requests: {sorted(set((m, p) for m, p, _ in second))}")
+
+
+def _index_peeking_worker(shard: int, out_path: str) -> type[ShardWorker]:
+    """A ShardWorker that, when it starts ``shard``, copies the store's index.json to ``out_path``."""
+
+    class Peeks(ShardWorker):
+        def run(self, i: int, fp: str) -> dict:
+            if i == shard:
+                with open(out_path, "wb") as f:
+                    f.write(self.store.read_bytes("index.json"))
+            return super().run(i, fp)
+
+    return Peeks
+
+
+def test_index_is_written_while_the_job_runs(ray_cluster, tmp_path):
+    """One worker (two slots): shards 0 and 1 start at once, shard 2 when shard 0 is committed. With
+    ``index_every_shards=1`` the index the task of shard 2 finds already lists shard 0."""
+    build_toy_manifest(6, tmp_path / "m.parquet", seed=3)
+    out, peek = tmp_path / "store", tmp_path / "peek.json"
+    cfg = GenerateConfig(manifest=str(tmp_path / "m.parquet"), out=str(out), shard_size=2, batch_size=2,
+                         num_workers=1, image_format="none", save=(), index_every_shards=1)
+    final = run_generation(cfg, worker_cls=_index_peeking_worker(2, str(peek)))
+    mid = json.loads(peek.read_text())
+    assert mid["status"] == "in progress" and mid["fingerprint"] == final["fingerprint"]
+    assert [s["shard"] for s in mid["shards"]] in ([0], [0, 1])
+    assert mid["shards"][0] == final["shards"][0]
+    assert final["status"] == "complete" and [s["shard"] for s in final["shards"]] == [0, 1, 2]
+
+
+# --- workers read only their rows --------------------------------------------------------------------
+
+def test_read_rows_across_row_group_boundaries(tmp_path):
+    n = 100
+    table = pa.table({"prompt_id": [f"p{i}" for i in range(n)], "seed": list(range(n))})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=7)
+    pf = pq.ParquetFile(tmp_path / "m.parquet")
+    read: list[int] = []
+    real = pf.read_row_groups
+    pf.read_row_groups = lambda groups, *a, **kw: (read.extend(groups), real(groups, *a, **kw))[1]
+    for size in (1, 5, 7, 9, 30):
+        for start in range(0, n, size):
+            read.clear()
+            got = read_rows(pf, start, size)
+            assert got.to_pylist() == table.slice(start, size).to_pylist(), (start, size)
+            assert read == list(range(start // 7, (min(start + size, n) - 1) // 7 + 1))  # only those groups
+    assert read_rows(pf, n, 5).num_rows == 0
+
+
+_PEAK = """
+import json, os, sys
+import pyarrow as pa, pyarrow.parquet as pq
+from twostep.pipeline.worker import ShardWorker, WorkerConfig
+
+pools = []  # kept alive: what was allocated from a pool must not outlive it
+
+def peak(fn):
+    pool = pa.proxy_memory_pool(pa.default_memory_pool())
+    pools.append(pool)
+    pa.set_memory_pool(pool)
+    out = fn()
+    return pool.max_memory(), out
+
+w = ShardWorker.__new__(ShardWorker)  # the row reading alone, without a teacher
+w.cfg, w._manifest = WorkerConfig(store_url="unused", manifest=sys.argv[1], shard_size=300), None
+worker, rows = peak(lambda: w.rows(1693))
+whole, table = peak(lambda: pq.read_table(sys.argv[1]))
+print(json.dumps({"worker": worker, "whole": whole, "rows": rows, "want": table.slice(1693 * 300, 300).to_pylist()}))
+sys.stdout.flush()
+os._exit(0)  # tables allocated from the proxy pools must not outlive them at interpreter exit
+"""
+
+
+def test_worker_rows_read_a_small_part_of_a_million_row_manifest(tmp_path):
+    """A worker's rows of one shard from a 1,000,000-row manifest in row groups of 8,192 (as
+    ``twostep prompts`` writes them): the peak Arrow memory of reading them is a few MB, against
+    over 50 MB to read the manifest. Shard 1693 of 300 rows crosses the boundary at row 507,904."""
+    import subprocess
+    import sys
+
+    n = 1_000_000
+    pq.write_table(pa.table({"prompt_id": [f"p{i:07d}" for i in range(n)],
+                             "prompt": [f"a photo of thing number {i}, with some words about it" for i in range(n)],
+                             "seed": pa.array(range(n), pa.int64())}),
+                   tmp_path / "m.parquet", row_group_size=8192)
+    done = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "m.parquet")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(done.stdout)
+    assert r["rows"] == r["want"] and len(r["rows"]) == 300 and r["rows"][0]["prompt_id"] == "p0507900"
+    assert r["whole"] > 50e6 and r["worker"] < 8e6, (r["worker"], r["whole"])
+    print(f"peak Arrow memory: one shard's rows {r['worker'] / 1e6:.1f} MB, the manifest {r['whole'] / 1e6:.1f} MB")
+
+
+# --- verify: fast from the listing, full in parallel ---------------------------------------------------
+
+FACTS = {"teacher": "synthetic", "revision": None, "weights": None, "dtype": "float32", "device": "cpu",
+         "sampler": {"num_steps": 8, "guidance_scale": 0.0, "sigmas": [1.0, 0.0], "mid_sigma": 0.75},
+         "sampler_hash": "s", "versions": {}}
+
+
+def _verified_store(url: str, shards: int, opts: dict | None = None) -> Store:
+    """A complete store of one-sample shards written with the store API, its manifest and index."""
+    from twostep.pipeline.job import write_index
+
+    store = Store(url, opts)
+    keys = [f"k{i}" for i in range(shards)]
+    manifest = pa.BufferOutputStream()
+    pq.write_table(pa.table({"prompt_id": keys}), manifest)
+    store.put_bytes("manifest.parquet", manifest.getvalue().to_pybytes())
+    _commit_all(store, keys, "fp", range(shards))
+    write_index(store, "fp", {"shard_size": 1, "manifest_hash": "x", "save": [], "image_format": "none"},
+                shards, FACTS, 0.0, {})
+    return store
+
+
+def test_verify_fast_catches_missing_and_truncated_shards_without_reading_any(tmp_path, monkeypatch):
+    from twostep.pipeline.verify import verify_store
+
+    url = str(tmp_path / "store")
+    store = _verified_store(url, 30)
+    root = tmp_path / "store"
+    (root / SHARD_TAR.format(3)).write_bytes((root / SHARD_TAR.format(3)).read_bytes()[:-100])  # truncated
+    (root / SHARD_TAR.format(4)).unlink()                                                     # missing
+    (root / SHARD_STATS.format(5)).unlink()                                                   # no marker
+    data = bytearray((root / SHARD_TAR.format(6)).read_bytes())
+    data[600:608] = b"corrupt!"                                                               # same size
+    (root / SHARD_TAR.format(6)).write_bytes(bytes(data))
+    read = []
+    real = Store.read_bytes
+    monkeypatch.setattr(Store, "read_bytes", lambda self, rel: (read.append(rel), real(self, rel))[1])
+    fast = verify_store(url, full=False)
+    assert not fast["ok"] and fast["mode"] == "fast" and fast["checked"] == 0
+    assert fast["problems"] == [f"{SHARD_TAR.format(3)}: {store.fs.size(store.path(SHARD_TAR.format(3)))} bytes, "
+                                f"index says {store.fs.size(store.path(SHARD_TAR.format(3))) + 100}",
+                                f"{SHARD_TAR.format(4)}: missing",
+                                f"{SHARD_TAR.format(5)}: its stats file (the commit marker) is missing"]
+    assert not [r for r in read if r.startswith("shards/")]  # the fast check reads no shard
+    full = verify_store(url, full=True, threads=4)
+    assert full["checked"] == 27 and full["problems"] == [*fast["problems"][:2],
+                                                          f"{SHARD_TAR.format(5)}: its stats file (the commit "
+                                                          "marker) is missing",
+                                                          f"{SHARD_TAR.format(6)}: sha256 differs from index.json "
+                                                          "(corrupt or replaced)"]
+    some = verify_store(url, full=True, sample=5, seed=1)
+    assert some["checked"] == 5
+    assert verify_store(url, full=True, sample=27, seed=0)["problems"][-1].startswith(SHARD_TAR.format(6))
+
+
+def test_verify_fast_on_s3_is_a_few_requests(counted_s3):
+    from twostep.pipeline.verify import verify_store
+
+    opts, log = counted_s3
+    url = "s3://twostep-test/scale/verify"
+    _verified_store(url, SHARDS, opts)
+    log.take()
+    report = verify_store(url, opts, full=False)
+    requests = log.take()
+    assert report["ok"] and report["shards"] == SHARDS and report["samples"] == SHARDS
+    assert not [p for _, p, _ in requests if "/shards/" in p] and len(requests) <= 8, requests
+
+
+def test_verify_full_as_ray_tasks(ray_cluster, tmp_path):
+    from twostep.pipeline.verify import verify_store
+
+    url = str(tmp_path / "store")
+    _verified_store(url, 12)
+    with open(tmp_path / "store" / SHARD_TAR.format(7), "r+b") as f:
+        f.seek(600)
+        f.write(b"corrupt!")
+    report = verify_store(url, full=True, ray_address="auto")
+    assert report["checked"] == 12
+    assert report["problems"] == [f"{SHARD_TAR.format(7)}: sha256 differs from index.json (corrupt or replaced)"]
