@@ -92,8 +92,10 @@ class ShardWorker:
     def rows(self, shard: int) -> list[dict[str, Any]]:
         """The shard's manifest rows, read from the row groups that hold them."""
         if self._manifest is None:
-            # 1 MiB blocks: a row group or two per read, not s3fs's default 50 MiB read-ahead
-            f = fsspec.open(self.cfg.manifest, "rb", block_size=2**20, **(self.cfg.storage_options or {})).open()
+            # 1 MiB blocks: a row group or two per read, not s3fs's default 50 MiB read-ahead. Passed
+            # to fs.open: fsspec.open would hand it to the filesystem's constructor (s3fs refuses it).
+            fs, path = fsspec.core.url_to_fs(self.cfg.manifest, **(self.cfg.storage_options or {}))
+            f = fs.open(path, "rb", block_size=2**20)
             self._manifest = pq.ParquetFile(f)
         n = self.cfg.shard_size
         return read_rows(self._manifest, shard * n, n).to_pylist()
