@@ -28,11 +28,14 @@ class RequestLog:
 
     def __init__(self, app):
         self.app, self.requests, self._lock = app, [], threading.Lock()
+        self.ranges: list[str] = []  # the Range header of every ranged GET
 
     def __call__(self, environ, start_response):
         with self._lock:
             self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
                                   environ.get("QUERY_STRING", "")))
+            if "HTTP_RANGE" in environ:
+                self.ranges.append(environ["HTTP_RANGE"])
         return self.app(environ, start_response)
 
     def take(self) -> list[tuple[str, str, str]]:
@@ -365,3 +368,28 @@ def test_verify_full_as_ray_tasks(ray_cluster, tmp_path):
     report = verify_store(url, full=True, ray_address="auto")
     assert report["checked"] == 12
     assert report["problems"] == [f"{SHARD_TAR.format(7)}: sha256 differs from index.json (corrupt or replaced)"]
+
+
+def test_worker_rows_from_a_bucket_manifest_are_range_reads(counted_s3, tmp_path):
+    """A worker reads its rows from the store's copy of the manifest in a bucket with a few range GETs,
+    not a download of the file."""
+    from twostep.pipeline.worker import WorkerConfig
+
+    opts, log = counted_s3
+    n = 600_000
+    table = pa.table({"prompt_id": [f"p{i}" for i in range(n)], "seed": pa.array(range(n), pa.int64())})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=8192)
+    url = "s3://twostep-test/scale/rows/manifest.parquet"
+    Store("s3://twostep-test/scale/rows", opts).put_file("manifest.parquet", str(tmp_path / "m.parquet"))
+    w = ShardWorker.__new__(ShardWorker)  # the row reading alone, without a teacher
+    w.cfg, w._manifest = WorkerConfig(store_url="unused", manifest=url, shard_size=300, storage_options=opts), None
+    log.take()
+    log.ranges.clear()
+    assert w.rows(100) == table.slice(30_000, 300).to_pylist()
+    assert w.rows(101) == table.slice(30_300, 300).to_pylist()
+    requests = log.take()
+    size = (tmp_path / "m.parquet").stat().st_size
+    fetched = sum(int(b) - int(a) + 1 for a, b in (r.removeprefix("bytes=").split("-") for r in log.ranges))
+    gets = [r for r in requests if r[0] == "GET"]
+    assert len(gets) == len(log.ranges) and len(requests) <= 8, requests  # every GET a range
+    assert size > 5 * 2**20 and fetched < size / 3, (fetched, size)  # a footer and a block or two, not the file
