@@ -2,14 +2,18 @@
 
     python infra/capacity.py                                  # Z-Image-Turbo at 1024², 1M samples
     python infra/capacity.py --pipeline DIR --height 512 --width 512 --samples 200000
-    python infra/capacity.py --bench gen_gpu.json             # + measured images/s of bench_generate_gpu.py
+    python infra/capacity.py --bench tests/benchmarks/results_generate_gpu.json \
+        --train-bench tests/benchmarks/results_train_gpu.json  # + measured generation and training rates
 
 FLOPs are counted, not estimated: each component is built on torch's ``meta`` device from its
 config (a pipeline folder's ``transformer/``, ``text_encoder/`` and ``vae/`` config.json, or the
 published Z-Image-Turbo configs below) and run once under ``torch.utils.flop_counter``; no weights
 are loaded and nothing is allocated. Per image, the 8-step teacher costs 8 transformer calls (no
 CFG: guidance 0), one text-encoder pass over the padded prompt and one VAE decode. The physical
-floor is that work at the GPU's dense bf16 peak; the measured rate comes from the GPU benchmark.
+floor is that work at the GPU's dense bf16 peak; the measured rates come from the GPU benchmarks
+(tests/benchmarks/gpu_truth.py, docs/gpu.md): the generation worker's and the fastest path's
+images/s, and the trainer's step time per 8-GPU node (full-parameter students extrapolated to 30
+layers under FSDP, LoRA students measured at full depth under DDP).
 Bytes per sample are exact for the npy members (float16 latents and ``mid``) and the tar headers;
 the image member's size depends on the content and is reported only as the raw-RGB upper bound.
 """
@@ -117,7 +121,8 @@ def sample_bytes(latent_shape: tuple[int, ...], arrays: int, text_bytes: int = 1
 
 
 def plan(configs: dict, height: int, width: int, caption_tokens: int, text_tokens: int, steps: int,
-         samples: int, peak_tflops: float, save: int, measured_ips: float | None) -> dict:
+         samples: int, peak_tflops: float, save: int, measured_ips: float | None,
+         fastest_ips: float | None = None) -> dict:
     s = vae_scale(configs["vae"])
     latent_hw = (height // s, width // s)
     t_call, params = transformer_flops(configs["transformer"], latent_hw, caption_tokens)
@@ -142,10 +147,56 @@ def plan(configs: dict, height: int, width: int, caption_tokens: int, text_token
         "storage": {"latents_only": samples * per_sample, "with_image_at_most": samples * (per_sample + raw_image)},
         "samples": samples,
     }
-    if measured_ips:
-        out["measured"] = {"images_per_second": measured_ips, "images_per_gpu_hour": measured_ips * 3600,
-                           "gpu_hours": samples / measured_ips / 3600,
-                           "fraction_of_peak": measured_ips * teacher / (peak_tflops * 1e12)}
+    for key, ips in (("measured", measured_ips), ("fastest", fastest_ips)):
+        if ips:
+            out[key] = {"images_per_second": ips, "images_per_gpu_hour": ips * 3600, "gpu_hours": samples / ips / 3600,
+                        "fraction_of_peak": ips * teacher / (peak_tflops * 1e12)}
+    return out
+
+
+def read_bench(path: str) -> dict:
+    """The worker's and the fastest path's images/s from bench_generate_gpu.py's results file."""
+    bench = _read_json(path, "bench_generate_gpu.py (or gpu_truth.py)")
+    if not isinstance(bench.get("median_worker"), (int, float)):
+        raise SystemExit(f"{path}: no median_worker; expected the results of bench_generate_gpu.py --out")
+    fastest = (bench.get("fastest_path") or {}).get("images_per_s")
+    return {"worker": float(bench["median_worker"]), "fastest": float(fastest) if fastest else None,
+            "fastest_name": (bench.get("fastest_path") or {}).get("name"), "device": bench.get("device"),
+            "tiny": bool(bench.get("tiny"))}
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: cannot read it as JSON ({e}); expected the results of {what}") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: expected a JSON object, the results of {what}")
+    return data
+
+
+def training_plan(path: str, samples: int, gpus: int = 8) -> dict:
+    """Training throughput per ``gpus``-GPU node from bench_train_gpu.py's results file: full-parameter
+    students at each measured batch (step time extrapolated to 30 layers, FSDP communication not
+    included, so a bound from below on time) and LoRA students (one full-depth step, DDP: one
+    student per GPU). Node-hours are for ``samples`` training samples seen."""
+    bench = _read_json(path, "bench_train_gpu.py (or gpu_truth.py)")
+    slope, lora = bench.get("slope"), bench.get("lora")
+    if not isinstance(slope, dict) and not isinstance(lora, dict):
+        raise SystemExit(f"{path}: neither slope nor lora; expected the results of bench_train_gpu.py --out")
+    out: dict = {"device": bench.get("device"), "tiny": bool(bench.get("tiny")), "gpus_per_node": gpus, "rows": []}
+    for key, row in sorted((slope or {}).items()):
+        if not key.startswith("batch=") or not (row.get("step_s_at_30") or 0) > 0:
+            continue  # no extrapolation, or a non-positive one from noisy timings
+        ips = gpus * int(key[6:]) / row["step_s_at_30"]
+        out["rows"].append({"kind": "full", "batch_per_gpu": int(key[6:]), "step_s": row["step_s_at_30"],
+                            "images_per_s_per_node": ips, "node_hours": samples / ips / 3600,
+                            "per_gpu_gib": (row.get("fsdp8") or {}).get("per_gpu_gib_estimate")})
+    if isinstance(lora, dict) and lora.get("step_s"):
+        ips = gpus * int(lora["batch"]) / lora["step_s"]
+        out["rows"].append({"kind": f"lora{lora['rank']}", "batch_per_gpu": int(lora["batch"]), "step_s": lora["step_s"],
+                            "images_per_s_per_node": ips, "node_hours": samples / ips / 3600,
+                            "per_gpu_gib": lora.get("peak_gib"), "layers": lora.get("layers")})
     return out
 
 
@@ -166,22 +217,35 @@ def table(p: dict) -> str:
         (f"floor: images per GPU-hour at {p['peak_tflops']:g} TFLOP/s",
          f"{p['floor']['images_per_gpu_hour']:,.0f} ({p['floor']['seconds_per_image']:.3f} s/image)"),
     ]
-    if "measured" in p:
-        m = p["measured"]
-        rows.append(("measured: images per GPU-hour", f"{m['images_per_gpu_hour']:,.0f} "
-                     f"({100 * m['fraction_of_peak']:.0f}% of peak)"))
+    for what in ("bench", "training"):
+        if p.get(what):
+            smoke = " (tiny CPU smoke run: not a capacity figure)" if p[what].get("tiny") else ""
+            rows.append((f"{'generation' if what == 'bench' else 'training'} measured on", f"{p[what]['device']}{smoke}"))
+    for key, label in (("measured", "measured, generation worker"), ("fastest", "measured, fastest path")):
+        if key in p:
+            m = p[key]
+            rows.append((f"{label}: images per GPU-hour", f"{m['images_per_gpu_hour']:,.0f} "
+                         f"({100 * m['fraction_of_peak']:.0f}% of peak)"))
     b, st, n = p["bytes_per_sample"], p["storage"], p["samples"]
     rows += [
         ("bytes per sample, --image-format none", f"{b['latents_only']:,} B"),
         ("bytes per sample, with an image (raw-RGB bound)", f"≤ {b['with_image_at_most']:,} B"),
         (f"GPU-hours for {n:,} samples at the floor", f"{p['floor']['gpu_hours']:,.0f}"),
     ]
-    if "measured" in p:
-        rows.append((f"GPU-hours for {n:,} samples, measured rate", f"{p['measured']['gpu_hours']:,.0f}"))
+    for key, label in (("measured", "generation worker"), ("fastest", "fastest path")):
+        if key in p:
+            rows.append((f"GPU-hours for {n:,} samples, {label}", f"{p[key]['gpu_hours']:,.0f}"))
     rows += [
         (f"storage for {n:,} samples, latents only", f"{st['latents_only'] / 1e9:,.0f} GB"),
         (f"storage for {n:,} samples, with images (bound)", f"≤ {st['with_image_at_most'] / 1e9:,.0f} GB"),
     ]
+    for r in (p.get("training") or {}).get("rows", []):
+        what = (f"full-parameter students, FSDP, {r['batch_per_gpu']}/GPU (30 layers extrapolated)" if r["kind"] == "full"
+                else f"LoRA rank {r['kind'][4:]} students, DDP, {r['batch_per_gpu']}/GPU")
+        mem = f", ≈ {r['per_gpu_gib']:.0f} GiB/GPU" if r.get("per_gpu_gib") else ""
+        rows.append((f"training, {what}: samples/s per 8-GPU node", f"{r['images_per_s_per_node']:,.2f} "
+                     f"({r['step_s']:.2f} s/step{mem})"))
+        rows.append((f"training, {what}: node-hours per {n:,} samples", f"{r['node_hours']:,.1f}"))
     lines = [f"| {p['height']}×{p['width']} | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines)
 
@@ -205,17 +269,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                     help="the GPU's dense bf16 peak in TFLOP/s (default: 989, H100/H200 SXM)")
     ap.add_argument("--bench", default=None,
-                    help="JSON written by tests/benchmarks/bench_generate_gpu.py: adds the measured rate")
+                    help="results_generate_gpu.json of tests/benchmarks/gpu_truth.py: adds the measured rates")
+    ap.add_argument("--train-bench", default=None,
+                    help="results_train_gpu.json of tests/benchmarks/gpu_truth.py: adds training throughput per node")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the Markdown table")
     args = ap.parse_args(argv)
-    measured = None
-    if args.bench:
-        bench = json.loads(Path(args.bench).read_text())
-        if "median_worker" not in bench:
-            raise SystemExit(f"{args.bench}: no median_worker; expected the JSON of bench_generate_gpu.py --out")
-        measured = float(bench["median_worker"])
+    bench = read_bench(args.bench) if args.bench else {}
+    training = training_plan(args.train_bench, args.samples) if args.train_bench else None
     p = plan(load_configs(args.pipeline), args.height, args.width, args.caption_tokens, args.text_tokens,
-             args.steps, args.samples, args.peak_tflops, args.save, measured)
+             args.steps, args.samples, args.peak_tflops, args.save, bench.get("worker"), bench.get("fastest"))
+    if bench:
+        p["bench"] = bench
+    if training:
+        p["training"] = training
     print(json.dumps(p, indent=1) if args.json else table(p))
     return 0
 

@@ -1,207 +1,492 @@
-"""Benchmark (GPU): the generation worker vs a bare ``ZImagePipeline`` loop, full-size Z-Image.
+"""Benchmark (GPU): the generation worker against the plain ``ZImagePipeline`` loop, where the
+worker's time goes, and candidate faster paths, at full Z-Image-Turbo size (docs/gpu.md).
 
-Builds the Z-Image-Turbo architecture with random weights on the GPU (6.15B transformer, Qwen3-4B
-text encoder, FLUX VAE; bf16), then times, A B A B, on the same prompts and batch size:
+Builds the Z-Image-Turbo architecture with random bf16 weights on the GPU (6.15B transformer,
+Qwen3-4B text encoder, FLUX VAE), then, section by section (the results file is rewritten after
+each one, so a run cut off by its time limit keeps what it measured):
 
-* bare: ``pipe(prompts, num_inference_steps=8, guidance_scale=0, height, width)`` in a loop,
-  images returned as PIL and dropped (no saving at all);
-* worker: :class:`twostep.pipeline.worker.ShardWorker` (no Ray) committing shards to a local
-  store with two shards in flight, as the Ray actor runs them: noise, mid, latent, webp image,
-  tar, stats.
+1. ``outputs``: one batch through the plain pipeline and through the teacher path the worker runs
+   (``Teacher.generate``); transformer calls counted on both (8 each) and final latents compared
+   within a stated tolerance (bf16: relative RMS ≤ ``--tol``).
+2. ``main``: A B A B on the same rows and batch size: the plain loop (``pipe(...)``, PIL images
+   dropped) against ``ShardWorker`` committing WebP + latents + ``mid`` shards, two shards in flight
+   as in the Ray actor. Images/s to the last commit and to the end of the last GPU batch (the
+   difference is the unoverlapped tail of the measurement).
+3. ``profile``: one plain batch and one worker shard under ``torch.profiler``: top operators side
+   by side, host-device syncs, GPU idle time, CPU time per worker stage (gpu_profile.py).
+4. ``transformer``: one transformer call at the batch size, per variant: the batched forward (the
+   worker's), the stock forward (the plain loop's), without the caption mask, and under each
+   SDPA backend; seconds per call, TFLOP/s, fraction of the bf16 peak, output difference.
+5. ``sweep``: transformer calls at other batch sizes, and the images/s they predict.
+6. ``fastest``: ``Teacher.generate`` end to end, default and with the fastest exact SDPA backend.
+7. ``compile``: regional ``torch.compile`` of the transformer blocks: compile seconds, calls and
+   end to end after it, the images it takes to pay the compile back, output difference.
 
-Reported: images/s of each (median), the ratio worker / bare (goal ≥ 0.97), transformer calls per
-image (hooks count them: both must make 8), and seconds per image against the physical floor
-(GUIDE §3: 8 transformer calls × FLOPs per call at the H100/H200's 989 TFLOP/s dense bf16 peak).
-
-    python tests/benchmarks/bench_generate_gpu.py [--size 1024] [--batch 4] [--images 16] [--repeats 2]
-    python tests/benchmarks/bench_generate_gpu.py --arch tiny --device cpu   # a smoke run of this script
+    python tests/benchmarks/bench_generate_gpu.py --out results_generate_gpu.json
+    python tests/benchmarks/bench_generate_gpu.py --tiny --out /tmp/gen.json      # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import importlib.util
 import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
+import gpu_common as gc
+import gpu_profile
 import torch
 
-PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = {  # every value is also a flag; --tiny swaps the whole set
+    "full": dict(arch="full", device="cuda", size=1024, batch=4, images=12, repeats=2, reps=3,
+                 sweep="8,16", sdpa="cudnn,flash,efficient", e2e_images=8, compile_backend="inductor",
+                 compile_need_s=100, tol=0.02, matmul_n=8192),
+    "tiny": dict(arch="tiny", device="cpu", size=64, batch=2, images=4, repeats=1, reps=1,
+                 sweep="4", sdpa="flash,cudnn", e2e_images=4, compile_backend="eager",
+                 compile_need_s=0, tol=1e-4, matmul_n=256),
+}
+SDPA = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 
 
-def build_full_zimage(device: torch.device, dtype: torch.dtype, size: int):
-    """Z-Image-Turbo's architecture (configs as published on its model card) with random weights."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        ZImagePipeline,
-        ZImageTransformer2DModel,
-    )
-    from transformers import Qwen3Config, Qwen3Model
-
-    from twostep.pipeline.zimage import build_tokenizer
-
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialise straight into bf16 on the GPU (fp32 would need 40 GB)
-    try:
-        with torch.device(device):
-            transformer = ZImageTransformer2DModel(
-                all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
-                n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560,
-                rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
-            text_encoder = Qwen3Model(Qwen3Config(
-                vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True))
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                layers_per_block=2, norm_num_groups=32, scaling_factor=0.3611, shift_factor=0.1159,
-                use_quant_conv=False, use_post_quant_conv=False, sample_size=size)
-    finally:
-        torch.set_default_dtype(prev)
-    # Random weights in bf16 can overflow deep in the stack; keep activations finite so both paths
-    # do the same work (a NaN does not change the FLOPs, but the image encoders would see garbage).
-    with torch.no_grad():
-        for p in transformer.parameters():
-            if p.dim() >= 2:
-                p.mul_(0.5)
-    tokenizer = build_tokenizer(model_max_length=512)
-    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    pipe = ZImagePipeline(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                          transformer=transformer)
-    for m in (transformer, text_encoder, vae):
-        m.requires_grad_(False).eval()
-    return pipe
+def load_capacity():
+    spec = importlib.util.spec_from_file_location("capacity", ROOT / "infra" / "capacity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def build_tiny(device: torch.device, size: int):
-    from twostep.pipeline.zimage import build_pipeline
+def sdpa(backend: str | None):
+    """``torch.nn.attention.sdpa_kernel`` restricted to one backend (None: torch's own choice)."""
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    pipe = build_pipeline()
-    pipe.vae.register_to_config(sample_size=size)
-    return pipe.to(device)
-
-
-def transformer_flops_per_call(model: torch.nn.Module, tokens: int) -> float:
-    """Forward FLOPs of one call on ``tokens`` image tokens, as GUIDE §3 counts them: 2 FLOPs per
-    parameter per token plus attention's 4·seq²·dim per layer (≈ 6e13 for Z-Image at 1024²)."""
-    params = sum(p.numel() for p in model.parameters())
-    return 2 * params * tokens + len(model.layers) * 4 * tokens * tokens * model.config.dim
-
-
-def count_calls(model: torch.nn.Module) -> list[int]:
-    """Transformer calls, counted at the timestep embedder (run once per call by both paths)."""
-    calls = [0]
-    model.t_embedder.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    return calls
+    return sdpa_kernel([getattr(SDPBackend, SDPA[backend])])
 
 
 def bare_loop(pipe, prompts: list[str], seeds: list[int], batch: int, size: int) -> float:
-    """Images/s of the stock pipeline call, Turbo settings."""
-    sync()
+    """Images/s of the stock pipeline call, Turbo settings, PIL images returned and dropped."""
+    gc.sync()
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch]]
         pipe(prompt=prompts[i:i + batch], num_inference_steps=8, guidance_scale=0.0, height=size, width=size,
              generator=gens, output_type="pil")
-    sync()
+    gc.sync()
     return len(prompts) / (time.perf_counter() - t0)
 
 
-def worker_run(worker, shards: list[int]) -> float:
-    """Images/s of the worker committing ``shards`` with two in flight (the actor's concurrency)."""
-    sync()
+def worker_round(worker, shards: list[int], gpu_ends: list[float]) -> dict[str, float]:
+    """The worker committing ``shards`` with two in flight (the actor's concurrency)."""
+    gpu_ends.clear()
+    gc.sync()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:
         stats = list(pool.map(lambda s: worker.run(s, "bench"), shards))
-    sync()
-    return sum(s["samples"] for s in stats) / (time.perf_counter() - t0)
+    gc.sync()
+    t1 = time.perf_counter()
+    n = sum(s["samples"] for s in stats)
+    return {"images_per_s": n / (t1 - t0), "images_per_s_to_gpu_end": n / (max(gpu_ends) - t0),
+            "tail_s": t1 - max(gpu_ends)}
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def generate_rate(teacher, prompts: list[str], seeds: list[int], batch: int, size: int, warm: int = 1):
+    """Images/s of ``Teacher.generate`` (decode included) batch after batch, the first ``warm``
+    batches left out; returns the stats and the first batch's final latents."""
+    times, first = [], None
+    for i in range(0, len(prompts), batch):
+        gc.sync()
+        t0 = time.perf_counter()
+        out = teacher.generate(prompts[i:i + batch], seeds[i:i + batch], size, size, decode=True)
+        gc.sync()
+        times.append(time.perf_counter() - t0)
+        first = out.latent if first is None else first
+    timed = times[warm:] or times
+    return {"images_per_s": round(batch * len(timed) / sum(timed), 4), "batch_s": [round(t, 3) for t in times]}, first
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", choices=("full", "tiny"), default="full", help="full Z-Image-Turbo size or the tiny test pipeline")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--size", type=int, default=1024, help="image side")
-    ap.add_argument("--batch", type=int, default=4, help="images per teacher call (both paths)")
-    ap.add_argument("--images", type=int, default=16, help="images per measurement (split into --shards shards)")
-    ap.add_argument("--shards", type=int, default=2,
-                    help="shards per worker measurement; the last shard's encoding and upload follow the last GPU "
-                         "work, so more shards measure closer to a long run's steady state")
-    ap.add_argument("--repeats", type=int, default=2, help="A B rounds")
-    ap.add_argument("--out", default=None, help="write the results JSON here")
-    args = ap.parse_args(argv)
-
+def setup(args) -> SimpleNamespace:
     from twostep.pipeline.teacher import Teacher
     from twostep.pipeline.worker import ShardWorker, WorkerConfig
-    from twostep.prompts.build import BuildOptions, build_manifest
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    res = gc.Results(args.out, gc.environment(device, args.tiny))
+    cfg = gc.arch_config(args.arch, args.layers, args.dim, args.heads)
     t0 = time.perf_counter()
-    pipe = build_full_zimage(device, dtype, args.size) if args.arch == "full" else build_tiny(device, args.size)
-    print(f"built {args.arch} Z-Image in {time.perf_counter() - t0:.1f}s; transformer "
-          f"{sum(p.numel() for p in pipe.transformer.parameters()) / 1e9:.2f}B params", flush=True)
-    pipe.set_progress_bar_config(disable=True)
-    calls = count_calls(pipe.transformer)
-
-    tmp = Path(tempfile.mkdtemp())
-    n = args.images
-    shard = n // args.shards
-    total = n * (2 * args.repeats + 1)  # a warm-up measurement, then fresh rows for every worker round
-    summary = build_manifest(["bundled:general"], tmp / "manifest.parquet",
-                             BuildOptions(per_prompt=max(1, -(-total // 364)), height=args.size, width=args.size))
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(summary.manifest)
-    prompts, seeds = table.column("prompt").to_pylist(), table.column("seed").to_pylist()
+    pipe = gc.build_pipeline(cfg, device, dtype, args.size)
+    build_s = time.perf_counter() - t0
+    tmp = Path(tempfile.mkdtemp(prefix="bench-gen-"))
+    shard = args.images // args.shards
+    rows = args.images * (args.repeats + 1) + shard  # a warm-up shard, then fresh rows for every round
+    path, prompts, seeds = gc.manifest(tmp / "manifest.parquet", max(rows, args.e2e_images, max(args.sweep)), args.size)
     teacher = Teacher(pipe, name=f"random-zimage-{args.arch}", device=device)
-    worker = ShardWorker(WorkerConfig(store_url=str(tmp / "store"), manifest=summary.manifest, teacher="-",
-                                      shard_size=shard, batch_size=args.batch, image_format="webp",
-                                      save=("mid",)), teacher=teacher)
-    # Warm-up (cuDNN autotuning, allocator): one batch each way.
-    bare_loop(pipe, prompts[:args.batch], seeds[:args.batch], args.batch, args.size)
-    worker_run(worker, [0])
-    calls[0] = 0
-    bare_loop(pipe, prompts[:args.batch], seeds[:args.batch], args.batch, args.size)
-    bare_calls = calls[0]  # one batch: calls per batch = calls per image
-    results: dict[str, list[float]] = {"bare": [], "worker": []}
-    next_shard = 1
-    for r in range(args.repeats):
-        results["bare"].append(bare_loop(pipe, prompts[:n], seeds[:n], args.batch, args.size))
-        calls[0] = 0
-        results["worker"].append(worker_run(worker, list(range(next_shard, next_shard + args.shards))))
-        worker_calls = calls[0] / (n // args.batch)
-        next_shard += args.shards
-        print(f"round {r}: bare {results['bare'][-1]:.3f} img/s, worker {results['worker'][-1]:.3f} img/s", flush=True)
-    bare, work = statistics.median(results["bare"]), statistics.median(results["worker"])
-    latent = args.size // pipe.vae_scale_factor
-    flops = transformer_flops_per_call(pipe.transformer, (latent // 2) ** 2)
-    floor = 8 * flops / PEAK_BF16_FLOPS
-    out = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "arch": args.arch,
-        "size": args.size, "batch": args.batch, "images_per_measurement": n, "shards": args.shards, "repeats": args.repeats,
-        "bare_images_per_s": results["bare"], "worker_images_per_s": results["worker"],
-        "median_bare": round(bare, 4), "median_worker": round(work, 4), "ratio_worker_over_bare": round(work / bare, 4),
-        "transformer_calls_per_image": {"bare": bare_calls, "worker": worker_calls},
-        "seconds_per_image_worker": round(1 / work, 4), "transformer_flops_per_call": flops,
-        "floor_seconds_per_image_at_peak": round(floor, 4), "fraction_of_floor": round(floor * work, 4),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-        "torch": torch.__version__,
-    }
-    print(json.dumps(out, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
+    worker = ShardWorker(WorkerConfig(store_url=str(tmp / "store"), manifest=path, teacher="-", shard_size=shard,
+                                      batch_size=args.batch, image_format="webp", save=("mid",)), teacher=teacher)
+    t = cfg["transformer"]
+    res.data.update({
+        "arch": args.arch, "transformer": {k: t[k] for k in ("dim", "n_layers", "n_heads", "n_refiner_layers")},
+        "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()), "dtype": str(dtype)[6:],
+        "size": args.size, "batch": args.batch, "images_per_measurement": args.images, "shards": args.shards,
+        "repeats": args.repeats, "build_s": round(build_s, 1), "tolerance_rel_rms": args.tol,
+        "matmul_tflops": gc.matmul_tflops(device, args.matmul_n, dtype), "peak_tflops": gc.PEAK_BF16_TFLOPS,
+    })
+    print(f"built {args.arch} Z-Image in {build_s:.1f}s ({res.data['transformer_params'] / 1e9:.2f}B transformer)",
+          flush=True)
+    return SimpleNamespace(args=args, res=res, pipe=pipe, teacher=teacher, worker=worker, device=device, cfg=cfg,
+                           prompts=prompts, seeds=seeds, shard=shard, calls=gc.count_calls(pipe.transformer),
+                           deadline=None if args.budget_s is None else time.monotonic() + args.budget_s, tmp=tmp)
+
+
+def section_outputs(c: SimpleNamespace) -> None:
+    """Both paths on one batch: 8 transformer calls each, final latents within the tolerance."""
+    a, b = c.args, c.args.batch
+    p, s = c.prompts[:b], c.seeds[:b]
+    c.calls[0] = 0
+    gens = [torch.Generator("cpu").manual_seed(x) for x in s]
+    # a copy: the pipeline applies the chat template to the list it is given, in place
+    c.bare_latent = c.pipe(prompt=list(p), num_inference_steps=8, guidance_scale=0.0, height=a.size, width=a.size,
+                           generator=gens, output_type="latent").images.float().cpu()
+    bare_calls = c.calls[0]
+    c.calls[0] = 0
+    out = c.teacher.generate(p, s, a.size, a.size, decode=False)
+    teacher_calls = c.calls[0]
+    diff = gc.rel_rms(out.latent, c.bare_latent)
+    c.res.data["transformer_calls_per_image"] = {"bare": bare_calls, "teacher_path": teacher_calls}
+    c.res.section("outputs", {"teacher_vs_bare_rel_rms": round(diff, 6), "ok": diff <= a.tol})
+    c.latent_ref = out.latent
+
+
+def section_main(c: SimpleNamespace) -> None:
+    """A B A B, plain loop then worker on the same rows, after one warm-up batch each."""
+    a, n = c.args, c.args.images
+    gpu_ends: list[float] = []
+    real = c.teacher.generate
+
+    def timed_generate(*args, **kw):
+        out = real(*args, **kw)  # returns CPU tensors: the batch's GPU work is done here
+        gpu_ends.append(time.perf_counter())
+        return out
+
+    c.teacher.generate = timed_generate
+    try:
+        bare_loop(c.pipe, c.prompts[:a.batch], c.seeds[:a.batch], a.batch, a.size)
+        worker_round(c.worker, [0], gpu_ends)
+        bare, work, shard_no = [], [], 1
+        for r in range(a.repeats):
+            lo = shard_no * c.shard
+            bare.append(bare_loop(c.pipe, c.prompts[lo:lo + n], c.seeds[lo:lo + n], a.batch, a.size))
+            c.calls[0] = 0
+            work.append(worker_round(c.worker, list(range(shard_no, shard_no + a.shards)), gpu_ends))
+            worker_calls = c.calls[0] / (n // a.batch)
+            shard_no += a.shards
+            print(f"round {r}: bare {bare[-1]:.3f} img/s, worker {work[-1]['images_per_s']:.3f} img/s "
+                  f"({work[-1]['images_per_s_to_gpu_end']:.3f} to the last GPU batch)", flush=True)
+    finally:
+        del c.teacher.generate
+    mb, mw = statistics.median(bare), statistics.median(w["images_per_s"] for w in work)
+    mg = statistics.median(w["images_per_s_to_gpu_end"] for w in work)
+    c.res.data["transformer_calls_per_image"]["worker"] = worker_calls
+    c.res.data.update({"median_bare": round(mb, 4), "median_worker": round(mw, 4),
+                       "ratio_worker_over_bare": round(mw / mb, 4), "seconds_per_image_worker": round(1 / mw, 4)})
+    c.res.section("main", {"bare_images_per_s": [round(x, 4) for x in bare],
+                           "worker": [{k: round(v, 4) for k, v in w.items()} for w in work],
+                           "median_worker_to_gpu_end": round(mg, 4), "ratio_to_gpu_end_over_bare": round(mg / mb, 4)})
+    c.next_shard = shard_no
+
+
+def section_profile(c: SimpleNamespace) -> None:
+    """One plain batch and one worker shard of one batch under the profiler."""
+    a, cuda = c.args, c.device.type == "cuda"
+    out_dir = Path(a.out).parent if a.out else c.tmp
+    lo = c.next_shard * c.shard
+    summaries, traces = {}, {}
+    for name in ("bare", "worker"):
+        ranges: list[str] = []
+        with gpu_profile.profiler(cuda) as prof:
+            gc.sync()
+            t0 = time.perf_counter()
+            if name == "bare":
+                bare_loop(c.pipe, c.prompts[lo:lo + a.batch], c.seeds[lo:lo + a.batch], a.batch, a.size)
+            else:
+                c.worker.cfg.shard_size = a.batch  # one batch: shard c.next_shard·(shard/batch) of that size
+                try:
+                    with gpu_profile.worker_ranges(c.worker, c.teacher) as ranges:
+                        c.worker.run(lo // a.batch, "bench")
+                finally:
+                    c.worker.cfg.shard_size = c.shard
+            gc.sync()
+            wall = time.perf_counter() - t0
+        summaries[name] = gpu_profile.summarise(prof, wall)
+        summaries[name]["ranges_installed"] = ranges
+        traces[name] = gpu_profile.save_trace(prof, out_dir / f"trace_generate_{name}.json.gz")
+    table = gpu_profile.side_by_side(summaries["bare"], summaries["worker"])
+    (out_dir / "profile_generate.md").write_text(table)
+    c.res.section("profile", {**summaries, "traces": traces, "table": "profile_generate.md"})
+
+
+def transformer_flops(c: SimpleNamespace, caps: list[torch.Tensor]) -> float:
+    """FLOPs of one transformer call on one image at the batch's mean caption length (counted by
+    infra/capacity.py on the meta device, as in the capacity table)."""
+    lat = c.args.size // c.pipe.vae_scale_factor
+    mean_len = round(sum(len(x) for x in caps) / len(caps))
+    return load_capacity().transformer_flops(c.cfg["transformer"], (lat, lat), mean_len)[0]
+
+
+def section_transformer(c: SimpleNamespace) -> None:
+    """One transformer call on the batch, per variant."""
+    from twostep.pipeline.teacher import transformer_velocity
+
+    a, b = c.args, c.args.batch
+    caps = c.teacher.encode_prompts(c.prompts[:b])
+    shortest = min(len(x) for x in caps)
+    same = [x[:shortest] for x in caps]  # equal lengths: the batched forward passes no mask
+    lat = a.size // c.pipe.vae_scale_factor
+    x = torch.randn(b, c.pipe.transformer.config.in_channels, lat, lat, generator=torch.Generator().manual_seed(0))
+    x = x.to(c.device)
+    flops = transformer_flops(c, caps) * b
+    c.flops_per_image_call = flops / b
+    variants = {"batched": (None, True, caps), "stock": (None, False, caps), "batched_no_mask": (None, True, same)}
+    variants.update({f"sdpa_{k}": (k, True, caps) for k in a.sdpa})
+    variants.update({f"sdpa_{k}_no_mask": (k, True, same) for k in a.sdpa if k == "flash"})
+    out, ref = {}, {}
+    for name, (backend, batched, cp) in variants.items():
+        if not gc.budget_left(c.deadline, 30):
+            out[name] = {"skipped": "time budget"}
+            continue
+        try:
+            with torch.no_grad(), sdpa(backend):
+                s, v, _ = gc.time_calls(lambda cp=cp, batched=batched: transformer_velocity(
+                    c.pipe.transformer, x, 0.5, cp, batched=batched), a.reps)
+        except RuntimeError as e:  # e.g. flash attention refuses a mask: recorded, not fatal
+            out[name] = {"error": str(e).splitlines()[0][:300]}
+            continue
+        key = "no_mask" if cp is same else "mask"
+        ref.setdefault(key, v)
+        tf = flops / s / 1e12
+        out[name] = {"s_per_call": round(s, 5), "tflops": round(tf, 2), "fraction_of_peak": round(tf / gc.PEAK_BF16_TFLOPS, 4),
+                     "fraction_of_matmul": round(tf / c.res.data["matmul_tflops"], 4),
+                     "rel_rms_vs_batched": round(gc.rel_rms(v, ref[key]), 6)}
+        print(f"transformer {name}: {s:.4f} s/call, {tf:.1f} TFLOP/s", flush=True)
+    exact = {k: v for k, v in out.items() if k.startswith("sdpa_") and "s_per_call" in v and "no_mask" not in k
+             and v["rel_rms_vs_batched"] <= a.tol}
+    c.best_sdpa = min(exact, key=lambda k: exact[k]["s_per_call"])[5:] if exact else None
+    if c.best_sdpa and exact[f"sdpa_{c.best_sdpa}"]["s_per_call"] >= out["batched"].get("s_per_call", 0):
+        c.best_sdpa = None  # no backend beats torch's own choice
+    c.x, c.caps, c.v_batched = x, caps, ref.get("mask")
+    c.res.section("transformer", {"batch": b, "flops_per_call": flops, "caption_tokens": [len(t) for t in caps],
+                                  "variants": out, "best_sdpa": c.best_sdpa})
+
+
+def section_sweep(c: SimpleNamespace) -> None:
+    """Transformer calls at other batch sizes, and the images/s they predict with the text
+    encoder and VAE decode at their measured cost per image."""
+    from twostep.pipeline.teacher import transformer_velocity
+
+    a = c.args
+    b = a.batch
+    gc.sync()
+    t0 = time.perf_counter()
+    c.teacher.encode_prompts(c.prompts[:b])
+    gc.sync()
+    t1 = time.perf_counter()
+    c.teacher.decode(c.latent_ref)
+    gc.sync()
+    other = (time.perf_counter() - t1 + t1 - t0) / b
+    lat = a.size // c.pipe.vae_scale_factor
+    rows = {}
+    for n in a.sweep:
+        if not gc.budget_left(c.deadline, 40):
+            rows[str(n)] = {"skipped": "time budget"}
+            continue
+        try:
+            caps = c.teacher.encode_prompts(c.prompts[:n])
+            x = torch.randn(n, c.pipe.transformer.config.in_channels, lat, lat, device=c.device)
+            gc.reset_peak()
+            with torch.no_grad(), sdpa(c.best_sdpa):
+                s, _, _ = gc.time_calls(lambda caps=caps, x=x: transformer_velocity(c.pipe.transformer, x, 0.5, caps), a.reps)
+        except torch.cuda.OutOfMemoryError as e:
+            rows[str(n)] = {"error": str(e).splitlines()[0][:300]}
+            break
+        tf = c.flops_per_image_call * n / s / 1e12
+        rows[str(n)] = {"s_per_call": round(s, 5), "tflops": round(tf, 2), "fraction_of_peak": round(tf / gc.PEAK_BF16_TFLOPS, 4),
+                        "predicted_images_per_s": round(n / (8 * s + n * other), 4), "peak_gib": gc.peak_gib()}
+        print(f"sweep batch {n}: {s:.4f} s/call, {tf:.1f} TFLOP/s", flush=True)
+    c.res.section("sweep", {"text_encode_and_decode_s_per_image": round(other, 5), "sdpa": c.best_sdpa,
+                            "batches": rows})
+
+
+def bare_rate(c: SimpleNamespace) -> float:
+    """The plain loop's images/s from ``main``, or measured here when ``main`` was skipped."""
+    if "median_bare" not in c.res.data:
+        a = c.args
+        bare_loop(c.pipe, c.prompts[:a.batch], c.seeds[:a.batch], a.batch, a.size)
+        c.res.data["median_bare"] = round(bare_loop(c.pipe, c.prompts[:a.e2e_images], c.seeds[:a.e2e_images],
+                                                     a.batch, a.size), 4)
+    return c.res.data["median_bare"]
+
+
+def section_fastest(c: SimpleNamespace) -> None:
+    """``Teacher.generate`` end to end (the worker's GPU work, no encoding or upload), default and
+    with the fastest exact SDPA backend, on the batch compared in ``outputs`` first."""
+    a = c.args
+    p, s = c.prompts[:a.e2e_images], c.seeds[:a.e2e_images]
+    bare, runs = bare_rate(c), {}
+    for name, backend in [("default", None)] + ([(f"sdpa_{c.best_sdpa}", c.best_sdpa)] if c.best_sdpa else []):
+        if not gc.budget_left(c.deadline, a.e2e_images / bare * 1.5):
+            runs[name] = {"skipped": "time budget"}
+            continue
+        with sdpa(backend):
+            stats, first = generate_rate(c.teacher, p, s, a.batch, a.size)
+        stats["ratio_over_bare"] = round(stats["images_per_s"] / bare, 4)
+        stats["rel_rms_vs_bare"] = round(gc.rel_rms(first, c.bare_latent), 6)
+        runs[name] = stats
+        print(f"generate {name}: {stats['images_per_s']:.3f} img/s ({stats['ratio_over_bare']:.2f}x bare)", flush=True)
+    c.res.section("fastest", {"runs": runs})
+
+
+def section_compile(c: SimpleNamespace) -> None:
+    """Regional compilation: each main transformer block compiled (one compiled graph serves all
+    of them), under the fastest SDPA backend; undone at the end so later sections run eagerly."""
+    from twostep.pipeline.teacher import transformer_velocity
+
+    a = c.args
+    if not gc.budget_left(c.deadline, a.compile_need_s):
+        c.res.section("compile", {"skipped": "time budget"})
+        return
+    model, out = c.pipe.transformer, {"backend": a.compile_backend, "mode": a.compile_mode, "sdpa": c.best_sdpa}
+    t0 = time.perf_counter()
+    for block in model.layers:
+        block.compile(backend=a.compile_backend, mode=a.compile_mode)
+    out["wrap_s"] = round(time.perf_counter() - t0, 2)
+    try:
+        with torch.no_grad(), sdpa(c.best_sdpa):
+            s, v, first = gc.time_calls(lambda: transformer_velocity(model, c.x, 0.5, c.caps), a.reps)
+        base = c.res.data["transformer"]["variants"].get(f"sdpa_{c.best_sdpa}" if c.best_sdpa else "batched", {})
+        tf = c.flops_per_image_call * a.batch / s / 1e12
+        out.update({"first_call_s": round(first, 2),
+                    "compile_s_first_call": round(first - s, 2), "s_per_call": round(s, 5),
+                    "speedup_per_call": round(base["s_per_call"] / s, 4) if "s_per_call" in base else None,
+                    "tflops": round(tf, 2), "fraction_of_peak": round(tf / gc.PEAK_BF16_TFLOPS, 4),
+                    "rel_rms_vs_batched": round(gc.rel_rms(v, c.v_batched), 6)})
+        c.res.write()
+        n = a.e2e_images + a.batch  # two warm-up batches: the second caption length recompiles once
+        if gc.budget_left(c.deadline, n / bare_rate(c) * 1.5):
+            with sdpa(c.best_sdpa):
+                stats, latent = generate_rate(c.teacher, c.prompts[:n], c.seeds[:n], a.batch, a.size, warm=2)
+            steady = statistics.median(stats["batch_s"][2:] or stats["batch_s"][-1:])
+            out["generate"] = stats
+            out["compile_s"] = round(out["compile_s_first_call"] + sum(max(0.0, t - steady) for t in stats["batch_s"][:2]), 2)
+            out["ratio_over_bare"] = round(stats["images_per_s"] / bare_rate(c), 4)
+            out["rel_rms_vs_bare"] = round(gc.rel_rms(latent, c.bare_latent), 6)
+            out["ok"] = out["rel_rms_vs_bare"] <= a.tol
+            default = (c.res.data.get("fastest") or {}).get("runs", {}).get("default", {}).get("images_per_s")
+            gain = (1 / default - 1 / stats["images_per_s"]) if default else 0.0
+            out["images_to_pay_back"] = round(out["compile_s"] / gain) if gain > 0 else None
+            print(f"compiled generate: {stats['images_per_s']:.3f} img/s, compile {out['compile_s']:.1f}s", flush=True)
+        else:
+            out["generate"] = {"skipped": "time budget"}
+    finally:
+        for block in model.layers:
+            block._compiled_call_impl = None  # back to eager (nn.Module.compile keeps the compiled call here)
+    c.res.section("compile", out)
+
+
+def summary(c: SimpleNamespace) -> None:
+    """Top-level figures (``median_worker`` is what ``infra/capacity.py --bench`` reads)."""
+    d = c.res.data
+    flops = getattr(c, "flops_per_image_call", None)
+    if flops is not None:
+        floor = 8 * flops / (gc.PEAK_BF16_TFLOPS * 1e12)
+        d["transformer_flops_per_call"] = flops
+        d["floor_seconds_per_image_at_peak"] = round(floor, 4)
+        if "median_worker" in d:
+            d["fraction_of_floor"] = round(floor * d["median_worker"], 4)
+    candidates = {k: v["images_per_s"] for k, v in (d.get("fastest") or {}).get("runs", {}).items() if "images_per_s" in v}
+    comp = d.get("compile") or {}
+    if comp.get("ok"):
+        candidates["compile"] = comp["generate"]["images_per_s"]
+    if candidates:
+        name = max(candidates, key=candidates.get)
+        d["fastest_path"] = {"name": name, "images_per_s": candidates[name],
+                             "ratio_over_bare": round(candidates[name] / d["median_bare"], 4)}
+    d["peak_memory_gib"] = gc.peak_gib()
+    c.res.write()
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke preset: tiny architecture, 64² images, fp32")
+    ap.add_argument("--arch", choices=("full", "tiny"), help="full Z-Image-Turbo size (default) or the tiny test model")
+    ap.add_argument("--layers", type=int, help="transformer main blocks (default: the architecture's, 30 for full)")
+    ap.add_argument("--dim", type=int, help="transformer width (default: the architecture's, 3840 for full)")
+    ap.add_argument("--heads", type=int, help="attention heads (default: the architecture's, 30 for full)")
+    ap.add_argument("--device", help="cuda (default) or cpu")
+    ap.add_argument("--size", type=int, help="image side in pixels (full: 1024)")
+    ap.add_argument("--batch", type=int, help="images per teacher call, both paths (full: 4)")
+    ap.add_argument("--images", type=int, help="images per A/B measurement (full: 12)")
+    ap.add_argument("--shards", type=int,
+                    help="worker shards per measurement, two in flight (default: one batch per shard, at least 2)")
+    ap.add_argument("--repeats", type=int, help="A B rounds (full: 2)")
+    ap.add_argument("--reps", type=int, help="timed transformer calls per variant (full: 3)")
+    ap.add_argument("--sweep", help="batch sizes of the transformer sweep, comma-separated (full: 4,8,16)")
+    ap.add_argument("--sdpa", help="SDPA backends to try: flash, cudnn, efficient, math (full: cudnn,flash,efficient)")
+    ap.add_argument("--e2e-images", type=int, help="images per end-to-end generate measurement (full: 12)")
+    ap.add_argument("--compile-backend", help="torch.compile backend for the blocks (full: inductor; tiny: eager)")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    ap.add_argument("--compile-need-s", type=float,
+                    help="compile starts only with this many seconds of --budget-s left (full: 100)")
+    ap.add_argument("--tol", type=float, help="max relative RMS difference of final latents (bf16: 0.02)")
+    ap.add_argument("--matmul-n", type=int, help="side of the matmul that measures the achievable TFLOP/s")
+    ap.add_argument("--skip", default="", help="sections to skip, comma-separated: main,profile,transformer,fastest,compile,sweep")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="optional sections start only while this many seconds from the start remain")
+    ap.add_argument("--out", default=None, help="results JSON (rewritten after each section)")
+    args = ap.parse_args(argv)
+    for k, v in PRESETS["tiny" if args.tiny else "full"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.shards is None:
+        args.shards = max(2, args.images // args.batch)
+    args.sweep = [int(x) for x in str(args.sweep).split(",") if x]
+    args.sdpa = [x for x in str(args.sdpa).split(",") if x]
+    bad = [x for x in args.sdpa if x not in SDPA]
+    if bad:
+        ap.error(f"--sdpa: unknown backend(s) {bad}; choose from {sorted(SDPA)}")
+    if args.images % args.shards or (args.images // args.shards) % args.batch:
+        ap.error(f"--images {args.images} must split into --shards {args.shards} shards of whole --batch {args.batch} batches")
+    args.skip = {x for x in args.skip.split(",") if x}
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    c = setup(args)
+    section_outputs(c)
+    if "main" in args.skip:
+        c.res.data.setdefault("skipped", []).append("main")
+        c.next_shard = 1
+    else:
+        section_main(c)
+    for name, fn in (("profile", section_profile), ("transformer", section_transformer), ("fastest", section_fastest),
+                     ("compile", section_compile), ("sweep", section_sweep)):
+        needs_transformer = name in ("fastest", "compile", "sweep")
+        if name in args.skip or (needs_transformer and "transformer" not in c.res.data):
+            c.res.data.setdefault("skipped", []).append(name)
+            continue
+        try:
+            fn(c)
+        except Exception as e:  # one failed section must not lose the others' numbers
+            c.res.error(name, e)
+        summary(c)
+    summary(c)
+    print(f"generation results: {args.out}", flush=True)
     return 0
 
 

@@ -387,3 +387,31 @@ def test_capacity_counts_what_a_real_forward_costs():
     assert f["teacher_8_steps"] == 8 * f["transformer_call"] + f["text_encoder"] + f["vae_decode"]
     assert p["bytes_per_sample"]["latents_only"] == 2 * (512 + 524_288 + 512) + 2 * (512 + 1024)
     assert p["floor"]["gpu_hours"] == pytest.approx(1000 * f["teacher_8_steps"] / 989e12 / 3600)
+
+
+def test_capacity_training_throughput_per_node_from_a_results_file(tmp_path):
+    cap = load_capacity()
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({
+        "device": "NVIDIA H200", "slope": {"batch=4": {"step_s_at_30": 10.0, "fsdp8": {"per_gpu_gib_estimate": 60.0}},
+                                           "computed_state_gib_at_30": {"students": 229.1}},
+        "lora": {"batch": 1, "rank": 64, "layers": 30, "step_s": 4.0, "peak_gib": 50.0}}))
+    t = cap.training_plan(str(path), 1_000_000)
+    full, lora = t["rows"]
+    assert full["kind"] == "full" and full["images_per_s_per_node"] == pytest.approx(8 * 4 / 10.0)
+    assert full["node_hours"] == pytest.approx(1e6 / 3.2 / 3600) and full["per_gpu_gib"] == 60.0
+    assert lora["kind"] == "lora64" and lora["images_per_s_per_node"] == pytest.approx(2.0)
+    assert lora["node_hours"] == pytest.approx(1e6 / 2.0 / 3600)
+
+
+def test_capacity_refuses_results_files_it_cannot_use(tmp_path):
+    cap = load_capacity()
+    empty, broken = tmp_path / "empty.json", tmp_path / "broken.json"
+    empty.write_text("{}")
+    broken.write_text("not json")
+    with pytest.raises(SystemExit, match="empty.json: no median_worker"):
+        cap.read_bench(str(empty))
+    with pytest.raises(SystemExit, match="empty.json: neither slope nor lora"):
+        cap.training_plan(str(empty), 10)
+    with pytest.raises(SystemExit, match="broken.json: cannot read it as JSON"):
+        cap.read_bench(str(broken))
