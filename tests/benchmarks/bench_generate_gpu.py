@@ -264,8 +264,8 @@ def section_transformer(c: SimpleNamespace) -> None:
             with torch.no_grad(), sdpa(backend):
                 s, v, _ = gc.time_calls(lambda cp=cp, batched=batched: transformer_velocity(
                     c.pipe.transformer, x, 0.5, cp, batched=batched), a.reps)
-        except RuntimeError as e:  # e.g. flash attention refuses a mask: recorded, not fatal
-            out[name] = {"error": str(e).splitlines()[0][:300]}
+        except Exception as e:  # e.g. flash attention refuses a mask: recorded, not fatal
+            out[name] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"}
             continue
         key = "no_mask" if cp is same else "mask"
         ref.setdefault(key, v)
@@ -311,8 +311,8 @@ def section_sweep(c: SimpleNamespace) -> None:
             gc.reset_peak()
             with torch.no_grad(), sdpa(c.best_sdpa):
                 s, _, _ = gc.time_calls(lambda caps=caps, x=x: transformer_velocity(c.pipe.transformer, x, 0.5, caps), a.reps)
-        except torch.cuda.OutOfMemoryError as e:
-            rows[str(n)] = {"error": str(e).splitlines()[0][:300]}
+        except Exception as e:  # out of memory ends the sweep; the smaller batches stand
+            rows[str(n)] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"}
             break
         tf = c.flops_per_image_call * n / s / 1e12
         rows[str(n)] = {"s_per_call": round(s, 5), "tflops": round(tf, 2), "fraction_of_peak": round(tf / gc.PEAK_BF16_TFLOPS, 4),

@@ -147,8 +147,8 @@ def section_sweep(c: SimpleNamespace) -> None:
             over = [f"data.data={c.store}", f"data.batch_size={b}", *c.mp, *fit_disc_layers(a.config, layers)]
             try:
                 r = measure(teacher, a.config, over, a.warmup, a.steps)
-            except torch.cuda.OutOfMemoryError as e:
-                r = {"error": str(e).splitlines()[0][:300]}
+            except Exception as e:  # out of memory at the largest point, say: recorded, the others go on
+                r = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"}
             rows.append({"layers": layers, "batch": b, **r})
             print(f"train {layers} layers, batch {b}: {r}", flush=True)
             c.res.data["sweep"] = rows
