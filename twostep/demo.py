@@ -3,8 +3,8 @@
     toy manifest → generation job (local Ray, 2 workers) → trainer (toy config) → eval report
 
 Time budget of the default preset on a 2-core machine (measured, docs/results/demo.md): generation of 1,024
-samples ≈ 2 min, training 250 steps of 16 ≈ 10 min, eval on 200 prompts ≈ 1.5 min, start-ups
-≈ 1 min. Each stage resumes: running the command again skips finished work (the store's
+samples ≈ 0.7 min, training 250 steps of 16 ≈ 7 min, eval on 200 prompts ≈ 0.7 min, start-ups
+included. Each stage resumes: running the command again skips finished work (the store's
 committed shards, the trainer's checkpoints).
 """
 
