@@ -67,7 +67,8 @@ class Checkpoints:
         rank = accelerator.process_index
         if ema is not None:
             f = path / (f"ema-rank{rank}.safetensors" if ema_sharded else "ema.safetensors")
-            ema.load_state_dict(load_file(str(f), device=str(accelerator.device)))
+            dev = accelerator.device  # safetensors takes "cpu" or "cuda:N", not the "cpu:0" of some launchers
+            ema.load_state_dict(load_file(str(f), device="cpu" if dev.type == "cpu" else str(dev)))
         data_file = path / f"data-rank{rank}.json"
         data_state = json.loads(data_file.read_text()) if data_file.exists() else {}
         if not data_file.exists():

@@ -404,3 +404,22 @@ def test_run_logs_diagnostics_and_plots_them(tiny_store, tiny_pipeline_dir, tmp_
     assert (run / "report.png").stat().st_size > 0 and "heldout_accuracy" in (run / "report.md").read_text()
     MetricsLog(run / "metrics.jsonl", start=2)  # a resume from step 2 drops the rows after it
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+
+
+def test_ema_loads_on_an_indexed_cpu_device(tmp_path):
+    """accelerate launch can give the device as cpu:0, which safetensors refuses as a device name."""
+    from types import SimpleNamespace
+
+    from twostep.trainer.checkpoint import EMA, Checkpoints
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, 0.9)
+    path = tmp_path / "checkpoint-000001"
+    path.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({k: v + 1 for k, v in ema.state_dict().items()}, str(path / "ema.safetensors"))
+    (path / "progress.json").write_text(json.dumps({"step": 1}))
+    acc = SimpleNamespace(device=torch.device("cpu", 0), process_index=0, load_state=lambda p: None)
+    Checkpoints(tmp_path, 2).load(acc, path, ema)
+    assert all(torch.equal(v, model.state_dict()[k] + 1) for k, v in ema.state_dict().items())
