@@ -449,9 +449,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="optional sections start only while this many seconds from the start remain")
     ap.add_argument("--out", default=None, help="results JSON (rewritten after each section)")
     args = ap.parse_args(argv)
-    for k, v in PRESETS["tiny" if args.tiny else "full"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    gc.apply_preset(args, PRESETS)
     if args.shards is None:
         args.shards = max(2, args.images // args.batch)
     args.sweep = [int(x) for x in str(args.sweep).split(",") if x]

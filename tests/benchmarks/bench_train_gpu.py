@@ -315,9 +315,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="sweep points and later sections start only while this many seconds from the start remain")
     ap.add_argument("--out", default=None, help="results JSON (rewritten after each section)")
     args = ap.parse_args(argv)
-    for k, v in PRESETS["tiny" if args.tiny else "full"].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    gc.apply_preset(args, PRESETS)
     args.depths = sorted(int(x) for x in str(args.depths).split(",") if x)
     args.batches = [int(x) for x in str(args.batches).split(",") if x]
     args.skip = {x for x in args.skip.split(",") if x}

@@ -9,6 +9,7 @@ run); results JSON files carry the device, the torch version and the command tha
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -76,64 +77,62 @@ def arch_config(arch: str, n_layers: int | None = None, dim: int | None = None,
     return cfg
 
 
+def build_transformer(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """Only the (frozen, random) transformer of ``cfg``: for swapping depths under one text encoder.
+    Seeds torch's generator with ``seed`` first, so :func:`build_pipeline`'s other parts follow it."""
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    with _default_dtype(dtype), torch.device(device):
+        model = ZImageTransformer2DModel(**cfg["transformer"])
+    # Random weights in bf16 can overflow deep in the stack; keep activations finite so every path
+    # does the same work (a NaN does not change the FLOPs, but the image encoders would see garbage).
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(0.5)
+    return model.requires_grad_(False).eval()
+
+
 def build_pipeline(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype, size: int, seed: int = 0):
     """A random-weight ``ZImagePipeline`` of ``cfg`` built straight on ``device`` in ``dtype``
     (fp32 first would need 40 GB for the full model) and frozen in eval mode."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        ZImagePipeline,
-        ZImageTransformer2DModel,
-    )
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
     from transformers import Qwen3Config, Qwen3Model
 
     from twostep.pipeline.zimage import build_tokenizer
 
-    torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            transformer = ZImageTransformer2DModel(**cfg["transformer"])
-            text_encoder = Qwen3Model(Qwen3Config(**cfg["text_encoder"]))
-            vae = AutoencoderKL(**cfg["vae"], sample_size=size)
-    finally:
-        torch.set_default_dtype(prev)
-    # Random weights in bf16 can overflow deep in the stack; keep activations finite so every path
-    # does the same work (a NaN does not change the FLOPs, but the image encoders would see garbage).
-    with torch.no_grad():
-        for p in transformer.parameters():
-            if p.dim() >= 2:
-                p.mul_(0.5)
+    transformer = build_transformer(cfg, device, dtype, seed)
+    with _default_dtype(dtype), torch.device(device):
+        text_encoder = Qwen3Model(Qwen3Config(**cfg["text_encoder"]))
+        vae = AutoencoderKL(**cfg["vae"], sample_size=size)
     tokenizer = build_tokenizer(model_max_length=512)
     if len(tokenizer) > cfg["text_encoder"]["vocab_size"]:
         raise ValueError(f"text encoder vocab {cfg['text_encoder']['vocab_size']} < tokenizer size {len(tokenizer)}")
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     pipe = ZImagePipeline(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                           transformer=transformer)
-    for m in (transformer, text_encoder, vae):
+    for m in (text_encoder, vae):
         m.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def build_transformer(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """Only the (frozen, random) transformer of ``cfg``: for swapping depths under one text encoder."""
-    from diffusers import ZImageTransformer2DModel
-
-    torch.manual_seed(seed)
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
-            model = ZImageTransformer2DModel(**cfg["transformer"])
+        yield
     finally:
         torch.set_default_dtype(prev)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(0.5)
-    return model.requires_grad_(False).eval()
+
+
+def apply_preset(args: Any, presets: dict[str, dict[str, Any]]) -> None:
+    """Fill every flag left at None from the ``tiny`` or ``full`` preset."""
+    for k, v in presets["tiny" if args.tiny else "full"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
 
 def manifest(path: Path, rows: int, size: int) -> tuple[str, list[str], list[int]]:

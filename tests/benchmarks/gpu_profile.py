@@ -146,7 +146,7 @@ def side_by_side(bare: dict[str, Any], worker: dict[str, Any], top: int = 15) ->
 
 
 def save_trace(prof: Any, path: Path, max_bytes: int = 15 * 2**20) -> str | None:
-    """The Chrome trace, gzipped, if it stays under ``max_bytes`` (what a lent machine returns)."""
+    """The Chrome trace, gzipped, if it stays under ``max_bytes`` (what a GPU machine returns)."""
     raw = path.with_suffix("")  # x.json.gz → x.json
     prof.export_chrome_trace(str(raw))
     with open(raw, "rb") as src, gzip.open(path, "wb") as dst:

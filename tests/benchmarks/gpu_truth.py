@@ -1,6 +1,6 @@
-"""One command for a lent GPU: the generation and the training benchmarks, each in its own process
+"""One command for a GPU machine: the generation and the training benchmarks, each in its own process
 (so each starts with an empty GPU) under its own time limit, results and logs into one folder.
-docs/gpu.md says how to run it on a lent machine and what each number means.
+docs/gpu.md says how to run it on a GPU machine and what each number means.
 
     python tests/benchmarks/gpu_truth.py --out-dir $OUT                 # H100/H200: about 8 minutes
     python tests/benchmarks/gpu_truth.py --tiny --out-dir /tmp/truth    # CPU smoke run, tiny model
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run of both parts with the tiny model")
     ap.add_argument("--out-dir", default=str(HERE), help="folder for results, profile, traces and log "
-                    "(default: tests/benchmarks; on a lent machine: $OUT)")
+                    "(default: tests/benchmarks; on a GPU machine: $OUT)")
     ap.add_argument("--parts", default="gen,train", help="which parts, comma-separated: gen, train (default both)")
     ap.add_argument("--gen-args", default="", help="extra flags for bench_generate_gpu.py, one quoted string")
     ap.add_argument("--train-args", default="", help="extra flags for bench_train_gpu.py, one quoted string")

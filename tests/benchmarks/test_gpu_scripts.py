@@ -1,4 +1,4 @@
-"""The lent-GPU script (tests/benchmarks/gpu_truth.py) run end to end on the CPU with the tiny
+"""The GPU script (tests/benchmarks/gpu_truth.py) run end to end on the CPU with the tiny
 architecture, as its one command, with the packages the GPU machine lacks made unimportable: both
 results files come out with every section, 8 transformer calls on every path, outputs equal to the
 plain loop's, a training sweep, slope, LoRA step and a checkpoint-resume-export run; and
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-# Importable here but not on the lent machine (docs/gpu.md, "What the machine has"): the script
+# Importable here but not on the GPU machine (docs/gpu.md, "What the machine has"): the script
 # must run without them. diffusers, webdataset and braceexpand travel there as wheels.
 ABSENT_ON_GPU_MACHINE = ("ray", "datasets", "open_clip", "s3fs", "torchdata", "moto")
 BLOCKER = f"""
@@ -26,7 +26,7 @@ import importlib.abc, sys
 class _Absent(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {ABSENT_ON_GPU_MACHINE!r}:
-            raise ImportError(f"{{name}} is not installed on the lent GPU machine")
+            raise ImportError(f"{{name}} is not installed on the GPU machine")
 sys.meta_path.insert(0, _Absent())
 """
 
