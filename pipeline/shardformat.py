@@ -51,6 +51,7 @@ import json
 import lzma
 import re
 import tarfile
+import threading
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -250,12 +251,19 @@ def decode_sample(key: str, members: dict[str, bytes]) -> Sample:
                   noise=arrays.get("noise"), image=members[fmt] if fmt else None, image_format=fmt)
 
 
+# numpy parses the .npy header with ast.literal_eval, whose AST builder keeps its recursion depth
+# in interpreter-wide state: CPython 3.11 threads decoding at once (verify's thread pool) can fail
+# with "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905).
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def _npy(data: bytes) -> np.ndarray:
     """A ``.npy`` (not ``.npz``) array, refusing pickles."""
     f = io.BytesIO(data)
     np.lib.format.read_magic(f)  # a .npz or anything else is a ValueError here
     f.seek(0)
-    return np.lib.format.read_array(f, allow_pickle=False)
+    with _NPY_HEADER_LOCK:
+        return np.lib.format.read_array(f, allow_pickle=False)
 
 
 def _parse(key: str, suffix: str, parse, members: dict[str, bytes]) -> Any:

@@ -6,6 +6,7 @@ index, and the writer's lease. What the files and shards hold is defined in :mod
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -197,9 +198,10 @@ class Store:
     # --- lease ---------------------------------------------------------------------------------
     # Taking it is a compare-and-swap where the store offers one (docs/store.md, Commit marker,
     # index and lease): a local folder creates lease.json with a hard link of a finished file (as
-    # O_EXCL, but never visible half-written) and replaces a stale one by renaming exactly the inode
-    # it read; S3 creates it with a PUT carrying If-None-Match: * and replaces a stale one with
-    # If-Match on the ETag it read. Other stores keep read-write-read.
+    # O_EXCL, but never visible half-written) and replaces a stale one in one rename, under a lock
+    # file, only if it is still the inode it read; S3 creates it with a PUT carrying
+    # If-None-Match: * and replaces a stale one with If-Match on the ETag it read. Other stores
+    # keep read-write-read.
 
     @property
     def lease_mode(self) -> str:
@@ -253,30 +255,32 @@ class Store:
         mode = self.lease_mode
         if mode == "link":
             self.fs.makedirs(self.root, exist_ok=True)
-            if version is not None:  # rename exactly the stale file away, or learn that it changed
-                grave = f"{self.root}/.lease.{uuid.uuid4().hex}.old"
-                try:
-                    os.rename(path, grave)
-                except FileNotFoundError:
-                    return False
-                if os.stat(grave).st_ino != version:  # another driver's fresh lease: put it back
-                    with contextlib.suppress(FileExistsError):
-                        os.link(grave, path)
-                    os.remove(grave)
-                    return False
-                os.remove(grave)
             tmp = f"{self.root}/.lease.{uuid.uuid4().hex}.tmp"
             with open(tmp, "wb") as f:
                 f.write(record)
                 f.flush()
                 os.fsync(f.fileno())
             try:
-                os.link(tmp, path)  # fails if it exists: an atomic create of a complete file
-                return True
+                if version is None:
+                    os.link(tmp, path)  # fails if it exists: an atomic create of a complete file
+                    return True
+                # A stale lease is replaced in one rename, so the name is never absent (a driver
+                # reading "no lease" in that instant would create its own); the lock file makes
+                # "still the inode that was read, then replace" one step among drivers.
+                with open(f"{self.root}/.lease.lock", "a") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    try:
+                        if os.stat(path).st_ino != version:
+                            return False
+                    except FileNotFoundError:
+                        return False
+                    os.replace(tmp, path)
+                    return True
             except FileExistsError:
                 return False
             finally:
-                os.remove(tmp)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
         if mode == "conditional-put":
             cond = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
             try:
