@@ -20,7 +20,7 @@ omitted-attribute TV and the paired FD; the table goes to ``OUT/ablation.md`` an
 ``OUT/ablation.json``, one grid per variant beside it. Finished runs are skipped, so the command
 resumes.
 
-    python tests/benchmarks/ablation.py --store out/demo/store --lora-rank 4 [--steps 250] [--seeds 0 1 2]
+    python tests/benchmarks/ablation.py --store out/demo/store --lora-rank 4 --lr-scale 10 [--steps 250] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -47,9 +47,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def overrides(variant: str, rank: int, renders: str) -> tuple[str, list[str]]:
+def overrides(variant: str, rank: int, renders: str, lr_scale: float = 1.0) -> tuple[str, list[str]]:
     config, extra = VARIANTS[variant]
     base = [f"model.lora_rank={rank}", f"data.external={renders}"]
+    if lr_scale != 1.0:  # each config's own student learning rate, scaled
+        from twostep.trainer.config import load_config
+
+        base.append(f"optim.lr={load_config(config).optim.lr * lr_scale:g}")
     return config, base + [x.format(r=rank, r2=2 * rank) for x in extra]
 
 
@@ -62,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-samples", type=int, default=1000, help="eval prompts per run (default: 1000)")
     ap.add_argument("--lora-rank", type=int, default=0,
                     help="per-step LoRA rank of every variant (shared: twice it); 0 = full weights (default: 0)")
+    ap.add_argument("--lr-scale", type=float, default=1.0,
+                    help="multiply every config's student learning rate (LoRA adapters usually want ~10x; default: 1)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:  # seed-major: a partial run still covers every variant once
         for v in args.variants:
-            config, ov = overrides(v, args.lora_rank, renders)
+            config, ov = overrides(v, args.lora_rank, renders, args.lr_scale)
             m = run_one(v, config, ov, seed, args.store, args.steps, args.eval_samples, out)
             results.setdefault(v, []).append(m)
             shutil.copy(out / f"{v}-seed{seed}" / "eval" / "grid.png", out / f"grid-{v}.png")
