@@ -171,11 +171,9 @@ class _LeaseKeeper(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.wait(self.every):
-            held = (self.store.read_json("lease.json") or {}).get("owner")
-            if held != self.owner:
-                self.lost = held
+            self.lost = self.store.renew_lease(self.owner)
+            if self.lost is not None:
                 return
-            self.store.renew_lease(self.owner)
 
     def check(self) -> None:
         if self.lost is not None:

@@ -294,8 +294,18 @@ class Store:
         self.put_bytes("lease.json", record)
         return (self.read_json("lease.json") or {}).get("owner") == json.loads(record)["owner"]
 
-    def renew_lease(self, owner: str, ttl: float = 300.0) -> None:
-        self.put_json("lease.json", {"owner": owner, "expires": time.time() + ttl, "taken_at": time.time()})
+    def renew_lease(self, owner: str, ttl: float = 300.0) -> str | None:
+        """Extend ``owner``'s lease if it still holds it, as the same compare-and-swap as taking it
+        (a driver whose lease was taken over never overwrites the new holder's). Returns None when
+        renewed, else who holds it now."""
+        held, version = self._read_lease()
+        holder = (held or {}).get("owner")
+        if holder != owner:
+            return holder or "nobody (lease.json was removed)"
+        record = json.dumps({"owner": owner, "expires": time.time() + ttl, "taken_at": held.get("taken_at")}).encode()
+        if self._swap_lease(record, version):
+            return None
+        return (self._read_lease()[0] or {}).get("owner") or "nobody (lease.json was removed)"
 
     def release_lease(self, owner: str) -> None:
         held = self.read_json("lease.json")

@@ -17,9 +17,9 @@ from twostep.pipeline.store import Store, StoreError
 ROUNDS, DRIVERS = 10, 6
 
 
-def _race(url: str, opts: dict | None, owners: list[str]) -> list[str]:
+def _race(url: str, opts: dict | None, owners: list[str], barrier: threading.Barrier | None = None) -> list[str]:
     """Every owner tries to take the lease at the same instant (a barrier); returns who got it."""
-    barrier = threading.Barrier(len(owners))
+    barrier = barrier or threading.Barrier(len(owners))
     won: list[str] = []
     errors: list[BaseException] = []
 
@@ -119,3 +119,46 @@ def test_other_stores_fall_back_to_read_write_read():
     store.acquire_lease("a:1:x")
     with pytest.raises(StoreError, match="being written by a:1:x"):
         store.acquire_lease("b:2:y")
+
+
+def test_renewal_extends_only_a_lease_still_held(store_url):
+    url, opts = store_url
+    store = Store(url, opts)
+    store.acquire_lease("me:1:a", ttl=5)
+    first = store.read_json("lease.json")
+    assert store.renew_lease("me:1:a", ttl=300) is None
+    renewed = store.read_json("lease.json")
+    assert renewed["owner"] == "me:1:a" and renewed["expires"] > first["expires"] + 200
+    # taken over meanwhile (an expired lease, a driver elsewhere): renewal reports it and writes nothing
+    store.put_json("lease.json", {"owner": "elsewhere:2:b", "expires": time.time() + 300})
+    assert store.renew_lease("me:1:a") == "elsewhere:2:b"
+    assert store.read_json("lease.json")["owner"] == "elsewhere:2:b"
+    store.release_lease("elsewhere:2:b")
+    assert store.renew_lease("me:1:a").startswith("nobody")
+    assert not store.exists("lease.json")
+
+
+def test_renewal_racing_a_takeover_never_leaves_two_holders(store_url):
+    """The holder renews while drivers race to take the lease over as if it had expired: whoever
+    lease.json names at the end is the only one that believes it holds it."""
+    url, opts = store_url
+    store = Store(url, opts)
+    for r in range(ROUNDS):
+        store.put_json("lease.json", {"owner": "holder:1:h", "expires": time.time() - 1})  # just expired
+        barrier = threading.Barrier(DRIVERS + 1)
+        believers: list[str] = []
+
+        def renew(barrier: threading.Barrier, believers: list[str]) -> None:
+            s = Store(url, opts)
+            barrier.wait()
+            if s.renew_lease("holder:1:h") is None:
+                believers.append("holder:1:h")
+
+        t = threading.Thread(target=renew, args=(barrier, believers))
+        t.start()
+        won = _race(url, opts, _owners(r), barrier)
+        t.join()
+        believers += won
+        assert len(believers) == 1, (r, believers)
+        assert store.read_json("lease.json")["owner"] == believers[0]
+        store.fs.rm(store.path("lease.json"))
