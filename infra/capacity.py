@@ -45,6 +45,15 @@ ZIMAGE_TURBO = {
 }
 H100_BF16_DENSE_TFLOPS = 989.0
 TAR_BLOCK = 512
+# The store's costs per shard, from docs/store.md and tests/benchmarks/bench_fleet.py: a shard is
+# committed with two PUTs (tar, then stats); index.json holds one entry of about 150 bytes per shard
+# (the demo store's: 1,789 bytes for 4 shards plus its header); a no-op rerun costs a fixed 13
+# requests (lease, manifest check, index) plus one LIST per 1,000 keys (two keys a shard).
+PUTS_PER_SHARD = 2
+INDEX_BYTES_PER_SHARD = 150
+RERUN_FIXED_REQUESTS = 13
+# AWS S3's documented request rate per partitioned prefix (PUT/COPY/POST/DELETE).
+S3_PUTS_PER_S_PER_PREFIX = 3500
 
 
 def load_configs(pipeline: str | None) -> dict[str, dict]:
@@ -200,6 +209,64 @@ def training_plan(path: str, samples: int, gpus: int = 8) -> dict:
     return out
 
 
+def fleet_plan(p: dict, gpus: int, prompts: int, shard_size: int, driver_ms_per_shard: float | None) -> dict:
+    """What a fleet of ``gpus`` generating ``prompts`` samples asks of the store and the driver, at the
+    measured generation rate where there is one (else the floor)."""
+    rate = p.get("measured") or p["floor"]
+    key = "measured" if "measured" in p else "floor"
+    ips_fleet = gpus * rate["images_per_gpu_hour"] / 3600
+    shards = math.ceil(prompts / shard_size)
+    commits_per_s = ips_fleet / shard_size
+    out = {"gpus": gpus, "prompts": prompts, "shard_size": shard_size, "rate_from": key, "shards": shards,
+           "wall_days": prompts / ips_fleet / 86400, "gpu_hours": prompts / rate["images_per_gpu_hour"],
+           "images_per_s": ips_fleet, "commits_per_s": commits_per_s,
+           "puts_per_s": PUTS_PER_SHARD * commits_per_s,
+           "requests": PUTS_PER_SHARD * shards,
+           "rerun_requests": RERUN_FIXED_REQUESTS + math.ceil(2 * shards / 1000),
+           "index_bytes": INDEX_BYTES_PER_SHARD * shards,
+           "storage_latents_only": prompts * p["bytes_per_sample"]["latents_only"],
+           "storage_with_image_at_most": prompts * p["bytes_per_sample"]["with_image_at_most"]}
+    if driver_ms_per_shard is not None:
+        out["driver_ms_per_shard"] = driver_ms_per_shard
+        out["driver_core_fraction"] = commits_per_s * driver_ms_per_shard / 1000
+    return out
+
+
+def read_fleet_bench(path: str) -> float:
+    """The driver's CPU per shard from bench_fleet.py's results: per extra shard (``--marginal``,
+    start-up excluded) where measured, else over the whole run."""
+    data = _read_json(path, "tests/benchmarks/bench_fleet.py --out")
+    runs = data.get("runs", [data])
+    vals = [r.get("driver_cpu_ms_per_extra_shard", r.get("driver_cpu_ms_per_shard")) for r in runs]
+    vals = [v for v in vals if isinstance(v, (int, float))]
+    if not vals:
+        raise SystemExit(f"{path}: no driver_cpu_ms_per_shard; expected the results of bench_fleet.py --out")
+    return max(vals)
+
+
+def fleet_table(f: dict) -> str:
+    rate = "the measured rate" if f["rate_from"] == "measured" else "the FLOP floor"
+    rows = [
+        ("GPUs / prompts / rows per shard", f"{f['gpus']:,} / {f['prompts']:,} / {f['shard_size']}"),
+        ("shards", f"{f['shards']:,}"),
+        (f"wall-clock at {rate}", f"{f['wall_days']:.1f} days ({f['gpu_hours']:,.0f} GPU-hours)"),
+        ("samples per second, whole fleet", f"{f['images_per_s']:,.0f}"),
+        ("shard commits per second", f"{f['commits_per_s']:.2f}"),
+        ("store PUTs per second (2 a commit)",
+         f"{f['puts_per_s']:.1f} (S3 allows {S3_PUTS_PER_S_PER_PREFIX:,} per prefix)"),
+        ("store requests for the whole job (commits)", f"{f['requests']:,}"),
+        ("requests of a no-op rerun (LIST + fixed)", f"{f['rerun_requests']:,}"),
+        ("index.json", f"≈ {f['index_bytes'] / 1e6:,.0f} MB"),
+        ("storage, latents only / with images (bound)",
+         f"{f['storage_latents_only'] / 1e12:,.0f} TB / ≤ {f['storage_with_image_at_most'] / 1e12:,.0f} TB"),
+    ]
+    if "driver_core_fraction" in f:
+        rows.append(("driver CPU (measured per shard × commits per second)",
+                     f"{f['driver_ms_per_shard']:.2f} ms a shard: {100 * f['driver_core_fraction']:.2f}% of one core"))
+    lines = ["| fleet | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
 def table(p: dict) -> str:
     def tf(x):
         return f"{x / 1e12:,.1f} TFLOP"
@@ -272,7 +339,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="results_generate_gpu.json of tests/benchmarks/gpu_truth.py: adds the measured rates")
     ap.add_argument("--train-bench", default=None,
                     help="results_train_gpu.json of tests/benchmarks/gpu_truth.py: adds training throughput per node")
-    ap.add_argument("--json", action="store_true", help="print JSON instead of the Markdown table")
+    ap.add_argument("--gpus", type=int, default=1000, help="fleet size for the fleet table (default: 1,000)")
+    ap.add_argument("--prompts", type=int, default=100_000_000,
+                    help="samples the fleet generates (default: 100,000,000)")
+    ap.add_argument("--shard-size", type=int, default=256, help="rows per shard (default: 256, twostep generate's)")
+    ap.add_argument("--fleet-bench", default=None,
+                    help="results of tests/benchmarks/bench_fleet.py --out: adds the driver's CPU load")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the Markdown tables")
     args = ap.parse_args(argv)
     bench = read_bench(args.bench) if args.bench else {}
     training = training_plan(args.train_bench, args.samples) if args.train_bench else None
@@ -282,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         p["bench"] = bench
     if training:
         p["training"] = training
-    print(json.dumps(p, indent=1) if args.json else table(p))
+    p["fleet"] = fleet_plan(p, args.gpus, args.prompts, args.shard_size,
+                            read_fleet_bench(args.fleet_bench) if args.fleet_bench else None)
+    print(json.dumps(p, indent=1) if args.json else table(p) + "\n\n" + fleet_table(p["fleet"]))
     return 0
 
 

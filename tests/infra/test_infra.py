@@ -415,3 +415,26 @@ def test_capacity_refuses_results_files_it_cannot_use(tmp_path):
         cap.training_plan(str(empty), 10)
     with pytest.raises(SystemExit, match="broken.json: cannot read it as JSON"):
         cap.read_bench(str(broken))
+    with pytest.raises(SystemExit, match="empty.json: no driver_cpu_ms_per_shard"):
+        cap.read_fleet_bench(str(empty))
+
+
+def test_capacity_fleet_rows_follow_from_the_rate_and_the_shard_size(tmp_path):
+    cap = load_capacity()
+    p = {"floor": {"images_per_gpu_hour": 3600.0}, "measured": {"images_per_gpu_hour": 1800.0},
+         "bytes_per_sample": {"latents_only": 1000, "with_image_at_most": 4000}}
+    bench = tmp_path / "fleet.json"
+    bench.write_text(json.dumps({"runs": [{"driver_cpu_ms_per_shard": 9.0, "driver_cpu_ms_per_extra_shard": 2.0},
+                                          {"driver_cpu_ms_per_shard": 3.0}]}))
+    ms = cap.read_fleet_bench(str(bench))
+    assert ms == 3.0  # the worst run, each by its start-up-free figure where there is one
+    f = cap.fleet_plan(p, gpus=1000, prompts=100_000_000, shard_size=256, driver_ms_per_shard=ms)
+    assert f["rate_from"] == "measured" and f["shards"] == 390_625  # ceil(1e8 / 256)
+    assert f["images_per_s"] == pytest.approx(1000 * 0.5)
+    assert f["wall_days"] == pytest.approx(1e8 / 500 / 86400)
+    assert f["commits_per_s"] == pytest.approx(500 / 256) and f["puts_per_s"] == pytest.approx(2 * 500 / 256)
+    assert f["requests"] == 2 * 390_625 and f["rerun_requests"] == 13 + 782
+    assert f["driver_core_fraction"] == pytest.approx(500 / 256 * 3.0 / 1000)
+    assert f["storage_latents_only"] == 1e11
+    assert "390,625" in cap.fleet_table(f) and "of one core" in cap.fleet_table(f)
+    assert "driver_core_fraction" not in cap.fleet_plan(p, 8, 1000, 256, None)
