@@ -310,7 +310,9 @@ def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, keeper
             k, shard = idle.popleft(), queue.popleft()
             handle = actors.handles[k]
             inflight[handle.run.remote(shard, fp)] = (k, shard, handle)
-        done, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
+        done, rest = ray.wait(list(inflight), num_returns=1, timeout=5.0)
+        if done and rest:  # and whatever else has finished meanwhile: one pass over a fleet's burst
+            done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         for ref in done:
             k, shard, handle = inflight.pop(ref)
             try:
@@ -332,8 +334,9 @@ def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, keeper
                 log.warning("shard %d: %s", shard, e)
                 _retry(shard, attempts, cfg, queue, failed, f"{type(e).__name__}: {str(e)[:400]}")
             idle.append(k)
+        if done:  # drawn at tqdm's own pace (refresh=False), not once a shard
             rate = samples / max(time.time() - t0, 1e-9)
-            bar.set_postfix(img_s=f"{rate:.2f}", failed_samples=failures, failed_shards=len(failed))
+            bar.set_postfix(img_s=f"{rate:.2f}", failed_samples=failures, failed_shards=len(failed), refresh=False)
         index.maybe_write(time.time() - t_job)  # before the next dispatch: a task started now sees it
         keeper.check()
     bar.close()

@@ -2,18 +2,20 @@
 
 The real driver (``run_generation``) on a local Ray cluster with many lightweight actors whose teacher
 sleeps instead of generating (``--sleep`` seconds a sample, latents of 4×1×1), writing a store on the
-local S3-protocol server (moto on 127.0.0.1), whose requests are counted as the server receives them.
+local S3-protocol server (moto on 127.0.0.1, in its own process, so its CPU time is not the
+driver's), whose requests are counted as the server receives them.
 Optionally a killer thread SIGKILLs a random actor process now and then (``--kill-per-min``, a
 fraction of the actors a minute). Reported: driver CPU seconds per shard dispatched (the driver
-process's CPU time over the run, start-up included), requests per shard (all, and those under
-``shards/``), wall time against the sleep time the actors had to spend (shards · rows · sleep /
+process's CPU time over the run, start-up included; with ``--marginal``, also the CPU per extra
+shard between a run of a quarter of the shards and the full one, i.e. without start-up), requests
+per shard (all, and those under ``shards/``), wall time against the sleep time the actors had to spend (shards · rows · sleep /
 actors), actors killed, and whether the store is complete with every shard once (``twostep verify``
 full check: sha256, format, keys = manifest rows).
 
-    python tests/benchmarks/bench_fleet.py [--actors 8] [--shards 400] [--sleep 0.02] [--kill-per-min 0.1]
+    python tests/benchmarks/bench_fleet.py [--actors 8] [--shards 400] [--sleep 0.02] [--kill-per-min 0.1] [--marginal]
 
-The defaults fit a 2-core machine (8 actor processes of about 300 MB each); the issue's scale is
-``--actors 64 --shards 20000``, which needs a machine with more cores and memory.
+The defaults fit a 2-core machine (8 actor processes of about 300 MB each); a fleet's scale,
+``--actors 64 --shards 20000``, needs a machine with more cores and memory.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 
 
 class RequestLog:
-    """WSGI wrapper counting every request the moto server receives (from any process)."""
+    """WSGI wrapper recording every request the moto server receives (from any process)."""
 
     def __init__(self, app):
         self.app, self.requests, self._lock = app, [], threading.Lock()
@@ -43,8 +45,8 @@ class RequestLog:
         return self.app(environ, start_response)
 
 
-def s3_server():
-    import s3fs
+def _serve(conn) -> None:
+    """The S3-protocol server's own process, so its CPU time is not counted as the driver's."""
     from moto.server import ThreadedMotoServer
 
     with socket.socket() as s:
@@ -55,9 +57,53 @@ def s3_server():
     server.start()
     log = RequestLog(server._server.app)
     server._server.app = log
-    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "bench", "secret": "bench"}
-    s3fs.S3FileSystem(skip_instance_cache=True, **opts).mkdir("fleet-bench")
-    return server, log, opts
+    conn.send(port)
+    while True:
+        cmd = conn.recv()
+        if cmd == "requests":
+            with log._lock:
+                conn.send(list(log.requests))
+        elif cmd == "clear":
+            with log._lock:
+                log.requests.clear()
+            conn.send(None)
+        else:
+            server.stop()
+            conn.send(None)
+            return
+
+
+class S3Server:
+    """moto on 127.0.0.1 in a child process; :meth:`requests` lists (method, path) it has received."""
+
+    def __init__(self):
+        import multiprocessing as mp
+
+        import s3fs
+
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self._proc.start()
+        port = self._conn.recv()
+        self._lock = threading.Lock()
+        self.opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "bench", "secret": "bench"}
+        s3fs.S3FileSystem(skip_instance_cache=True, **self.opts).mkdir("fleet-bench")
+
+    def _ask(self, cmd: str):
+        with self._lock:
+            self._conn.send(cmd)
+            return self._conn.recv()
+
+    def requests(self) -> list[tuple[str, str]]:
+        return self._ask("requests")
+
+    def clear(self) -> None:
+        self._ask("clear")
+
+    def stop(self) -> None:
+        self._ask("stop")
+        self._proc.join(10)
 
 
 def sleeping_worker(sleep: float, pid_dir: str):
@@ -90,12 +136,12 @@ def sleeping_worker(sleep: float, pid_dir: str):
 
 
 def killer(pid_dir: str, actors: int, per_min: float, stop: threading.Event, killed: list[int],
-           log: RequestLog) -> None:
+           server: S3Server) -> None:
     """SIGKILL a random live actor every 60 / (actors · per_min) seconds, from the first shard
     upload on (the job's start-up, which asks every actor for its teacher's facts, is not retried)."""
     every = 60.0 / max(actors * per_min, 1e-9)
     rng = random.Random(0)
-    while not any("/shards/" in p for _, p in list(log.requests)):
+    while not any("/shards/" in p for _, p in server.requests()):
         if stop.wait(0.5):
             return
     while not stop.wait(every):
@@ -112,38 +158,24 @@ def killer(pid_dir: str, actors: int, per_min: float, stop: threading.Event, kil
             killed.append(pid)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--actors", type=int, default=8)
-    ap.add_argument("--shards", type=int, default=400)
-    ap.add_argument("--shard-size", type=int, default=1)
-    ap.add_argument("--sleep", type=float, default=0.02, help="seconds a sample (default: 0.02)")
-    ap.add_argument("--kill-per-min", type=float, default=0.0,
-                    help="fraction of the actors SIGKILLed a minute (default: 0; the issue asks for 0.1)")
-    ap.add_argument("--out", default=None, help="write the figures as JSON here")
-    args = ap.parse_args()
-
-    import ray
-
+def one_run(args, server: S3Server, shards: int, tmp: Path, name: str) -> dict:
+    """One generation job of ``shards`` shards into ``s3://fleet-bench/NAME``; its figures."""
     from twostep.pipeline.job import GenerateConfig, run_generation
     from twostep.pipeline.verify import verify_store
     from twostep.prompts.toy import build_toy_manifest
 
-    server, log, opts = s3_server()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
-    pid_dir = tmp / "pids"
+    pid_dir = tmp / f"pids-{name}"
     pid_dir.mkdir()
-    rows = args.shards * args.shard_size
-    build_toy_manifest(rows, tmp / "m.parquet", seed=1)
-    ray.init(num_cpus=args.actors, include_dashboard=False, log_to_driver=False)  # logical CPUs: 1 an actor
-    url = "s3://fleet-bench/store"
-    cfg = GenerateConfig(manifest=str(tmp / "m.parquet"), out=url, shard_size=args.shard_size,
+    rows = shards * args.shard_size
+    build_toy_manifest(rows, tmp / f"{name}.parquet", seed=1)
+    url = f"s3://fleet-bench/{name}"
+    cfg = GenerateConfig(manifest=str(tmp / f"{name}.parquet"), out=url, shard_size=args.shard_size,
                          batch_size=max(1, args.shard_size), num_workers=args.actors, image_format="none",
-                         save=("mid",), storage_options=opts, max_shard_retries=5)
+                         save=("mid",), storage_options=server.opts, max_shard_retries=5)
     stop, killed = threading.Event(), []
-    k = threading.Thread(target=killer, args=(str(pid_dir), args.actors, args.kill_per_min, stop, killed, log),
+    k = threading.Thread(target=killer, args=(str(pid_dir), args.actors, args.kill_per_min, stop, killed, server),
                          daemon=True)
-    log.requests.clear()
+    server.clear()
     c0, t0 = time.process_time(), time.perf_counter()
     if args.kill_per_min:
         k.start()
@@ -152,26 +184,56 @@ def main() -> None:
     finally:
         stop.set()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    requests = list(log.requests)
-    ray.shutdown()
-    report = verify_store(url, opts, full=True, threads=8)
+    requests = server.requests()
+    report = verify_store(url, server.opts, full=True, threads=8)
     shard_requests = [r for r in requests if "/shards/" in r[1]]
     ideal = rows * args.sleep / args.actors
-    figures = {
-        "actors": args.actors, "shards": args.shards, "shard_size": args.shard_size, "sleep_s": args.sleep,
+    return {
+        "actors": args.actors, "shards": shards, "shard_size": args.shard_size, "sleep_s": args.sleep,
         "kill_per_min": args.kill_per_min, "actors_killed": len(killed),
         "status": index["status"], "samples": index["samples"], "verify_full_ok": report["ok"],
         "verify_problems": report["problems"][:5],
         "wall_s": round(wall, 1), "sleep_bound_s": round(ideal, 1), "overhead_s": round(wall - ideal, 1),
-        "driver_cpu_s": round(cpu, 2), "driver_cpu_ms_per_shard": round(1000 * cpu / args.shards, 2),
-        "requests": len(requests), "requests_per_shard": round(len(requests) / args.shards, 2),
-        "shard_requests_per_shard": round(len(shard_requests) / args.shards, 2),
+        "driver_cpu_s": round(cpu, 2), "driver_cpu_ms_per_shard": round(1000 * cpu / shards, 2),
+        "requests": len(requests), "requests_per_shard": round(len(requests) / shards, 2),
+        "shard_requests_per_shard": round(len(shard_requests) / shards, 2),
         "shard_requests_by_method": {m: sum(1 for r in shard_requests if r[0] == m) for m in ("GET", "HEAD", "PUT")},
     }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--actors", type=int, default=8, help="Ray actors (logical workers; default: 8)")
+    ap.add_argument("--shards", type=int, default=400, help="shards to generate (default: 400)")
+    ap.add_argument("--shard-size", type=int, default=1, help="rows per shard (default: 1)")
+    ap.add_argument("--sleep", type=float, default=0.02, help="seconds a sample (default: 0.02)")
+    ap.add_argument("--kill-per-min", type=float, default=0.0,
+                    help="fraction of the actors SIGKILLed a minute (default: 0; 0.1 is a tenth a minute)")
+    ap.add_argument("--marginal", action="store_true",
+                    help="also run a job of a quarter of the shards first: the driver CPU per extra shard "
+                         "between the two is the dispatch cost without start-up")
+    ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = ap.parse_args()
+
+    import ray
+
+    server = S3Server()  # before Ray: a plain child process, not a Ray worker
+    tmp = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
+    ray.init(num_cpus=args.actors, include_dashboard=False, log_to_driver=False)  # logical CPUs: 1 an actor
+    try:
+        small = one_run(args, server, max(1, args.shards // 4), tmp, "small") if args.marginal else None
+        figures = one_run(args, server, args.shards, tmp, "store")
+    finally:
+        ray.shutdown()
+        server.stop()
+    if small:
+        extra = figures["shards"] - small["shards"]
+        figures["small_run"] = small
+        figures["driver_cpu_ms_per_extra_shard"] = round(
+            1000 * (figures["driver_cpu_s"] - small["driver_cpu_s"]) / extra, 2)
     print(json.dumps(figures, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1) + "\n")
-    server.stop()
 
 
 if __name__ == "__main__":
