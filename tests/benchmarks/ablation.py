@@ -57,6 +57,36 @@ def overrides(variant: str, rank: int, renders: str, lr_scale: float = 1.0) -> t
     return config, base + [x.format(r=rank, r2=2 * rank) for x in extra]
 
 
+# what removing each part tests, against ``full``
+QUESTIONS = {
+    "regress_only": "what the adversarial terms add to the regressions",
+    "adv_only": "what the regressions add to the adversarial terms",
+    "real_renders": "teacher samples vs ground-truth renders as the discriminator's real data (idea 1)",
+    "shared": "decoupled per-step parameters vs one shared set of equal size (idea 2)",
+    "detached": "end-to-end gradient through both steps vs detached steps (idea 3)",
+    "no_step1": "the explicit step-1 loss",
+}
+
+
+def differences(summary: dict, key: str = "gap_closed") -> str:
+    """Markdown: each variant's mean ``key`` minus ``full``'s, with twice its standard error
+    (sqrt(sd_a²/n_a + sd_b²/n_b)); a difference larger than that is marked as exceeding the spread."""
+    if "full" not in summary:
+        return ""
+    f = summary["full"][key]
+    lines = [f"| variant | question | Δ {key.replace('_', ' ')} vs full | 2 SE | exceeds the spread |",
+             "|---|---|---|---|---|"]
+    for v, s in summary.items():
+        if v == "full":
+            continue
+        x = s[key]
+        delta = x["mean"] - f["mean"]
+        se2 = 2 * (x["sd"] ** 2 / x["n"] + f["sd"] ** 2 / f["n"]) ** 0.5
+        verdict = "yes" if abs(delta) > se2 and min(x["n"], f["n"]) > 1 else "no"
+        lines.append(f"| {v} | {QUESTIONS.get(v, '')} | {delta:+.3f} | {se2:.3f} | {verdict} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", required=True, help="a toy teacher store (twostep generate, or twostep demo's)")
@@ -93,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             refs = reference_row(next(iter(results.values())))
             (out / "ablation.json").write_text(json.dumps({"args": vars(args), "summary": summary,
                                                            "reference": refs}, indent=1))
-            (out / "ablation.md").write_text(table(summary, refs) + "\n")
+            (out / "ablation.md").write_text(table(summary, refs) + "\n\n" + differences(summary) + "\n")
             print(f"{v} seed {seed}: gap closed {m['gap_closed']}", flush=True)
-    print(table(summarise(results), reference_row(next(iter(results.values())))))
+    summary = summarise(results)
+    print(table(summary, reference_row(next(iter(results.values())))) + "\n\n" + differences(summary))
     return 0
 
 
