@@ -16,8 +16,9 @@ the same prompts (docs/evaluation.md):
 ``--lora-rank R`` runs every variant as per-step LoRA adapters of rank R (the capacity-limited
 regime, where the regressions alone fall short); 0 trains every weight. Reported per variant: mean,
 sd and range over seeds of gap closed, FD to the 8-step reference, all named right, recall,
-omitted-attribute TV and the paired FD; the table goes to ``OUT/ablation.md`` and
-``OUT/ablation.json``, one grid per variant beside it. Finished runs are skipped, so the command
+omitted-attribute TV and the paired FD, then each variant's gap closed minus full's, paired by
+seed, with its 95% t interval; the tables go to ``OUT/ablation.md`` and ``OUT/ablation.json``, one
+grid per variant beside them. Finished runs are skipped, so the command
 resumes.
 
     python tests/benchmarks/ablation.py --store out/demo/store --lora-rank 4 --lr-scale 10 [--steps 250] [--seeds 0 1 2]
@@ -29,6 +30,7 @@ import argparse
 import json
 import logging
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -68,22 +70,29 @@ QUESTIONS = {
 }
 
 
-def differences(summary: dict, key: str = "gap_closed") -> str:
-    """Markdown: each variant's mean ``key`` minus ``full``'s, with twice its standard error
-    (sqrt(sd_a²/n_a + sd_b²/n_b)); a difference larger than that is marked as exceeding the spread."""
-    if "full" not in summary:
+# two-sided 95% quantiles of Student's t, by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def differences(results: dict[str, list[dict]], key: str = "gap_closed") -> str:
+    """Markdown: each variant's ``key`` minus ``full``'s, paired by seed (the same seed gives both
+    runs the same data order, initial adapters and eval noise), with the 95% t interval of the mean
+    difference; a difference whose interval excludes 0 is marked as exceeding the spread."""
+    if "full" not in results:
         return ""
-    f = summary["full"][key]
-    lines = [f"| variant | question | Δ {key.replace('_', ' ')} vs full | 2 SE | exceeds the spread |",
-             "|---|---|---|---|---|"]
-    for v, s in summary.items():
+    full = {m["run"]["seed"]: m[key] for m in results["full"]}
+    lines = [f"| variant | question | Δ {key.replace('_', ' ')} vs full, paired by seed (95% CI) | seeds | "
+             "exceeds the spread |", "|---|---|---|---|---|"]
+    for v, ms in results.items():
         if v == "full":
             continue
-        x = s[key]
-        delta = x["mean"] - f["mean"]
-        se2 = 2 * (x["sd"] ** 2 / x["n"] + f["sd"] ** 2 / f["n"]) ** 0.5
-        verdict = "yes" if abs(delta) > se2 and min(x["n"], f["n"]) > 1 else "no"
-        lines.append(f"| {v} | {QUESTIONS.get(v, '')} | {delta:+.3f} | {se2:.3f} | {verdict} |")
+        d = [m[key] - full[m["run"]["seed"]] for m in ms if m["run"]["seed"] in full]
+        if not d:
+            continue
+        mean = statistics.mean(d)
+        hw = T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("inf")
+        verdict = "yes" if abs(mean) > hw else "no"
+        lines.append(f"| {v} | {QUESTIONS.get(v, '')} | {mean:+.3f} ± {hw:.3f} | {len(d)} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -123,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             refs = reference_row(next(iter(results.values())))
             (out / "ablation.json").write_text(json.dumps({"args": vars(args), "summary": summary,
                                                            "reference": refs}, indent=1))
-            (out / "ablation.md").write_text(table(summary, refs) + "\n\n" + differences(summary) + "\n")
+            (out / "ablation.md").write_text(table(summary, refs) + "\n\n" + differences(results) + "\n")
             print(f"{v} seed {seed}: gap closed {m['gap_closed']}", flush=True)
     summary = summarise(results)
-    print(table(summary, reference_row(next(iter(results.values())))) + "\n\n" + differences(summary))
+    print(table(summary, reference_row(next(iter(results.values())))) + "\n\n" + differences(results))
     return 0
 
 

@@ -4,6 +4,7 @@ overrides each variant trains with, the per-variant spread over seeds, and which
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -33,18 +34,22 @@ def test_overrides_keep_parameters_equal_and_scale_each_configs_own_lr():
     assert not any(x.startswith("optim.lr=") for x in ablation.overrides("full", 1, "R")[1])
 
 
-def test_differences_from_full_against_twice_the_standard_error():
-    results = {"full": [_run(0.95, 0), _run(0.96, 1), _run(0.94, 2)],
-               "regress_only": [_run(0.90, 0), _run(0.91, 1), _run(0.89, 2)],  # 0.05 below, sd 0.01
-               "shared": [_run(0.93, 0), _run(0.97, 1), _run(0.95, 2)],  # 0.00 below, sd 0.02
+def test_differences_from_full_are_paired_by_seed_with_a_t_interval():
+    # seeds differ by a shared offset; regress_only is 0.02 below full on every seed, shared is not
+    results = {"full": [_run(0.95, 0), _run(0.98, 1), _run(0.92, 2)],
+               "regress_only": [_run(0.93, 0), _run(0.961, 1), _run(0.899, 2)],
+               "shared": [_run(0.97, 0), _run(0.96, 1), _run(0.92, 2)],
                "no_step1": [_run(0.80, 0)]}  # one seed: never called significant
     summary = summarise(results)
     assert summary["full"]["gap_closed"]["mean"] == pytest.approx(0.95)
-    assert summary["full"]["gap_closed"]["sd"] == pytest.approx(0.01)
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in ablation.differences(summary).splitlines()[2:]}
-    assert rows["regress_only"][2] == "-0.050" and rows["regress_only"][4].startswith("yes")
-    se2 = 2 * (0.01**2 / 3 + 0.01**2 / 3) ** 0.5
-    assert float(rows["regress_only"][3]) == pytest.approx(se2, abs=1e-3)
-    assert rows["shared"][2] in ("+0.000", "-0.000") and rows["shared"][4].startswith("no")
-    assert rows["no_step1"][4].startswith("no")
+    assert summary["full"]["gap_closed"]["sd"] == pytest.approx(0.03)
+    # unpaired, regress_only's 0.02 would drown in the seeds' spread (sd 0.03); paired it does not
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in ablation.differences(results).splitlines()[2:]}
+    mean, hw = (float(x) for x in rows["regress_only"][2].split(" ± "))
+    d = [-0.02, -0.019, -0.021]
+    assert mean == pytest.approx(-0.020, abs=1e-3)
+    assert hw == pytest.approx(4.303 * statistics.stdev(d) / 3**0.5, abs=1e-3)
+    assert rows["regress_only"][4].startswith("yes")
+    assert rows["shared"][4].startswith("no")  # +0.02, -0.02, 0.00
+    assert rows["no_step1"][3] == "1" and rows["no_step1"][4].startswith("no")
     assert "full" not in rows
