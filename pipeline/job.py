@@ -15,12 +15,14 @@ second pass over the store; a driver that died leaves a store the next run compl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import queue as stdqueue
 import tempfile
 import threading
 import time
@@ -302,6 +304,9 @@ def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, keeper
     inflight: dict[Any, tuple[int, int, Any]] = {}  # ref → (actor slot, shard, actor handle)
     # Two slots per actor: shard k+1 generates while shard k uploads (the worker serialises generation).
     idle = deque([k for _ in range(2) for k in range(len(actors.handles))])  # 0, 1, …, 0, 1, …: spread first
+    # Each task's completion puts its ref on ``finished`` (a callback of the ref's future), so the
+    # loop's cost per shard does not grow with the tasks in flight as ray.wait over all of them does.
+    finished: stdqueue.SimpleQueue = stdqueue.SimpleQueue()
     samples = failures = 0
     t0 = time.time()
     bar = tqdm(total=len(todo), desc="shards", unit="shard")
@@ -309,10 +314,14 @@ def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, keeper
         while queue and idle:
             k, shard = idle.popleft(), queue.popleft()
             handle = actors.handles[k]
-            inflight[handle.run.remote(shard, fp)] = (k, shard, handle)
-        done, rest = ray.wait(list(inflight), num_returns=1, timeout=5.0)
-        if done and rest:  # and whatever else has finished meanwhile: one pass over a fleet's burst
-            done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            ref = handle.run.remote(shard, fp)
+            inflight[ref] = (k, shard, handle)
+            ref.future().add_done_callback(lambda _, ref=ref: finished.put(ref))
+        done = []
+        with contextlib.suppress(stdqueue.Empty):
+            done.append(finished.get(timeout=5.0))
+            while True:  # and whatever else has finished meanwhile: one pass over a fleet's burst
+                done.append(finished.get_nowait())
         for ref in done:
             k, shard, handle = inflight.pop(ref)
             try:
