@@ -74,19 +74,28 @@ QUESTIONS = {
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
+METRICS = {  # name in the tables: how to read it from a run's eval metrics
+    "gap_closed": lambda m: m["gap_closed"],
+    "all_named_right": lambda m: m["student2"]["accuracy"]["all"],
+    "omitted_tv": lambda m: m["student2"]["omitted_tv"]["mean"],
+    "fd_to_reference": lambda m: m["student2"]["fd_to_reference"],
+}
+
+
 def differences(results: dict[str, list[dict]], key: str = "gap_closed") -> str:
     """Markdown: each variant's ``key`` minus ``full``'s, paired by seed (the same seed gives both
     runs the same data order, initial adapters and eval noise), with the 95% t interval of the mean
     difference; a difference whose interval excludes 0 is marked as exceeding the spread."""
     if "full" not in results:
         return ""
-    full = {m["run"]["seed"]: m[key] for m in results["full"]}
+    get = METRICS[key]
+    full = {m["run"]["seed"]: get(m) for m in results["full"]}
     lines = [f"| variant | question | Δ {key.replace('_', ' ')} vs full, paired by seed (95% CI) | seeds | "
              "exceeds the spread |", "|---|---|---|---|---|"]
     for v, ms in results.items():
         if v == "full":
             continue
-        d = [m[key] - full[m["run"]["seed"]] for m in ms if m["run"]["seed"] in full]
+        d = [get(m) - full[m["run"]["seed"]] for m in ms if m["run"]["seed"] in full]
         if not d:
             continue
         mean = statistics.mean(d)
@@ -132,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
             refs = reference_row(next(iter(results.values())))
             (out / "ablation.json").write_text(json.dumps({"args": vars(args), "summary": summary,
                                                            "reference": refs}, indent=1))
-            (out / "ablation.md").write_text(table(summary, refs) + "\n\n" + differences(results) + "\n")
+            diffs = "\n\n".join(differences(results, k) for k in METRICS)
+            (out / "ablation.md").write_text(table(summary, refs) + "\n\n" + diffs + "\n")
             print(f"{v} seed {seed}: gap closed {m['gap_closed']}", flush=True)
     summary = summarise(results)
-    print(table(summary, reference_row(next(iter(results.values())))) + "\n\n" + differences(results))
+    diffs = "\n\n".join(differences(results, k) for k in METRICS)
+    print(table(summary, reference_row(next(iter(results.values())))) + "\n\n" + diffs)
     return 0
 
 
