@@ -119,7 +119,7 @@ def test_generation_job_checks_the_teacher_before_ray_or_the_store(files, tmp_pa
 
 
 def test_generate_as_a_program(files, tmp_path):
-    """The case from the issue, as a user runs it: 104 lines and a store left behind before."""
+    """A missing teacher folder, run as a user runs it: one line, and no store folder left behind."""
     out = tmp_path / "store"
     r = subprocess.run([sys.executable, "-m", "twostep.cli", "generate", "--manifest", files["manifest"],
                         "--out", str(out), "--teacher", "/no/such/folder"], capture_output=True, text=True,
@@ -179,7 +179,7 @@ def test_train(case, files, tmp_path, capsys):
 
 
 def test_train_as_a_program(tmp_path):
-    """The case from the issue: a traceback ending in the message before."""
+    """A missing store, run as a user runs it: the message, and no traceback."""
     r = subprocess.run([sys.executable, "-m", "twostep.cli", "train", "--data", "/no/such/store", "--out",
                         str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
