@@ -7,7 +7,8 @@ driver's), whose requests are counted as the server receives them.
 Optionally a killer thread SIGKILLs a random actor process now and then (``--kill-per-min``, a
 fraction of the actors a minute). Reported: driver CPU seconds per shard dispatched (the driver
 process's CPU time over the run, start-up included; with ``--marginal``, also the CPU per extra
-shard between a run of a quarter of the shards and the full one, i.e. without start-up), requests
+shard between a run of a quarter of the shards and the full one, i.e. without start-up, and its
+ratio to the same figure for the barest Ray loop over as many actors and tasks), requests
 per shard (all, and those under ``shards/``), wall time against the sleep time the actors had to spend (shards · rows · sleep /
 actors), actors killed, and whether the store is complete with every shard once (``twostep verify``
 full check: sha256, format, keys = manifest rows).
@@ -201,6 +202,36 @@ def one_run(args, server: S3Server, shards: int, tmp: Path, name: str) -> dict:
     }
 
 
+def bare_ray_cpu(actors: int, tasks: int, sleep: float) -> float:
+    """Driver CPU seconds of the barest dispatch loop Ray allows, as a baseline: the same number of
+    actors with two tasks each in flight, tasks that sleep ``sleep`` s and return a small dict,
+    ``ray.wait`` then ``ray.get``; no store, no index, no progress bar."""
+    import ray
+
+    @ray.remote(num_cpus=1, max_concurrency=2)
+    class Bare:
+        def run(self, i):
+            time.sleep(sleep)
+            return {"shard": i, "samples": 1, "failures": []}
+
+    handles = [Bare.remote() for _ in range(actors)]
+    ray.get([h.run.remote(-1) for h in handles])  # started: actor start-up is not counted
+    c0 = time.process_time()
+    queue, idle, inflight = list(range(tasks)), [k for _ in range(2) for k in range(actors)], {}
+    while queue or inflight:
+        while queue and idle:
+            k = idle.pop()
+            inflight[handles[k].run.remote(queue.pop())] = k
+        done, _ = ray.wait(list(inflight), num_returns=1)
+        for ref in done:
+            ray.get(ref)
+            idle.append(inflight.pop(ref))
+    cpu = time.process_time() - c0
+    for h in handles:
+        ray.kill(h)
+    return cpu
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--actors", type=int, default=8, help="Ray actors (logical workers; default: 8)")
@@ -211,7 +242,8 @@ def main() -> None:
                     help="fraction of the actors SIGKILLed a minute (default: 0; 0.1 is a tenth a minute)")
     ap.add_argument("--marginal", action="store_true",
                     help="also run a job of a quarter of the shards first: the driver CPU per extra shard "
-                         "between the two is the dispatch cost without start-up")
+                         "between the two is the dispatch cost without start-up; compared with the "
+                         "barest Ray dispatch loop over the same actors and task counts")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
@@ -223,6 +255,10 @@ def main() -> None:
     try:
         small = one_run(args, server, max(1, args.shards // 4), tmp, "small") if args.marginal else None
         figures = one_run(args, server, args.shards, tmp, "store")
+        if small:  # the baseline, same actors and task counts, same run: Ray's own floor per task
+            n_small, n_big = small["shards"], figures["shards"]
+            cpu_small, cpu_big = (bare_ray_cpu(args.actors, n, args.sleep * args.shard_size) for n in (n_small, n_big))
+            figures["bare_ray_ms_per_extra_task"] = round(1000 * (cpu_big - cpu_small) / (n_big - n_small), 2)
     finally:
         ray.shutdown()
         server.stop()
@@ -231,6 +267,8 @@ def main() -> None:
         figures["small_run"] = small
         figures["driver_cpu_ms_per_extra_shard"] = round(
             1000 * (figures["driver_cpu_s"] - small["driver_cpu_s"]) / extra, 2)
+        bare = figures["bare_ray_ms_per_extra_task"]
+        figures["ratio_driver_over_bare_ray"] = round(figures["driver_cpu_ms_per_extra_shard"] / bare, 2)
     print(json.dumps(figures, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1) + "\n")
