@@ -212,8 +212,8 @@ def training_plan(path: str, samples: int, gpus: int = 8) -> dict:
 def fleet_plan(p: dict, gpus: int, prompts: int, shard_size: int, driver_ms_per_shard: float | None) -> dict:
     """What a fleet of ``gpus`` generating ``prompts`` samples asks of the store and the driver, at the
     measured generation rate where there is one (else the floor)."""
-    rate = p.get("measured") or p["floor"]
     key = "measured" if "measured" in p else "floor"
+    rate = p[key]
     ips_fleet = gpus * rate["images_per_gpu_hour"] / 3600
     shards = math.ceil(prompts / shard_size)
     commits_per_s = ips_fleet / shard_size
@@ -222,7 +222,7 @@ def fleet_plan(p: dict, gpus: int, prompts: int, shard_size: int, driver_ms_per_
            "images_per_s": ips_fleet, "commits_per_s": commits_per_s,
            "puts_per_s": PUTS_PER_SHARD * commits_per_s,
            "requests": PUTS_PER_SHARD * shards,
-           "rerun_requests": RERUN_FIXED_REQUESTS + math.ceil(2 * shards / 1000),
+           "rerun_requests": RERUN_FIXED_REQUESTS + math.ceil(PUTS_PER_SHARD * shards / 1000),  # a key a PUT
            "index_bytes": INDEX_BYTES_PER_SHARD * shards,
            "storage_latents_only": prompts * p["bytes_per_sample"]["latents_only"],
            "storage_with_image_at_most": prompts * p["bytes_per_sample"]["with_image_at_most"]}
