@@ -148,7 +148,7 @@ def _run(cfg: GenerateConfig, t0: float, source: str, worker_cls: type[ShardWork
         todo = [i for i in range(num_shards) if i not in committed]
         log.info("%d shards of %d rows; %d committed already, %d to do; store %s",
                  num_shards, cfg.shard_size, num_shards - len(todo), len(todo), cfg.out)
-        failed_shards = _dispatch(ray, actors, todo, cfg, keeper, fp, index, t0)
+        failed_shards = _dispatch(actors, todo, cfg, keeper, fp, index, t0)
         keeper.check()
         summary = write_index(store, fp, ident, num_shards, facts, time.time() - t0, failed_shards,
                               stats=index.stats)
@@ -263,49 +263,59 @@ def _check_store(store: Store, fp: str, ident: dict, cfg: GenerateConfig) -> dic
 class _IndexWriter:
     """The committed shards' stats as the driver learns them (start-up scan, then each task's
     result), and ``index.json`` written from them every ``index_every_shards`` new shards or
-    ``index_every_s`` seconds, so a driver killed mid-job leaves an index the next run starts from."""
+    ``index_every_s`` seconds, so a driver killed mid-job leaves an index the next run starts from.
+
+    A write costs time in proportion to the shards committed (every entry is serialised and
+    uploaded), so both intervals stretch as the store grows: at least a twentieth of the committed
+    shards between writes, and at least 100 times the last write's duration, which keeps the
+    writes under 1% of the driver's time and their total cost O(N log N), not O(N²)."""
 
     def __init__(self, store: Store, fp: str, ident: dict, num_shards: int, facts: dict,
                  stats: dict[int, dict[str, Any]], cfg: GenerateConfig):
         self.store, self.fp, self.ident, self.num_shards, self.facts = store, fp, ident, num_shards, facts
         self.stats = stats
         self.every_shards, self.every_s = cfg.index_every_shards, cfg.index_every_s
-        self.new, self.last = 0, time.monotonic()
+        self.new, self.last, self.took = 0, time.monotonic(), 0.0
 
     def add(self, stats: dict[str, Any]) -> None:
         self.stats[stats["shard"]] = stats
         self.new += 1
 
     def maybe_write(self, seconds: float) -> None:
-        if self.new and (self.new >= self.every_shards or time.monotonic() - self.last >= self.every_s):
+        if not self.new:
+            return
+        if (self.new >= max(self.every_shards, len(self.stats) // 20)
+                or time.monotonic() - self.last >= max(self.every_s, 100 * self.took)):
             self.write(seconds)
 
     def write(self, seconds: float) -> None:
         """An ``in progress`` index of the shards committed so far (the final one is :func:`write_index`)."""
+        t0 = time.monotonic()
         shards = [_entry(self.stats[i]) for i in sorted(self.stats)]
         self.store.put_json("index.json", {
             "status": "in progress", "fingerprint": self.fp, "identity": self.ident,
             "num_shards": self.num_shards, "shards": shards, "samples": sum(s["samples"] for s in shards),
-            "teacher": self.facts, "seconds": round(seconds, 1)})
+            "teacher": self.facts, "seconds": round(seconds, 1)}, indent=None)
         self.new, self.last = 0, time.monotonic()
+        self.took = self.last - t0
 
 
 def _entry(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: stats[k] for k in INDEX_ENTRY}
 
 
-def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, keeper: _LeaseKeeper,
-              fp: str, index: _IndexWriter, t_job: float) -> dict[int, str]:
+def _dispatch(actors: _Actors, todo: list[int], cfg: GenerateConfig, keeper: _LeaseKeeper, fp: str,
+              index: _IndexWriter, t_job: float) -> dict[int, str]:
     """Run shards on the actors until all are committed or out of retries; each committed shard's
     stats go to ``index`` (which writes index.json at intervals)."""
     from ray.exceptions import RayActorError, RayError, RayTaskError
 
     queue, attempts, failed = deque(todo), dict.fromkeys(todo, 0), {}
-    inflight: dict[Any, tuple[int, int, Any]] = {}  # ref → (actor slot, shard, actor handle)
+    inflight: dict[Any, tuple[int, int, Any]] = {}  # task future → (actor slot, shard, actor handle)
     # Two slots per actor: shard k+1 generates while shard k uploads (the worker serialises generation).
     idle = deque([k for _ in range(2) for k in range(len(actors.handles))])  # 0, 1, …, 0, 1, …: spread first
-    # Each task's completion puts its ref on ``finished`` (a callback of the ref's future), so the
-    # loop's cost per shard does not grow with the tasks in flight as ray.wait over all of them does.
+    # Each task's completion puts its future on ``finished`` (a callback), so the loop's cost per
+    # shard does not grow with the tasks in flight as ray.wait over all of them does.
     finished: stdqueue.SimpleQueue = stdqueue.SimpleQueue()
     samples = failures = 0
     t0 = time.time()
@@ -314,18 +324,19 @@ def _dispatch(ray, actors: _Actors, todo: list[int], cfg: GenerateConfig, keeper
         while queue and idle:
             k, shard = idle.popleft(), queue.popleft()
             handle = actors.handles[k]
-            ref = handle.run.remote(shard, fp)
-            inflight[ref] = (k, shard, handle)
-            ref.future().add_done_callback(lambda _, ref=ref: finished.put(ref))
+            # The future gets the task's value (deserialised once, on Ray's thread) or its error.
+            fut = handle.run.remote(shard, fp).future()
+            inflight[fut] = (k, shard, handle)
+            fut.add_done_callback(finished.put)
         done = []
         with contextlib.suppress(stdqueue.Empty):
             done.append(finished.get(timeout=5.0))
             while True:  # and whatever else has finished meanwhile: one pass over a fleet's burst
                 done.append(finished.get_nowait())
-        for ref in done:
-            k, shard, handle = inflight.pop(ref)
+        for fut in done:
+            k, shard, handle = inflight.pop(fut)
             try:
-                stats = ray.get(ref)
+                stats = fut.result()
                 index.add(stats)
                 samples += stats["samples"]
                 failures += len(stats["failures"])
@@ -379,7 +390,7 @@ def write_index(store: Store, fp: str, ident: dict, num_shards: int, facts: dict
              "num_shards": num_shards, "shards": shards, "missing_shards": missing,
              "failed_shards": {str(k): v for k, v in failed_shards.items()}, "samples": samples,
              "failed_samples": len(failed_rows), "teacher": facts, "seconds": round(seconds, 1)}
-    store.put_json("index.json", index)
+    store.put_json("index.json", index, indent=None)  # one entry a shard: 100k shards is ~20 MB
     table = pa.Table.from_pylist(failed_rows, schema=pa.schema(
         [("prompt_id", pa.string()), ("row", pa.int64()), ("reason", pa.string()), ("shard", pa.int64())]))
     buf = pa.BufferOutputStream()

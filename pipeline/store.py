@@ -93,8 +93,10 @@ class Store:
             os.fsync(f.fileno())
         os.replace(tmp, path)
 
-    def put_json(self, rel: str, obj: Any) -> None:
-        self.put_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+    def put_json(self, rel: str, obj: Any, indent: int | None = 1) -> None:
+        """``indent=None``: compact, for large files (json's C encoder; an indent takes the Python one)."""
+        seps = (",", ":") if indent is None else None
+        self.put_bytes(rel, json.dumps(obj, indent=indent, separators=seps, sort_keys=True, default=str).encode())
 
     def put_file(self, rel: str, local_path: str) -> None:
         with open(local_path, "rb") as f:

@@ -5,18 +5,22 @@ sleeps instead of generating (``--sleep`` seconds a sample, latents of 4×1×1),
 local S3-protocol server (moto on 127.0.0.1, in its own process, so its CPU time is not the
 driver's), whose requests are counted as the server receives them.
 Optionally a killer thread SIGKILLs a random actor process now and then (``--kill-per-min``, a
-fraction of the actors a minute). Reported: driver CPU seconds per shard dispatched (the driver
-process's CPU time over the run, start-up included; with ``--marginal``, also the CPU per extra
-shard between a run of a quarter of the shards and the full one, i.e. without start-up, and its
-ratio to the same figure for the barest Ray loop over as many actors and tasks), requests
-per shard (all, and those under ``shards/``), wall time against the sleep time the actors had to spend (shards · rows · sleep /
-actors), actors killed, and whether the store is complete with every shard once (``twostep verify``
-full check: sha256, format, keys = manifest rows).
+fraction of the actors a minute). Reported:
 
-    python tests/benchmarks/bench_fleet.py [--actors 8] [--shards 400] [--sleep 0.02] [--kill-per-min 0.1] [--marginal]
+- driver CPU per shard dispatched: the driver process's CPU time (every thread: the loop's and
+  Ray's own) while its dispatch loop runs, from the first task submitted to the last result,
+  over the shards; how much of it is the loop's own thread; and the same figure for the barest
+  Ray loop over as many actors and tasks, run after the job on the same cluster (Ray's floor);
+- the whole run's driver CPU (start-up, index and lease included) and wall time;
+- requests per shard (all, and those under ``shards/``, by method);
+- wall time against the sleep time the actors had to spend (shards · rows · sleep / actors);
+- actors killed, and whether the store is complete with every shard once (``twostep verify``
+  full check: sha256, format, keys = manifest rows).
 
-The defaults fit a 2-core machine (8 actor processes of about 300 MB each); a fleet's scale,
-``--actors 64 --shards 20000``, needs a machine with more cores and memory.
+    python tests/benchmarks/bench_fleet.py [--actors 8] [--shards 400] [--sleep 0.02] [--kill-per-min 0.1]
+
+Each actor is a process holding torch: about 300 MB with a CUDA build of torch, 200 MB with the
+CPU build; 64 actors need a machine with memory for them (on 24 GB, the CPU build).
 """
 
 from __future__ import annotations
@@ -159,15 +163,37 @@ def killer(pid_dir: str, actors: int, per_min: float, stop: threading.Event, kil
             killed.append(pid)
 
 
-def one_run(args, server: S3Server, shards: int, tmp: Path, name: str) -> dict:
-    """One generation job of ``shards`` shards into ``s3://fleet-bench/NAME``; its figures."""
+class DispatchMeter:
+    """Wraps the driver's dispatch loop (``job._dispatch``) to record, for each call, its wall time,
+    the driver process's CPU time (all threads) and the loop thread's own CPU time."""
+
+    def __init__(self):
+        from twostep.pipeline import job
+
+        self.job, self.real, self.calls = job, job._dispatch, []
+        job._dispatch = self._measured
+
+    def _measured(self, *args, **kwargs):
+        w0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
+        try:
+            return self.real(*args, **kwargs)
+        finally:
+            self.calls.append({"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0,
+                               "loop_thread_cpu_s": time.thread_time() - m0})
+
+    def close(self) -> None:
+        self.job._dispatch = self.real
+
+
+def one_run(args, server: S3Server, meter: DispatchMeter, tmp: Path, name: str) -> dict:
+    """One generation job of ``args.shards`` shards into ``s3://fleet-bench/NAME``; its figures."""
     from twostep.pipeline.job import GenerateConfig, run_generation
     from twostep.pipeline.verify import verify_store
     from twostep.prompts.toy import build_toy_manifest
 
     pid_dir = tmp / f"pids-{name}"
     pid_dir.mkdir()
-    rows = shards * args.shard_size
+    shards, rows = args.shards, args.shards * args.shard_size
     build_toy_manifest(rows, tmp / f"{name}.parquet", seed=1)
     url = f"s3://fleet-bench/{name}"
     cfg = GenerateConfig(manifest=str(tmp / f"{name}.parquet"), out=url, shard_size=args.shard_size,
@@ -185,8 +211,10 @@ def one_run(args, server: S3Server, shards: int, tmp: Path, name: str) -> dict:
     finally:
         stop.set()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    d = meter.calls[-1]
     requests = server.requests()
     report = verify_store(url, server.opts, full=True, threads=8)
+    index_bytes = len(s3_read(server, f"fleet-bench/{name}/index.json"))
     shard_requests = [r for r in requests if "/shards/" in r[1]]
     ideal = rows * args.sleep / args.actors
     return {
@@ -194,12 +222,24 @@ def one_run(args, server: S3Server, shards: int, tmp: Path, name: str) -> dict:
         "kill_per_min": args.kill_per_min, "actors_killed": len(killed),
         "status": index["status"], "samples": index["samples"], "verify_full_ok": report["ok"],
         "verify_problems": report["problems"][:5],
-        "wall_s": round(wall, 1), "sleep_bound_s": round(ideal, 1), "overhead_s": round(wall - ideal, 1),
-        "driver_cpu_s": round(cpu, 2), "driver_cpu_ms_per_shard": round(1000 * cpu / shards, 2),
+        "dispatch_wall_s": round(d["wall_s"], 1), "sleep_bound_s": round(ideal, 1),
+        "dispatch_overhead_s": round(d["wall_s"] - ideal, 1),
+        "dispatch_cpu_s": round(d["cpu_s"], 2),
+        "dispatch_cpu_ms_per_shard": round(1000 * d["cpu_s"] / shards, 3),
+        "dispatch_loop_thread_ms_per_shard": round(1000 * d["loop_thread_cpu_s"] / shards, 3),
+        "run_wall_s": round(wall, 1), "driver_cpu_s": round(cpu, 2),
+        "driver_cpu_ms_per_shard": round(1000 * cpu / shards, 2),
         "requests": len(requests), "requests_per_shard": round(len(requests) / shards, 2),
         "shard_requests_per_shard": round(len(shard_requests) / shards, 2),
         "shard_requests_by_method": {m: sum(1 for r in shard_requests if r[0] == m) for m in ("GET", "HEAD", "PUT")},
+        "index_bytes_per_shard": round(index_bytes / shards, 1),
     }
+
+
+def s3_read(server: S3Server, path: str) -> bytes:
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, **server.opts).cat_file(path)
 
 
 def bare_ray_cpu(actors: int, tasks: int, sleep: float) -> float:
@@ -240,10 +280,6 @@ def main() -> None:
     ap.add_argument("--sleep", type=float, default=0.02, help="seconds a sample (default: 0.02)")
     ap.add_argument("--kill-per-min", type=float, default=0.0,
                     help="fraction of the actors SIGKILLed a minute (default: 0; 0.1 is a tenth a minute)")
-    ap.add_argument("--marginal", action="store_true",
-                    help="also run a job of a quarter of the shards first: the driver CPU per extra shard "
-                         "between the two is the dispatch cost without start-up; compared with the "
-                         "barest Ray dispatch loop over the same actors and task counts")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
@@ -252,23 +288,18 @@ def main() -> None:
     server = S3Server()  # before Ray: a plain child process, not a Ray worker
     tmp = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     ray.init(num_cpus=args.actors, include_dashboard=False, log_to_driver=False)  # logical CPUs: 1 an actor
+    meter = DispatchMeter()
     try:
-        small = one_run(args, server, max(1, args.shards // 4), tmp, "small") if args.marginal else None
-        figures = one_run(args, server, args.shards, tmp, "store")
-        if small:  # the baseline, same actors and task counts, same run: Ray's own floor per task
-            n_small, n_big = small["shards"], figures["shards"]
-            cpu_small, cpu_big = (bare_ray_cpu(args.actors, n, args.sleep * args.shard_size) for n in (n_small, n_big))
-            figures["bare_ray_ms_per_extra_task"] = round(1000 * (cpu_big - cpu_small) / (n_big - n_small), 2)
+        figures = one_run(args, server, meter, tmp, "store")
+        # The baseline on the same cluster, same actor and task counts: Ray's own floor per task.
+        bare = bare_ray_cpu(args.actors, args.shards, args.sleep * args.shard_size)
     finally:
+        meter.close()
         ray.shutdown()
         server.stop()
-    if small:
-        extra = figures["shards"] - small["shards"]
-        figures["small_run"] = small
-        figures["driver_cpu_ms_per_extra_shard"] = round(
-            1000 * (figures["driver_cpu_s"] - small["driver_cpu_s"]) / extra, 2)
-        bare = figures["bare_ray_ms_per_extra_task"]
-        figures["ratio_driver_over_bare_ray"] = round(figures["driver_cpu_ms_per_extra_shard"] / bare, 2)
+    figures["bare_ray_ms_per_task"] = round(1000 * bare / args.shards, 3)
+    figures["ratio_dispatch_over_bare_ray"] = round(figures["dispatch_cpu_ms_per_shard"]
+                                                    / figures["bare_ray_ms_per_task"], 2)
     print(json.dumps(figures, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1) + "\n")

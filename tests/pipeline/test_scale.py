@@ -227,6 +227,35 @@ def test_index_is_written_while_the_job_runs(ray_cluster, tmp_path):
     assert final["status"] == "complete" and [s["shard"] for s in final["shards"]] == [0, 1, 2]
 
 
+
+def test_index_writes_stretch_as_the_store_grows(tmp_path):
+    """With 1,000 shards committed, a write waits for a twentieth of the total (52 new: 1,052 / 20), not
+    index_every_shards (10);
+    the time rule waits at least 100 times the last write's duration; the index is compact JSON."""
+    from twostep.pipeline.job import _IndexWriter
+
+    store = Store(str(tmp_path / "store"))
+    entry = {"url": "shards/000000.tar", "samples": 1, "sha256": "0" * 64, "bytes": 10, "failures": []}
+    stats = {i: {**entry, "shard": i} for i in range(1000)}
+    cfg = GenerateConfig(manifest="m.parquet", out=str(tmp_path), index_every_shards=10, index_every_s=3600)
+    writer = _IndexWriter(store, "fp", {}, 2000, {}, stats, cfg)
+    for i in range(1000, 1051):
+        writer.add({**entry, "shard": i})
+        writer.maybe_write(1.0)
+    assert not store.exists("index.json")
+    writer.add({**entry, "shard": 1051})
+    writer.maybe_write(1.0)
+    raw = store.read_bytes("index.json")
+    assert b"\n" not in raw and len(json.loads(raw)["shards"]) == 1052
+    assert writer.took > 0
+    writer.every_s, writer.took, writer.last = 1e-9, 10.0, writer.last - 500  # 500 s since: < 100 x 10 s
+    writer.add({**entry, "shard": 1052})
+    writer.maybe_write(1.0)
+    assert len(json.loads(store.read_bytes("index.json"))["shards"]) == 1052
+    writer.last -= 600  # now 1,100 s since the last write
+    writer.maybe_write(1.0)
+    assert len(json.loads(store.read_bytes("index.json"))["shards"]) == 1053
+
 # --- workers read only their rows --------------------------------------------------------------------
 
 def test_read_rows_across_row_group_boundaries(tmp_path):
