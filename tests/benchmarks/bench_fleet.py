@@ -9,11 +9,16 @@ fraction of the actors a minute). Reported:
 
 - driver CPU per shard dispatched: the driver process's CPU time (every thread: the loop's and
   Ray's own) while its dispatch loop runs, from the first task submitted to the last result,
-  over the shards; how much of it is the loop's own thread; and the same figure for the barest
-  Ray loop over as many actors and tasks, run after the job on the same cluster (Ray's floor);
+  over the shards, and how much of it is the loop's own thread. Measured twice: in the job
+  itself, where the actors and the S3-protocol server share the machine's cores with the driver,
+  and in a second job whose actors only sleep and return stats (``driver_only``: the driver with
+  the machine to itself, as on a head node); beside them, the barest Ray loop over as many
+  actors and tasks on the same cluster (Ray's own floor);
 - the whole run's driver CPU (start-up, index and lease included) and wall time;
 - requests per shard (all, and those under ``shards/``, by method);
 - wall time against the sleep time the actors had to spend (shards · rows · sleep / actors);
+- the CPU the actors and the S3-protocol server spent per shard (on a small machine, what the wall
+  time is made of);
 - actors killed, and whether the store is complete with every shard once (``twostep verify``
   full check: sha256, format, keys = manifest rows).
 
@@ -91,6 +96,7 @@ class S3Server:
         self._proc = ctx.Process(target=_serve, args=(child,), daemon=True)
         self._proc.start()
         port = self._conn.recv()
+        self.pid = self._proc.pid
         self._lock = threading.Lock()
         self.opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "bench", "secret": "bench"}
         s3fs.S3FileSystem(skip_instance_cache=True, **self.opts).mkdir("fleet-bench")
@@ -111,9 +117,11 @@ class S3Server:
         self._proc.join(10)
 
 
-def sleeping_worker(sleep: float, pid_dir: str):
+def sleeping_worker(sleep: float, pid_dir: str, commit: bool = True):
     """A ShardWorker class whose teacher sleeps ``sleep`` s a sample; each actor writes its pid to
-    ``pid_dir`` so the killer can find it. Built in a function: Ray ships it by value."""
+    ``pid_dir`` so the killer can find it. ``commit=False``: a shard only sleeps and returns stats
+    shaped like a commit's (nothing built or written), so the actors load neither the machine nor
+    the store and the driver's own cost shows alone. Built in a function: Ray ships it by value."""
     import torch
 
     from twostep.pipeline.teacher import TeacherOutput, seed_noise
@@ -135,7 +143,20 @@ def sleeping_worker(sleep: float, pid_dir: str):
     class SleepWorker(ShardWorker):
         def __init__(self, cfg):
             super().__init__(cfg, teacher=SleepTeacher())
-            Path(pid_dir, str(os.getpid())).touch()
+            self.cpu0 = time.process_time()  # after start-up: the shards' CPU is counted from here
+            Path(pid_dir, str(os.getpid())).write_text("0")
+
+        def run(self, shard, fp):
+            if commit:
+                out = super().run(shard, fp)
+            else:
+                rows = self.cfg.shard_size
+                time.sleep(sleep * rows)
+                out = {"shard": shard, "url": f"shards/{shard:06d}.tar", "samples": rows, "failures": [],
+                       "rows": rows, "worker": self.name, "seconds": sleep * rows, "fingerprint": fp,
+                       "bytes": 10240 * rows, "sha256": "0" * 64}
+            Path(pid_dir, str(os.getpid())).write_text(str(time.process_time() - self.cpu0))  # CPU on shards
+            return out
 
     return SleepWorker
 
@@ -185,6 +206,24 @@ class DispatchMeter:
         self.job._dispatch = self.real
 
 
+def driver_only(args, server: S3Server, meter: DispatchMeter, tmp: Path) -> dict:
+    """The same job with actors that commit nothing (``sleeping_worker(commit=False)``): the
+    dispatch loop's CPU when the driver has the machine to itself, as on a head node."""
+    from twostep.pipeline.job import GenerateConfig, run_generation
+    from twostep.prompts.toy import build_toy_manifest
+
+    (tmp / "pids-driver-only").mkdir()
+    build_toy_manifest(args.shards * args.shard_size, tmp / "driver-only.parquet", seed=1)
+    cfg = GenerateConfig(manifest=str(tmp / "driver-only.parquet"), out="s3://fleet-bench/driver-only",
+                         shard_size=args.shard_size, batch_size=max(1, args.shard_size), num_workers=args.actors,
+                         image_format="none", save=("mid",), storage_options=server.opts)
+    run_generation(cfg, worker_cls=sleeping_worker(args.sleep, str(tmp / "pids-driver-only"), commit=False))
+    d = meter.calls[-1]
+    return {"dispatch_wall_s": round(d["wall_s"], 1),
+            "dispatch_cpu_ms_per_shard": round(1000 * d["cpu_s"] / args.shards, 3),
+            "dispatch_loop_thread_ms_per_shard": round(1000 * d["loop_thread_cpu_s"] / args.shards, 3)}
+
+
 def one_run(args, server: S3Server, meter: DispatchMeter, tmp: Path, name: str) -> dict:
     """One generation job of ``args.shards`` shards into ``s3://fleet-bench/NAME``; its figures."""
     from twostep.pipeline.job import GenerateConfig, run_generation
@@ -203,6 +242,7 @@ def one_run(args, server: S3Server, meter: DispatchMeter, tmp: Path, name: str) 
     k = threading.Thread(target=killer, args=(str(pid_dir), args.actors, args.kill_per_min, stop, killed, server),
                          daemon=True)
     server.clear()
+    s0 = proc_cpu(server.pid)
     c0, t0 = time.process_time(), time.perf_counter()
     if args.kill_per_min:
         k.start()
@@ -211,6 +251,8 @@ def one_run(args, server: S3Server, meter: DispatchMeter, tmp: Path, name: str) 
     finally:
         stop.set()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    server_cpu = proc_cpu(server.pid) - s0
+    actors_cpu = sum(float(p.read_text() or 0) for p in pid_dir.iterdir())  # a killed one's until its last shard
     d = meter.calls[-1]
     requests = server.requests()
     report = verify_store(url, server.opts, full=True, threads=8)
@@ -233,7 +275,17 @@ def one_run(args, server: S3Server, meter: DispatchMeter, tmp: Path, name: str) 
         "shard_requests_per_shard": round(len(shard_requests) / shards, 2),
         "shard_requests_by_method": {m: sum(1 for r in shard_requests if r[0] == m) for m in ("GET", "HEAD", "PUT")},
         "index_bytes_per_shard": round(index_bytes / shards, 1),
+        # What the machine's cores spent besides the driver: the wall time's floor on a small machine.
+        "actors_cpu_ms_per_shard": round(1000 * actors_cpu / shards, 2),
+        "server_cpu_ms_per_shard": round(1000 * server_cpu / shards, 2),
+        "cores": os.cpu_count(),
     }
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def s3_read(server: S3Server, path: str) -> bytes:
@@ -291,6 +343,7 @@ def main() -> None:
     meter = DispatchMeter()
     try:
         figures = one_run(args, server, meter, tmp, "store")
+        figures["driver_only"] = driver_only(args, server, meter, tmp)
         # The baseline on the same cluster, same actor and task counts: Ray's own floor per task.
         bare = bare_ray_cpu(args.actors, args.shards, args.sleep * args.shard_size)
     finally:
@@ -298,8 +351,8 @@ def main() -> None:
         ray.shutdown()
         server.stop()
     figures["bare_ray_ms_per_task"] = round(1000 * bare / args.shards, 3)
-    figures["ratio_dispatch_over_bare_ray"] = round(figures["dispatch_cpu_ms_per_shard"]
-                                                    / figures["bare_ray_ms_per_task"], 2)
+    figures["ratio_driver_only_over_bare_ray"] = round(figures["driver_only"]["dispatch_cpu_ms_per_shard"]
+                                                       / figures["bare_ray_ms_per_task"], 2)
     print(json.dumps(figures, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1) + "\n")
