@@ -24,8 +24,8 @@ fraction of the actors a minute). Reported:
 
     python tests/benchmarks/bench_fleet.py [--actors 8] [--shards 400] [--sleep 0.02] [--kill-per-min 0.1]
 
-Each actor is a process holding torch: about 300 MB with a CUDA build of torch, 200 MB with the
-CPU build; 64 actors need a machine with memory for them (on 24 GB, the CPU build).
+Each actor is a process holding torch: about 377 MB (PSS) with a CUDA build of torch, 227 MB with
+the CPU build; 64 actors need a machine with memory for them (on 24 GB, the CPU build).
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ class S3Server:
         self.pid = self._proc.pid
         self._lock = threading.Lock()
         self.opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "bench", "secret": "bench"}
-        s3fs.S3FileSystem(skip_instance_cache=True, **self.opts).mkdir("fleet-bench")
+        self.fs = s3fs.S3FileSystem(skip_instance_cache=True, **self.opts)
+        self.fs.mkdir("fleet-bench")
 
     def _ask(self, cmd: str):
         with self._lock:
@@ -206,38 +207,43 @@ class DispatchMeter:
         self.job._dispatch = self.real
 
 
+def job_config(args, server: S3Server, tmp: Path, name: str):
+    """A toy manifest of ``args.shards`` shards and the job's settings for ``s3://fleet-bench/NAME``."""
+    from twostep.pipeline.job import GenerateConfig
+    from twostep.prompts.toy import build_toy_manifest
+
+    build_toy_manifest(args.shards * args.shard_size, tmp / f"{name}.parquet", seed=1)
+    (tmp / f"pids-{name}").mkdir()
+    return GenerateConfig(manifest=str(tmp / f"{name}.parquet"), out=f"s3://fleet-bench/{name}",
+                          shard_size=args.shard_size, batch_size=max(1, args.shard_size), num_workers=args.actors,
+                          image_format="none", save=("mid",), storage_options=server.opts, max_shard_retries=5)
+
+
+def dispatch_figures(d: dict, shards: int) -> dict:
+    """One DispatchMeter record as figures per shard."""
+    return {"dispatch_wall_s": round(d["wall_s"], 1), "dispatch_cpu_s": round(d["cpu_s"], 2),
+            "dispatch_cpu_ms_per_shard": round(1000 * d["cpu_s"] / shards, 3),
+            "dispatch_loop_thread_ms_per_shard": round(1000 * d["loop_thread_cpu_s"] / shards, 3)}
+
+
 def driver_only(args, server: S3Server, meter: DispatchMeter, tmp: Path) -> dict:
     """The same job with actors that commit nothing (``sleeping_worker(commit=False)``): the
     dispatch loop's CPU when the driver has the machine to itself, as on a head node."""
-    from twostep.pipeline.job import GenerateConfig, run_generation
-    from twostep.prompts.toy import build_toy_manifest
+    from twostep.pipeline.job import run_generation
 
-    (tmp / "pids-driver-only").mkdir()
-    build_toy_manifest(args.shards * args.shard_size, tmp / "driver-only.parquet", seed=1)
-    cfg = GenerateConfig(manifest=str(tmp / "driver-only.parquet"), out="s3://fleet-bench/driver-only",
-                         shard_size=args.shard_size, batch_size=max(1, args.shard_size), num_workers=args.actors,
-                         image_format="none", save=("mid",), storage_options=server.opts)
+    cfg = job_config(args, server, tmp, "driver-only")
     run_generation(cfg, worker_cls=sleeping_worker(args.sleep, str(tmp / "pids-driver-only"), commit=False))
-    d = meter.calls[-1]
-    return {"dispatch_wall_s": round(d["wall_s"], 1),
-            "dispatch_cpu_ms_per_shard": round(1000 * d["cpu_s"] / args.shards, 3),
-            "dispatch_loop_thread_ms_per_shard": round(1000 * d["loop_thread_cpu_s"] / args.shards, 3)}
+    return dispatch_figures(meter.calls[-1], args.shards)
 
 
 def one_run(args, server: S3Server, meter: DispatchMeter, tmp: Path, name: str) -> dict:
     """One generation job of ``args.shards`` shards into ``s3://fleet-bench/NAME``; its figures."""
-    from twostep.pipeline.job import GenerateConfig, run_generation
+    from twostep.pipeline.job import run_generation
     from twostep.pipeline.verify import verify_store
-    from twostep.prompts.toy import build_toy_manifest
 
-    pid_dir = tmp / f"pids-{name}"
-    pid_dir.mkdir()
+    cfg = job_config(args, server, tmp, name)
+    pid_dir, url = tmp / f"pids-{name}", cfg.out
     shards, rows = args.shards, args.shards * args.shard_size
-    build_toy_manifest(rows, tmp / f"{name}.parquet", seed=1)
-    url = f"s3://fleet-bench/{name}"
-    cfg = GenerateConfig(manifest=str(tmp / f"{name}.parquet"), out=url, shard_size=args.shard_size,
-                         batch_size=max(1, args.shard_size), num_workers=args.actors, image_format="none",
-                         save=("mid",), storage_options=server.opts, max_shard_retries=5)
     stop, killed = threading.Event(), []
     k = threading.Thread(target=killer, args=(str(pid_dir), args.actors, args.kill_per_min, stop, killed, server),
                          daemon=True)
@@ -256,7 +262,7 @@ def one_run(args, server: S3Server, meter: DispatchMeter, tmp: Path, name: str) 
     d = meter.calls[-1]
     requests = server.requests()
     report = verify_store(url, server.opts, full=True, threads=8)
-    index_bytes = len(s3_read(server, f"fleet-bench/{name}/index.json"))
+    index_bytes = len(server.fs.cat_file(f"fleet-bench/{name}/index.json"))
     shard_requests = [r for r in requests if "/shards/" in r[1]]
     ideal = rows * args.sleep / args.actors
     return {
@@ -264,11 +270,8 @@ def one_run(args, server: S3Server, meter: DispatchMeter, tmp: Path, name: str) 
         "kill_per_min": args.kill_per_min, "actors_killed": len(killed),
         "status": index["status"], "samples": index["samples"], "verify_full_ok": report["ok"],
         "verify_problems": report["problems"][:5],
-        "dispatch_wall_s": round(d["wall_s"], 1), "sleep_bound_s": round(ideal, 1),
+        **dispatch_figures(d, shards), "sleep_bound_s": round(ideal, 1),
         "dispatch_overhead_s": round(d["wall_s"] - ideal, 1),
-        "dispatch_cpu_s": round(d["cpu_s"], 2),
-        "dispatch_cpu_ms_per_shard": round(1000 * d["cpu_s"] / shards, 3),
-        "dispatch_loop_thread_ms_per_shard": round(1000 * d["loop_thread_cpu_s"] / shards, 3),
         "run_wall_s": round(wall, 1), "driver_cpu_s": round(cpu, 2),
         "driver_cpu_ms_per_shard": round(1000 * cpu / shards, 2),
         "requests": len(requests), "requests_per_shard": round(len(requests) / shards, 2),
@@ -286,12 +289,6 @@ def proc_cpu(pid: int) -> float:
     """CPU seconds (user + system) a live process has used, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def s3_read(server: S3Server, path: str) -> bytes:
-    import s3fs
-
-    return s3fs.S3FileSystem(skip_instance_cache=True, **server.opts).cat_file(path)
 
 
 def bare_ray_cpu(actors: int, tasks: int, sleep: float) -> float:

@@ -227,11 +227,10 @@ def test_index_is_written_while_the_job_runs(ray_cluster, tmp_path):
     assert final["status"] == "complete" and [s["shard"] for s in final["shards"]] == [0, 1, 2]
 
 
-
 def test_index_writes_stretch_as_the_store_grows(tmp_path):
-    """With 1,000 shards committed, a write waits for a twentieth of the total (52 new: 1,052 / 20), not
-    index_every_shards (10);
-    the time rule waits at least 100 times the last write's duration; the index is compact JSON."""
+    """With 1,000 shards committed, a write waits for a twentieth of the total (52 new: 1,052 / 20),
+    not index_every_shards (10); the time rule waits at least 100 times the last write's duration;
+    the index is compact JSON."""
     from twostep.pipeline.job import _IndexWriter
 
     store = Store(str(tmp_path / "store"))
@@ -255,6 +254,7 @@ def test_index_writes_stretch_as_the_store_grows(tmp_path):
     writer.last -= 600  # now 1,100 s since the last write
     writer.maybe_write(1.0)
     assert len(json.loads(store.read_bytes("index.json"))["shards"]) == 1053
+
 
 # --- workers read only their rows --------------------------------------------------------------------
 
