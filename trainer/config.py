@@ -33,10 +33,17 @@ class DataConfig:
     """fsspec options for the store (e.g. ``{client_kwargs: {endpoint_url: ...}}``)."""
     external: str = ""
     """For ``loss.real_source: external``: a WebDataset of real images (jpg/png/webp, optional txt)."""
+    heldout_fraction: float = 0.01
+    """Fraction of the store's samples (chosen by a hash of their key) kept out of the training stream;
+    the discriminator's held-out diagnostics read them (docs/training.md, "Held-out diagnostics")."""
+    heldout_samples: int = 64
+    """At most this many held-out samples are read (from the store's first shards that hold them)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size must be ≥ 1")
         _check(self.num_workers >= 0, "data.num_workers must be ≥ 0")
+        _check(0.0 <= self.heldout_fraction < 1.0, "data.heldout_fraction must be in [0, 1)")
+        _check(self.heldout_samples >= 0, "data.heldout_samples must be ≥ 0")
 
 
 @dataclass
@@ -58,6 +65,12 @@ class ModelConfig:
     disc_head: str = "mlp"
     """Discriminator head: mlp (per token) | conv (spectral-norm convs with a residual 3×3 block on the token
     grid, SANA-Sprint's head shape)."""
+    disc_text: bool = False
+    """Text-conditioned heads: the caption's pooled features, projected, multiply each head's hidden
+    features into its logit (a projection discriminator, as StyleGAN-T's and SANA-Sprint's ``DiscHead``)."""
+    disc_frozen: bool = False
+    """Control: heads stay at their initialisation and are never updated (the adversarial terms then
+    measure what an untrained discriminator does as a loss, i.e. a regulariser)."""
 
     def __post_init__(self) -> None:
         _check(0.0 < self.sigma_mid < 1.0, "model.sigma_mid must be in (0, 1)")
@@ -93,10 +106,19 @@ class LossConfig:
     misaligned_fakes: bool = False
     """Add real latents rolled by one in the batch, under the original captions, as extra fakes of the
     final term's discriminator loss (text alignment)."""
+    sigma_dist: str = "logit_normal"
+    """Re-noising σ of the discriminator's inputs, for the discriminator and the student's adversarial term
+    alike: logit_normal (sigmoid(N(sigma_mean, sigma_std²))) | uniform (on [0.02, 0.98])."""
     sigma_mean: float = 0.0
-    """Re-noising σ of the final output, for the discriminator and the student's adversarial term alike,
-    ~ sigmoid(N(sigma_mean, sigma_std²)) (logit-normal; lower means less noise)."""
+    """Logit-normal mean: 0 is a median σ of 0.5; lower means less noise (−0.6: median 0.35)."""
     sigma_std: float = 1.0
+    """Logit-normal standard deviation."""
+    independent_renoise: bool = False
+    """Re-noise the discriminator's real and fake inputs with independent σ and ε (default: the same σ and ε
+    for a real sample and the fake at its position in the batch)."""
+    step1_adv_on: str = "mid"
+    """What the step-1 adversarial term judges: mid (the step-1 state at σ_mid against the teacher's ``mid``)
+    | x0 (step 1's clean estimate x̂0₁, re-noised like the final output, against the final term's real data)."""
     r1_weight: float = 0.0
     """Approximate R1: the discriminator's change under small input noise on real samples (0 = off)."""
     r1_noise: float = 0.05
@@ -109,6 +131,8 @@ class LossConfig:
         _check(self.real_source in ("teacher", "external"), "loss.real_source must be teacher|external")
         _check(self.gan_loss in ("hinge", "logistic"), "loss.gan_loss must be hinge|logistic")
         _check(self.gan_reduce in ("image", "token"), "loss.gan_reduce must be image|token")
+        _check(self.sigma_dist in ("logit_normal", "uniform"), "loss.sigma_dist must be logit_normal|uniform")
+        _check(self.step1_adv_on in ("mid", "x0"), "loss.step1_adv_on must be mid|x0")
         _check(self.sigma_std > 0 and self.r1_noise > 0, "loss.sigma_std and loss.r1_noise must be > 0")
         for name in ("step1_weight", "step1_adv_weight", "adv_weight", "paired_weight", "feature_matching_weight",
                      "r1_weight"):
@@ -161,6 +185,8 @@ class TrainConfig:
     """auto (bf16 on CUDA, none on CPU) | no | bf16 | fp16."""
     log_every: int = 10
     """Steps between logged metrics."""
+    heldout_every: int = 50
+    """Steps between the discriminator's held-out diagnostics (logged on those steps too; 0 = off)."""
     checkpoint_every: int = 200
     """Steps between checkpoints (also written on SIGTERM and at the end)."""
     keep_checkpoints: int = 3
@@ -184,6 +210,7 @@ class TrainConfig:
         _check(self.log_with in ("tensorboard", "wandb", "none"), "log_with must be tensorboard|wandb|none")
         _check(self.checkpoint_every >= 1 and self.keep_checkpoints >= 1, "checkpoint_every and keep_checkpoints must be ≥ 1")
         _check(self.max_nonfinite >= 1, "max_nonfinite must be ≥ 1")
+        _check(self.log_every >= 1 and self.heldout_every >= 0, "log_every must be ≥ 1 and heldout_every ≥ 0")
 
 
 class ConfigError(ValueError):

@@ -10,6 +10,10 @@ is exact (docs/design.md, "Exact resume"). Streams are endless (step-based train
 worker starts its next epoch by itself, so ranks may see different sample counts without waiting
 for each other.
 
+A held-out slice (``heldout_fraction``) is chosen by a hash of each sample's key, so every rank,
+loader worker and epoch excludes the same samples and the slice is the same in every run on the
+store; :func:`read_heldout` reads it for the discriminator's held-out diagnostics.
+
 ``StreamLoader`` wraps a torch ``DataLoader``; it records each logical worker's position from the
 batches it has handed out, and on resume rotates DataLoader workers so that the logical worker due
 next delivers first (the DataLoader hands out batches round-robin from worker 0).
@@ -172,6 +176,33 @@ def read_shard(info: ShardInfo, storage_options: dict | None = None, load_mid: b
     return samples
 
 
+def heldout_score(key: str) -> float:
+    """A sample's place in [0, 1) by a hash of its key: the sample is held out when it is below the
+    held-out fraction (stable across runs, ranks, workers and versions)."""
+    return int.from_bytes(hashlib.blake2b(f"heldout:{key}".encode(), digest_size=8).digest(), "big") / 2**64
+
+
+def read_heldout(shards: list[ShardInfo], fraction: float, limit: int,
+                 storage_options: dict | None = None) -> dict[str, Any] | None:
+    """The held-out samples (``heldout_score(key) < fraction``) of the first shards that hold them, in
+    store order, at most ``limit``, collated into one batch; None when there are none. Reads shards only
+    until ``limit`` samples are found (a bounded read on a large store); corrupt shards are skipped."""
+    if fraction <= 0 or limit <= 0:
+        return None
+    stream = ShardStream(shards, shuffle=False, storage_options=storage_options)
+    found: list[dict[str, Any]] = []
+    for sid, info in enumerate(shards):
+        samples = stream._load(sid) or []
+        found += [stream._finish(smp, info.url) for smp in samples if heldout_score(smp.key) < fraction]
+        if len(found) >= limit:
+            break
+    if not found:
+        return None
+    batch = collate_samples([{**x, "_pos": None} for x in found[:limit]])
+    batch.pop("_pos")
+    return batch
+
+
 def _order(n: int, *key: int) -> list[int]:
     """A permutation of range(n) from integer keys. Hash-based rather than a library RNG, whose
     streams may change between versions: resuming after an upgrade keeps the same order."""
@@ -220,13 +251,15 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, shards: list[ShardInfo], *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, storage_options: dict | None = None, load_mid: bool = True):
+                 shuffle: bool = True, storage_options: dict | None = None, load_mid: bool = True,
+                 heldout_fraction: float = 0.0):
         if not shards:
             raise ValueError("ShardStream needs at least one shard")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.shards, self.seed, self.rank, self.world_size = list(shards), int(seed), rank, world_size
         self.shuffle, self.storage_options, self.load_mid = shuffle, storage_options or {}, load_mid
+        self.heldout_fraction = float(heldout_fraction)
         self.check_split(1)
         self._resume: dict | None = None
         self._live: dict | None = None  # position when iterated in this process (no loader workers)
@@ -239,8 +272,11 @@ class ShardStream(IterableDataset):
         return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
 
     def identity(self) -> dict[str, Any]:
-        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "shards_hash": self.shards_hash}
+        ident = {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                 "shards_hash": self.shards_hash}
+        if self.heldout_fraction:  # absent when 0, so states saved before held-out slices resume exactly
+            ident["heldout_fraction"] = self.heldout_fraction
+        return ident
 
     def check_split(self, num_workers: int) -> None:
         """Raise if some (rank, loader worker) would get no shard."""
@@ -298,6 +334,8 @@ class ShardStream(IterableDataset):
                     samples = []
                 order = list(_order(len(samples), self.seed, epoch, 1, sid) if self.shuffle else range(len(samples)))
                 for j in range(offset, len(order)):
+                    if self.heldout_fraction and heldout_score(samples[order[j]].key) < self.heldout_fraction:
+                        continue  # held out: never streamed; positions still count it
                     after = (epoch, index, j + 1)
                     if j + 1 == len(order):  # normalise: point at the next shard (or epoch)
                         after = (epoch + 1, 0, 0) if index + 1 == len(ids) else (epoch, index + 1, 0)

@@ -8,6 +8,11 @@ discriminator's output is the mean over heads of these token logits, (B, N). The
 tokens are reduced (``loss.gan_reduce``): averaged into one logit per image before the hinge, or a
 hinge per token (SANA-Sprint's heads). Only the heads are trained.
 
+With ``model.disc_text``, each head is also a projection discriminator (StyleGAN-T's and
+SANA-Sprint's ``DiscHead``): the caption's features, averaged over its tokens and mapped by a linear
+layer, take the place of the head's last layer, so a token's logit is the inner product of its hidden
+features with the caption's projection (scaled by 1/√hidden).
+
 Two head kinds (``model.disc_head``):
 
 * ``mlp``: LayerNorm → FiLM → Linear → SiLU → Linear, token by token;
@@ -57,35 +62,57 @@ class _Film(nn.Module):
         return self.norm(tokens.float()) * (1 + scale) + shift
 
 
-class Head(nn.Module):
-    """MLP head: image tokens (B, N, D) + σ embedding → token logits (B, N)."""
+class _Projection(nn.Module):
+    """Token logits as the inner product of hidden features (B, N, H) with the projected caption (B, H)."""
 
-    def __init__(self, dim: int, hidden: int, emb: int = 64):
+    def __init__(self, text_dim: int, hidden: int):
+        super().__init__()
+        self.map = nn.Linear(text_dim, hidden)
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return (h * self.map(cond.float()).unsqueeze(1)).sum(-1) / math.sqrt(h.shape[-1])
+
+
+class Head(nn.Module):
+    """MLP head: image tokens (B, N, D) + σ embedding (+ pooled caption) → token logits (B, N)."""
+
+    def __init__(self, dim: int, hidden: int, emb: int = 64, text_dim: int = 0):
         super().__init__()
         self.film = _Film(dim, emb)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU())
+        self.out = _Projection(text_dim, hidden) if text_dim else nn.Linear(hidden, 1)
 
-    def forward(self, tokens: torch.Tensor, semb: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        return self.mlp(self.film(tokens, semb)).squeeze(-1)
+    def forward(self, tokens: torch.Tensor, semb: torch.Tensor, grid: tuple[int, int],
+                cond: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.mlp(self.film(tokens, semb))
+        return self.out(h, cond) if isinstance(self.out, _Projection) else self.out(h).squeeze(-1)
 
 
 class ConvHead(nn.Module):
     """Spectral-norm conv head on the token grid: tokens (B, N, D), N = gh·gw → token logits (B, N)."""
 
-    def __init__(self, dim: int, hidden: int, emb: int = 64):
+    def __init__(self, dim: int, hidden: int, emb: int = 64, text_dim: int = 0):
         super().__init__()
         self.film = _Film(dim, emb)
         self.inp = spectral_norm(nn.Conv2d(dim, hidden, 1))
         self.res = spectral_norm(nn.Conv2d(hidden, hidden, 3, padding=1))
-        self.out = spectral_norm(nn.Conv2d(hidden, 1, 1))
+        self.out = _Projection(text_dim, hidden) if text_dim else spectral_norm(nn.Conv2d(hidden, 1, 1))
         self.act = nn.LeakyReLU(0.2)
 
-    def forward(self, tokens: torch.Tensor, semb: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, semb: torch.Tensor, grid: tuple[int, int],
+                cond: torch.Tensor | None = None) -> torch.Tensor:
         b, _, d = tokens.shape
         h = self.film(tokens, semb).transpose(1, 2).reshape(b, d, *grid)  # row-major token grid
         h = self.act(self.inp(h))
         h = (h + self.act(self.res(h))) / math.sqrt(2)
+        if isinstance(self.out, _Projection):
+            return self.out(h.flatten(2).transpose(1, 2), cond)
         return self.out(h).flatten(1)
+
+
+def pooled_captions(caps: list[torch.Tensor]) -> torch.Tensor:
+    """Each caption's features averaged over its tokens: (B, D_cap)."""
+    return torch.stack([c.float().mean(0) for c in caps])
 
 
 class Discriminator(nn.Module):
@@ -93,7 +120,7 @@ class Discriminator(nn.Module):
     trained nor checkpointed with the heads, and stays shared with the teacher)."""
 
     def __init__(self, backbone: nn.Module, layers: list[int] | None = None, hidden: int = 256,
-                 head: str = "mlp"):
+                 head: str = "mlp", text: bool = False):
         super().__init__()
         object.__setattr__(self, "backbone", backbone)
         n_layers = len(backbone.layers)
@@ -104,7 +131,9 @@ class Discriminator(nn.Module):
             raise ValueError(f"discriminator head {head!r}: expected one of {', '.join(HEAD_KINDS)}")
         dim = int(backbone.config.dim)
         kind = ConvHead if head == "conv" else Head
-        self.heads = nn.ModuleList(kind(dim, hidden) for _ in self.layers)
+        text_dim = int(backbone.config.cap_feat_dim) if text else 0
+        self.text = bool(text)
+        self.heads = nn.ModuleList(kind(dim, hidden, text_dim=text_dim) for _ in self.layers)
 
     def features(self, x: torch.Tensor, sigma: torch.Tensor, caps: list[torch.Tensor]) -> list[torch.Tensor]:
         """Image tokens (B, N, D) of each hooked layer for latents ``x`` at noise levels ``sigma`` (B,)."""
@@ -124,5 +153,6 @@ class Discriminator(nn.Module):
         feats = self.features(x, sigma, caps)
         semb = sigma_embedding(sigma.to(x.device))
         grid = (x.shape[-2] // 2, x.shape[-1] // 2)
-        logits = torch.stack([head(f, semb, grid) for head, f in zip(self.heads, feats)]).mean(0)
+        cond = pooled_captions(caps).to(x.device) if self.text else None
+        logits = torch.stack([head(f, semb, grid, cond) for head, f in zip(self.heads, feats)]).mean(0)
         return (logits, feats) if return_features else logits

@@ -29,7 +29,7 @@ from twostep.pipeline.teacher import Teacher
 from . import losses as L
 from .checkpoint import EMA, Checkpoints
 from .config import TrainConfig, to_dict, to_yaml
-from .data import ShardStream, StreamLoader, resolve_shards
+from .data import ShardStream, StreamLoader, read_heldout, resolve_shards
 from .discriminator import Discriminator
 from .report import MetricsLog, plot_run
 from .student import TwoStepStudent, gather_student, is_sharded
@@ -53,6 +53,8 @@ class Parts:
     external: Any = None
     run_dir: Path = Path(".")
     progress: dict[str, Any] = field(default_factory=dict)
+    heldout: dict[str, Any] | None = None
+    """The store's held-out samples (never in the training stream), for :func:`heldout_diagnostics`."""
 
 
 def _generator(cfg: TrainConfig, rank: int, step: int, salt: int) -> torch.Generator:
@@ -86,16 +88,28 @@ def setup(cfg: TrainConfig, run_dir: str | Path) -> Parts:
     teacher = Teacher.load(cfg.model.teacher, device=accelerator.device)
     shards, index = resolve_shards(cfg.data.data, cfg.data.storage_options or None)
     _check_store(index, teacher, cfg)
+    so = cfg.data.storage_options or None
     stream = ShardStream(shards, seed=cfg.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                         shuffle=cfg.data.shuffle, storage_options=cfg.data.storage_options or None)
+                         shuffle=cfg.data.shuffle, storage_options=so, heldout_fraction=cfg.data.heldout_fraction)
     loader = StreamLoader(stream, cfg.data.batch_size, num_workers=cfg.data.num_workers)
+    heldout = None
+    if cfg.heldout_every and cfg.loss.uses_adversarial:
+        heldout = read_heldout(shards, cfg.data.heldout_fraction, cfg.data.heldout_samples, so)
+        if heldout is None:
+            log.warning("no held-out samples (data.heldout_fraction=%s): the discriminator's held-out "
+                        "diagnostics are off", cfg.data.heldout_fraction)
+        else:
+            log.info("%d held-out samples for the discriminator's diagnostics", len(heldout["prompt"]))
 
     torch.manual_seed(cfg.seed)  # heads' initial weights (identical on every rank)
     m = cfg.model
     student = TwoStepStudent(teacher.transformer, m.sigma_mid, m.decoupled, m.lora_rank, m.gradient_checkpointing)
     if m.gradient_checkpointing:  # the discriminator backpropagates to its input through the frozen teacher
         teacher.transformer.enable_gradient_checkpointing()
-    disc = Discriminator(teacher.transformer, m.disc_layers, m.disc_hidden, m.disc_head).to(accelerator.device)
+    disc = Discriminator(teacher.transformer, m.disc_layers, m.disc_hidden, m.disc_head, m.disc_text
+                         ).to(accelerator.device)
+    if m.disc_frozen:  # eval mode: the spectral norms' power iterations do not move either
+        disc.eval()
     opt_g = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr,
                               betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.optim.disc_lr, betas=cfg.optim.betas,
@@ -109,7 +123,7 @@ def setup(cfg: TrainConfig, run_dir: str | Path) -> Parts:
         external = ExternalLatents(cfg.data.external, teacher, cfg.data.batch_size, seed=cfg.seed,
                                    rank=accelerator.process_index, world_size=accelerator.num_processes)
     parts = Parts(cfg, accelerator, teacher, student, disc, opt_g, opt_d, ema, loader, external, run_dir,
-                  {"step": 0, "nonfinite_total": 0, "nonfinite_streak": 0})
+                  {"step": 0, "nonfinite_total": 0, "nonfinite_streak": 0}, heldout)
     parts.progress["fsdp"] = accelerator.distributed_type == DistributedType.FSDP
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -152,22 +166,28 @@ def _ramp(cfg: TrainConfig, step: int) -> float:
     return 1.0 if w <= 0 else min(1.0, (step + 1) / w)
 
 
+def _renoise_draw(lc, n: int, shape: torch.Size, g: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise levels (n,) from ``loss.sigma_dist`` and Gaussian noise of ``shape``, on ``device``."""
+    sigma = L.sample_sigma(n, lc.sigma_mean, lc.sigma_std, g, lc.sigma_dist).to(device)
+    return sigma, torch.randn(shape, generator=g).to(device)
+
+
 def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, log_now: bool
-                   ) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor] | None]:
+                   ) -> tuple[dict[str, Any], tuple[torch.Tensor, ...] | None]:
     """Student update: the 2-step forward (end to end unless ``loss.e2e`` is false) and its losses.
 
-    Returns the metrics and the detached (final, step-1 state) outputs for the discriminator step,
-    or None as the outputs when the step was skipped (non-finite loss or gradient). On the steps
-    between student updates (``optim.g_every`` > 1, or before ``optim.g_start``) only the outputs are
-    computed, without gradients, and the metrics hold ``g_update: 0``."""
+    Returns the metrics and the detached (final x0, step-1 state, step-1 x̂0₁) outputs for the
+    discriminator step, or None as the outputs when the step was skipped (non-finite loss or
+    gradient). On the steps between student updates (``optim.g_every`` > 1, or before ``optim.g_start``)
+    only the outputs are computed, without gradients, and the metrics hold ``g_update: 0``."""
     cfg, lc, acc = p.cfg, p.cfg.loss, p.accelerator
     disc = acc.unwrap_model(p.disc)  # heads are not updated here: bypass DDP's reducer
     g = _generator(cfg, acc.process_index, step, 1)
     noise, latent = batch["noise"], batch["latent"]
     if step < cfg.optim.g_start or (step - cfg.optim.g_start) % cfg.optim.g_every != 0:  # discriminator only
         with torch.no_grad(), acc.autocast():
-            _, x_mid, x0 = p.student(noise, caps, e2e=lc.e2e)
-        return {"g_update": 0.0}, (x0.detach(), x_mid.detach())
+            x0_1, x_mid, x0 = p.student(noise, caps, e2e=lc.e2e)
+        return {"g_update": 0.0}, (x0.detach(), x_mid.detach(), x0_1.detach())
     terms: dict[str, torch.Tensor] = {}
     red = lambda logits: L.reduce_logits(logits, lc.gan_reduce)  # noqa: E731
     with acc.autocast():
@@ -179,8 +199,7 @@ def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, l
             terms["step1_regress"] = lc.step1_weight * torch.nn.functional.mse_loss(x0_1, target)
         ramp = _ramp(cfg, step)
         if lc.adv_weight > 0 or lc.feature_matching_weight > 0:
-            sigma = L.sample_sigma(len(x0), lc.sigma_mean, lc.sigma_std, g).to(x0.device)
-            eps = torch.randn(x0.shape, generator=g).to(x0.device)
+            sigma, eps = _renoise_draw(lc, len(x0), x0.shape, g, x0.device)
             logits, feats = disc(L.renoise(x0, sigma, eps), sigma, caps, return_features=True)
             if lc.adv_weight > 0:
                 terms["adv"] = lc.adv_weight * ramp * L.g_loss(red(logits), lc.gan_loss)
@@ -188,21 +207,15 @@ def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, l
                 with torch.no_grad():
                     real_feats = disc.features(L.renoise(latent, sigma, eps), sigma, caps)
                 terms["feature_matching"] = lc.feature_matching_weight * L.feature_matching(real_feats, feats)
-        if lc.step1_loss in ("adv", "both") and lc.step1_adv_weight > 0:
-            s_mid = torch.full((len(x_mid),), cfg.model.sigma_mid, device=x_mid.device)
-            terms["step1_adv"] = lc.step1_adv_weight * ramp * L.g_loss(red(disc(x_mid, s_mid, caps)), lc.gan_loss)
+        if _step1_adv(cfg):
+            x1, s1 = _step1_fake_input(cfg, x_mid, x0_1, g)
+            terms["step1_adv"] = lc.step1_adv_weight * ramp * L.g_loss(red(disc(x1, s1, caps)), lc.gan_loss)
     if not terms:
         raise ValueError("no student loss is enabled (all weights are 0 and step1_loss is none)")
     total = sum(terms.values())
     out = {f"loss/{k}": v.detach() for k, v in terms.items()}
-    if log_now:  # how hard each term pulls on the student's outputs (cheap: no parameter grads)
-        for k, v in terms.items():
-            grads = torch.autograd.grad(v, [x0, x_mid, x0_1], retain_graph=True, allow_unused=True)
-            out[f"grad_norm/{k}"] = torch.sqrt(sum((gr.float() ** 2).sum() for gr in grads if gr is not None)
-                                               or torch.zeros(()))
-        total_norm = sum(out[f"grad_norm/{k}"] for k in terms).clamp_min(1e-12)
-        for k in terms:  # each term's share of the summed gradient norms at the outputs
-            out[f"grad_share/{k}"] = out[f"grad_norm/{k}"] / total_norm
+    if log_now:
+        out.update(grad_shares(acc.unwrap_model(p.student), terms))
     if not _all_finite(acc, total):
         p.opt_g.zero_grad(set_to_none=True)
         return {**out, "skipped": 1.0}, None
@@ -216,19 +229,62 @@ def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, l
     out["loss/student_total"] = total.detach()
     if norm is not None:
         out["grad_norm/student"] = norm.detach()
-    return out, (x0.detach(), x_mid.detach())
+    return out, (x0.detach(), x_mid.detach(), x0_1.detach())
+
+
+def grad_shares(student: TwoStepStudent, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """How hard each loss pulls on each parameter set: ``grad_norm/{set}/{loss}``, the norm of the loss's
+    gradient on the step-1 (``step1``) and step-2 (``step2``) parameters (one ``shared`` set when the
+    steps share one), and ``grad_share/{set}/{loss}``, its share of the summed norms on that set.
+    One extra backward per loss, on logging steps only."""
+    sets = {"step1": student.transformer, "step2": student.transformer_2}
+    if student.transformer_2 is None:
+        sets = {"shared": student.transformer}
+    params = {name: [q for q in m.parameters() if q.requires_grad] for name, m in sets.items()}
+    flat = [q for ps in params.values() for q in ps]
+    out: dict[str, torch.Tensor] = {}
+    for k, v in terms.items():
+        grads = iter(torch.autograd.grad(v, flat, retain_graph=True, allow_unused=True))
+        for name, ps in params.items():
+            sq = torch.zeros((), device=v.device)
+            for gr in (next(grads) for _ in ps):
+                if gr is not None:
+                    part = gr.float().pow(2).sum()
+                    sq = sq + (part.full_tensor() if hasattr(part, "full_tensor") else part)  # FSDP shards
+            out[f"grad_norm/{name}/{k}"] = sq.sqrt()
+    for name in params:
+        total = sum(out[f"grad_norm/{name}/{k}"] for k in terms).clamp_min(1e-12)
+        for k in terms:
+            out[f"grad_share/{name}/{k}"] = out[f"grad_norm/{name}/{k}"] / total
+    return out
+
+
+def _step1_adv(cfg: TrainConfig) -> bool:
+    return cfg.loss.step1_loss in ("adv", "both") and cfg.loss.step1_adv_weight > 0
+
+
+def _step1_fake_input(cfg: TrainConfig, x_mid: torch.Tensor, x0_1: torch.Tensor, g: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step-1 adversarial term's fake input and its noise levels: the step-1 state at σ_mid, or
+    (``loss.step1_adv_on: x0``) step 1's x̂0₁ re-noised like the final output."""
+    if cfg.loss.step1_adv_on == "mid":
+        return x_mid, torch.full((len(x_mid),), cfg.model.sigma_mid, device=x_mid.device)
+    sigma, eps = _renoise_draw(cfg.loss, len(x0_1), x0_1.shape, g, x0_1.device)
+    return L.renoise(x0_1, sigma, eps), sigma
 
 
 def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int,
-                       fakes: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+                       fakes: tuple[torch.Tensor, ...]) -> dict[str, Any]:
     """Heads update: teacher latents (or external images) are real, the student's outputs fake
     (and, with ``loss.misaligned_fakes``, real latents under the wrong captions).
 
-    Diagnostics come from the logits computed before this update, on inputs the heads were never
-    trained on (this step's fresh student outputs, fresh re-noising): ``disc/heldout_accuracy``
-    (real > 0, fake < 0, classes weighted equally) and ``disc/logit_gap`` (mean real − mean fake)."""
+    Diagnostics come from the logits computed before this update on this training batch:
+    ``disc/batch_accuracy`` (real > 0, fake < 0, classes weighted equally) and ``disc/logit_gap`` (mean
+    real − mean fake). The real latents have been trained on in earlier epochs; the held-out figures
+    are :func:`heldout_diagnostics`'. With ``model.disc_frozen`` the diagnostics are computed and the
+    heads are not updated."""
     cfg, lc, acc = p.cfg, p.cfg.loss, p.accelerator
-    fake, fake_mid = fakes
+    fake, fake_mid, fake_x0_1 = fakes
     if not lc.uses_adversarial:
         return {}
     g = _generator(cfg, acc.process_index, step, 2)
@@ -238,13 +294,15 @@ def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: in
         real, real_caps = p.external.next_batch(len(fake), fake.shape[-2] * f, fake.shape[-1] * f)
     out = {}
     red = lambda logits: L.reduce_logits(logits, lc.gan_reduce)  # noqa: E731
+    frozen = cfg.model.disc_frozen
     p.opt_d.zero_grad(set_to_none=True)  # drops what the generator step left on the heads
-    with acc.autocast():
+    with acc.autocast(), torch.no_grad() if frozen else nullcontext():
         terms = []
         if lc.adv_weight > 0:
-            sigma = L.sample_sigma(len(fake), lc.sigma_mean, lc.sigma_std, g).to(fake.device)
-            eps = torch.randn(fake.shape, generator=g).to(fake.device)
+            sigma, eps = _renoise_draw(lc, len(fake), fake.shape, g, fake.device)
             s_real, e_real = sigma[:len(real)], eps[:len(real)]
+            if lc.independent_renoise:
+                s_real, e_real = _renoise_draw(lc, len(real), real.shape, g, fake.device)
             real_in = L.renoise(real, s_real, e_real)
             d_real = p.disc(real_in, s_real, real_caps)
             d_fake = p.disc(L.renoise(fake, sigma, eps), sigma, caps)
@@ -260,14 +318,29 @@ def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: in
                 r1 = L.approx_r1(p.disc, real_in, s_real, real_caps, lc.r1_noise, g, d_real)
                 terms.append(lc.r1_weight * r1)
                 out["loss/r1"] = r1.detach()
-        if lc.step1_loss in ("adv", "both") and lc.step1_adv_weight > 0:
-            s_mid = torch.full((len(fake_mid),), cfg.model.sigma_mid, device=fake.device)
-            d_real_mid = p.disc(_need_mid(batch), s_mid, caps)
-            d_fake_mid = p.disc(fake_mid, s_mid, caps)
+        if _step1_adv(cfg):
+            if lc.step1_adv_on == "x0":  # x̂0₁ and the final term's real data, re-noised alike
+                s1, e1 = _renoise_draw(lc, len(fake_x0_1), fake_x0_1.shape, g, fake.device)
+                x1 = L.renoise(fake_x0_1, s1, e1)
+                s_real1, e_real1 = s1[:len(real)], e1[:len(real)]
+                if lc.independent_renoise:
+                    s_real1, e_real1 = _renoise_draw(lc, len(real), real.shape, g, fake.device)
+                real1 = L.renoise(real, s_real1, e_real1)
+            else:
+                x1, s1 = fake_mid, torch.full((len(fake_mid),), cfg.model.sigma_mid, device=fake.device)
+                s_real1 = s1[:len(real)]
+                # the teacher's state at σ_mid, or (external real data) ground truth put at σ_mid with the
+                # step-1 state's own noise
+                real1 = (_need_mid(batch) if p.external is None
+                         else L.renoise(real, s_real1, batch["noise"][:len(real)].to(real.device)))
+            d_real_mid = p.disc(real1, s_real1, real_caps)
+            d_fake_mid = p.disc(x1, s1, caps)
             terms.append(L.d_loss(red(d_real_mid), red(d_fake_mid), lc.gan_loss))
             out.update(_d_diagnostics(d_real_mid.detach(), d_fake_mid.detach(), "_mid"))
         total = sum(terms)
     out["loss/disc"] = total.detach()
+    if frozen:
+        return out
     if not _all_finite(acc, total):
         return {**out, "skipped": 1.0}
     acc.backward(total)
@@ -279,10 +352,60 @@ def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: in
 
 
 def _d_diagnostics(real: torch.Tensor, fake: torch.Tensor, suffix: str) -> dict[str, torch.Tensor]:
-    """Mean logits, their gap and the real/fake accuracy of pre-update logits."""
+    """Mean logits, their gap and the real/fake accuracy of pre-update logits on the training batch."""
     return {f"disc/real{suffix}_logit": real.mean(), f"disc/fake{suffix}_logit": fake.mean(),
             f"disc/logit_gap{suffix}": real.mean() - fake.mean(),
-            f"disc/heldout_accuracy{suffix}": L.accuracy(real, fake)}
+            f"disc/batch_accuracy{suffix}": L.accuracy(real, fake)}
+
+
+def heldout_diagnostics(p: Parts) -> dict[str, float]:
+    """The discriminator on samples it never trained on: the store's held-out slice as real, the
+    student's outputs from those samples' noise (never drawn in training) as fake, re-noised with a
+    fixed draw so that every check sees the same inputs. ``disc/heldout_accuracy``, ``disc/heldout_auc``
+    and ``disc/heldout_logit_gap`` (token logits averaged per image), and their ``_mid`` twins for the
+    step-1 term. The heads run in eval mode (no spectral-norm power step), so training is unchanged."""
+    cfg, lc, acc, held = p.cfg, p.cfg.loss, p.accelerator, p.heldout
+    disc, student = acc.unwrap_model(p.disc), acc.unwrap_model(p.student)
+    dev, n, bs = acc.device, len(held["prompt"]), cfg.data.batch_size
+    g = torch.Generator().manual_seed(cfg.seed + 104729)  # the same re-noising at every check
+    sigma, eps = _renoise_draw(lc, n, held["latent"].shape, g, "cpu")
+    sigma1, eps1 = _renoise_draw(lc, n, held["latent"].shape, g, "cpu")
+    logits: dict[str, list[torch.Tensor]] = {"real": [], "fake": [], "real_mid": [], "fake_mid": []}
+
+    def judge(key: str, x: torch.Tensor, s: torch.Tensor, c: list[torch.Tensor]) -> None:
+        logits[key].append(L.reduce_logits(disc(x, s.to(dev), c), "image").float().cpu())
+
+    was_training = disc.training
+    disc.eval()
+    try:
+        with torch.no_grad(), acc.autocast():
+            for i in range(0, n, bs):
+                sl = slice(i, i + bs)
+                caps = p.teacher.encode_prompts(held["prompt"][sl])
+                latent = held["latent"][sl].to(dev)
+                x0_1, x_mid, x0 = student(held["noise"][sl].to(dev), caps)
+                if lc.adv_weight > 0:
+                    s, e = sigma[sl].to(dev), eps[sl].to(dev)
+                    judge("real", L.renoise(latent, s, e), s, caps)
+                    judge("fake", L.renoise(x0, s, e), s, caps)
+                if _step1_adv(cfg) and lc.step1_adv_on == "x0":
+                    s, e = sigma1[sl].to(dev), eps1[sl].to(dev)
+                    judge("real_mid", L.renoise(latent, s, e), s, caps)
+                    judge("fake_mid", L.renoise(x0_1, s, e), s, caps)
+                elif _step1_adv(cfg) and "mid" in held:
+                    s = torch.full((len(x_mid),), cfg.model.sigma_mid)
+                    judge("real_mid", held["mid"][sl].to(dev), s, caps)
+                    judge("fake_mid", x_mid, s, caps)
+    finally:
+        disc.train(was_training)
+    out = {}
+    for suffix in ("", "_mid"):
+        if logits["real" + suffix]:
+            real, fake = torch.cat(logits["real" + suffix]), torch.cat(logits["fake" + suffix])
+            out[f"disc/heldout_accuracy{suffix}"] = float(L.accuracy(real, fake))
+            out[f"disc/heldout_auc{suffix}"] = L.auc(real, fake)
+            out[f"disc/heldout_logit_gap{suffix}"] = float(real.mean() - fake.mean())
+    return out
 
 
 def _need_mid(batch: dict) -> torch.Tensor:
@@ -358,7 +481,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train",
                disable=not acc.is_main_process, mininterval=2.0)
     batches = iter(p.loader)
-    t_last, metrics, last_g = time.perf_counter(), {}, {}
+    t_last, step_last, metrics, last_g = time.perf_counter(), start, {}, {}
     history = MetricsLog(p.run_dir / "metrics.jsonl", start) if acc.is_main_process else None
     try:
         for step in bar:
@@ -366,7 +489,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
             if grid is not None:
                 grid.remember(batch)
             _set_lr(p, step)
-            log_now = (step + 1) % cfg.log_every == 0
+            heldout_now = p.heldout is not None and cfg.heldout_every and (step + 1) % cfg.heldout_every == 0
+            log_now = (step + 1) % cfg.log_every == 0 or bool(heldout_now)
             caps = p.teacher.encode_prompts(batch["prompt"])
             out, fakes = generator_step(p, batch, caps, step, log_now)
             g_update = bool(out.pop("g_update", 1.0))
@@ -376,6 +500,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
                 out.update(last_g)
             if fakes is not None:
                 out.update(discriminator_step(p, batch, caps, step, fakes))
+            if heldout_now:
+                out.update(heldout_diagnostics(p))
             if "skipped" in out:
                 p.progress["nonfinite_total"] += 1
                 p.progress["nonfinite_streak"] += 1
@@ -393,9 +519,9 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
             p.progress["step"] = step + 1
             if log_now:
                 dt = time.perf_counter() - t_last
-                t_last = time.perf_counter()
+                t_last, steps_since, step_last = time.perf_counter(), step + 1 - step_last, step + 1
                 metrics = {k: float(v) for k, v in out.items()}
-                metrics.update({"time/step_s": dt / cfg.log_every, "data/corrupt_shards": p.loader.corrupt_shards,
+                metrics.update({"time/step_s": dt / steps_since, "data/corrupt_shards": p.loader.corrupt_shards,
                                 "train/nonfinite_total": p.progress["nonfinite_total"]})
                 if torch.cuda.is_available():
                     metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30

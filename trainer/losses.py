@@ -17,8 +17,10 @@ def renoise(x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.T
     return (1 - s) * x0 + s * eps
 
 
-def sample_sigma(n: int, mean: float, std: float, g: torch.Generator) -> torch.Tensor:
-    """Logit-normal noise levels (B,): sigmoid(N(mean, std²)), kept inside (0.02, 0.98)."""
+def sample_sigma(n: int, mean: float, std: float, g: torch.Generator, dist: str = "logit_normal") -> torch.Tensor:
+    """Noise levels (B,) inside [0.02, 0.98]: logit-normal sigmoid(N(mean, std²)), or uniform."""
+    if dist == "uniform":
+        return 0.02 + 0.96 * torch.rand(n, generator=g)
     return torch.sigmoid(torch.randn(n, generator=g) * std + mean).clamp(0.02, 0.98)
 
 
@@ -60,6 +62,15 @@ def accuracy(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     each class weighted equally."""
     real, fake = reduce_logits(real, "image"), reduce_logits(fake, "image")
     return ((real > 0).float().mean() + (fake < 0).float().mean()) / 2
+
+
+def auc(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Area under the ROC curve of image logits (token logits are averaged first): the probability that
+    a random real sample scores above a random fake one, ties counting half (Mann–Whitney U)."""
+    real = reduce_logits(real, "image").double().flatten().cpu()
+    fake = reduce_logits(fake, "image").double().flatten().cpu()
+    above = (real[:, None] > fake[None, :]).double().sum() + 0.5 * (real[:, None] == fake[None, :]).double().sum()
+    return float(above / (len(real) * len(fake)))
 
 
 def feature_matching(real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor:

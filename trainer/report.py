@@ -4,8 +4,8 @@
 beside whatever tracker the run logs to (TensorBoard, W&B). A resumed run drops the rows past the
 checkpoint it resumed from, so the file always describes one unbroken run. At the end of training
 :func:`plot_run` draws ``RUN_DIR/report.png`` and writes ``RUN_DIR/report.md``: whether the
-discriminator discriminates (held-out accuracy, logit gap) and how hard each loss pulls on the student
-(gradient norms at the student's outputs and each term's share).
+discriminator discriminates (held-out AUC and accuracy, the training batch's accuracy, logit gap) and
+how hard each loss pulls on each of the student's parameter sets (gradient norms and each loss's share).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import math
 from pathlib import Path
 
 PANELS = (
-    ("discriminator held-out accuracy (0.5 = chance)", "disc/heldout_accuracy"),
+    ("discriminator held-out AUC (0.5 = chance)", "disc/heldout_auc"),
+    ("discriminator accuracy, training batch (0.5 = chance)", "disc/batch_accuracy"),
     ("logit gap (real − fake)", "disc/logit_gap"),
-    ("gradient norm at the student's outputs", "grad_norm/"),
-    ("share of the summed gradient norm", "grad_share/"),
+    ("gradient norm on each parameter set", "grad_norm/"),
+    ("share of the summed gradient norms on each set", "grad_share/"),
     ("losses", "loss/"),
 )
 
@@ -75,7 +76,7 @@ def plot_run(run_dir: str | Path) -> Path | None:
     for ax, (title, series) in zip(axes[0], panels):
         for name, (steps, values) in series.items():
             ax.plot(steps, values, label=name.split("/", 1)[1] if "/" in name else name, lw=1.2)
-        if "accuracy" in title:
+        if "chance" in title:
             ax.axhline(0.5, ls="--", c="k", lw=0.8)
         if title.startswith("gradient norm") or title == "losses":
             ax.set_yscale("symlog", linthresh=1e-4)
@@ -88,9 +89,11 @@ def plot_run(run_dir: str | Path) -> Path | None:
     last = rows[-1]
     keys = [k for k in sorted(last) if k.split("/")[0] in ("disc", "grad_norm", "grad_share", "loss")]
     md = [f"# Training run {run_dir.name}", "",
-          "Held-out accuracy: the discriminator's real/fake accuracy on each step's batch before its update "
-          "(fresh student outputs, fresh re-noising). Gradient norms: of each loss term at the student's "
-          "outputs (final latent, step-1 state and step-1 x̂0).", "", "![diagnostics](report.png)", "",
+          "Held-out AUC and accuracy: the discriminator on the store's held-out samples (never trained on) "
+          "against the student's outputs from their noise. Batch accuracy: on each step's training batch before "
+          "the heads' update. Gradient norms: of each loss on the step-1 and step-2 parameters "
+          "(grad_norm/step1/…, grad_norm/step2/…; shared for one parameter set) and each loss's share of their sum "
+          "on that set.", "", "![diagnostics](report.png)", "",
           f"Last logged step {last['step']}:", "", "| scalar | value |", "|---|---|",
           *(f"| {k} | {last[k]:.4g} |" for k in keys), ""]
     (run_dir / "report.md").write_text("\n".join(md))

@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     from twostep.pipeline import cli as pipeline_cli
     from twostep.prompts import cli as prompts_cli
     from twostep.trainer import cli as trainer_cli
+    from twostep.trainer import probe as probe_cli
     from twostep.trainer import sample as sample_cli
 
     parser = argparse.ArgumentParser(
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompts_cli.add_parser(sub)
     pipeline_cli.add_parsers(sub)
     trainer_cli.add_parser(sub)
+    probe_cli.add_parser(sub)
     sample_cli.add_parser(sub)
     eval_cli.add_parser(sub)
     demo_cli.add_parser(sub)

@@ -62,9 +62,12 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     run_dir = out / "run"
+    log_every = min(10, max(1, args.steps))
+    heldout_every = log_every * max(1, args.steps // (5 * log_every))  # five held-out checks
     cfg = load_config("toy", [f"data.data={store}", f"model.teacher={args.teacher}", f"max_steps={args.steps}",
                               f"seed={args.seed}", f"checkpoint_every={max(1, args.steps // 4)}",
-                              f"sample_every={max(1, args.steps // 2)}", f"log_every={min(10, max(1, args.steps))}"])
+                              f"sample_every={max(1, args.steps // 2)}", f"log_every={log_every}",
+                              f"heldout_every={heldout_every}"])
     train(cfg, run_dir)
     log.info("[3/4] student: %s (TensorBoard logs and sample grids in %s)", run_dir / "student", run_dir)
     times["training"] = time.perf_counter() - t0

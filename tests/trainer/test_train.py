@@ -41,7 +41,8 @@ def tiny_cfg(store: str, teacher: str, *extra: str):
                                "data.num_workers=1", "model.disc_layers=[0, 1]", "model.disc_hidden=16",
                                "log_with=none", "sample_every=0", "export=false", "max_steps=4",
                                "checkpoint_every=2", "loss.adv_warmup_steps=0",
-                               "optim.warmup_steps=0", "optim.lr=1e-3", "optim.disc_lr=1e-3", *extra])
+                               "optim.warmup_steps=0", "optim.lr=1e-3", "optim.disc_lr=1e-3",
+                               "data.heldout_fraction=0.25", *extra])
 
 
 # --- config ----------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def test_one_step_updates_both_students_and_the_heads(tiny_store, tiny_pipeline_
     out = _one_step(p)
     assert "skipped" not in out
     for k in ("loss/paired", "loss/step1_regress", "loss/adv", "loss/step1_adv", "loss/disc",
-              "disc/real_logit", "disc/fake_logit", "grad_norm/adv", "grad_norm/paired"):
+              "disc/real_logit", "disc/fake_logit", "grad_norm/step2/adv", "grad_norm/step1/paired"):
         assert k in out and torch.isfinite(torch.as_tensor(out[k])), k
     changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
     assert any(k.startswith("transformer.") for k in changed)
@@ -326,13 +327,16 @@ def test_per_token_conv_heads_pass_gradients_to_both_steps(tiny_store, tiny_pipe
     out = _one_step(p)
     assert set(k for k in out if k.startswith("loss/")) >= {"loss/adv", "loss/step1_adv", "loss/disc"}
     assert "loss/paired" not in out and "loss/step1_regress" not in out
-    assert float(out["grad_norm/adv"]) > 0 and float(out["grad_norm/step1_adv"]) > 0
-    assert float(out["grad_share/adv"]) + float(out["grad_share/step1_adv"]) == pytest.approx(1.0)
+    for part in ("step1", "step2"):
+        assert float(out[f"grad_norm/{part}/adv"]) > 0
+        assert float(out[f"grad_share/{part}/adv"]) + float(out[f"grad_share/{part}/step1_adv"]) == pytest.approx(1.0)
+    assert float(out["grad_norm/step1/step1_adv"]) > 0  # step 1 only: the step-1 state does not touch step 2
+    assert float(out["grad_norm/step2/step1_adv"]) == 0
     changed = {k.split(".")[0] for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"transformer", "transformer_2"}
-    for k in ("disc/heldout_accuracy", "disc/logit_gap", "disc/heldout_accuracy_mid", "disc/logit_gap_mid"):
+    for k in ("disc/batch_accuracy", "disc/logit_gap", "disc/batch_accuracy_mid", "disc/logit_gap_mid"):
         assert k in out
-    assert 0.0 <= float(out["disc/heldout_accuracy"]) <= 1.0
+    assert 0.0 <= float(out["disc/batch_accuracy"]) <= 1.0
     gap = float(out["disc/real_logit"]) - float(out["disc/fake_logit"])
     assert float(out["disc/logit_gap"]) == pytest.approx(gap, abs=1e-6)
 
@@ -402,8 +406,8 @@ def test_run_logs_diagnostics_and_plots_them(tiny_store, tiny_pipeline_dir, tmp_
     train(tiny_cfg(tiny_store, tiny_pipeline_dir, "max_steps=4", "log_every=1"), run)
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all("disc/heldout_accuracy" in r and "grad_share/adv" in r for r in rows)
-    assert (run / "report.png").stat().st_size > 0 and "heldout_accuracy" in (run / "report.md").read_text()
+    assert all("disc/batch_accuracy" in r and "grad_share/step2/adv" in r for r in rows)
+    assert (run / "report.png").stat().st_size > 0 and "batch_accuracy" in (run / "report.md").read_text()
     MetricsLog(run / "metrics.jsonl", start=2)  # a resume from step 2 drops the rows after it
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
 
@@ -425,3 +429,153 @@ def test_ema_loads_on_an_indexed_cpu_device(tmp_path):
     acc = SimpleNamespace(device=torch.device("cpu", 0), process_index=0, load_state=lambda p: None)
     Checkpoints(tmp_path, 2).load(acc, path, ema)
     assert all(torch.equal(v, model.state_dict()[k] + 1) for k, v in ema.state_dict().items())
+
+
+# --- held-out slice, controls, accounting ------------------------------------------------------------
+
+
+def test_heldout_slice_never_reaches_the_training_stream(tiny_store):
+    """Held-out samples (by key hash) are skipped by every loader worker in every epoch, and
+    read_heldout returns exactly them; resuming mid-shard still skips them."""
+    from twostep.trainer.data import ShardStream, StreamLoader, heldout_score, read_heldout, resolve_shards
+
+    shards, _ = resolve_shards(tiny_store)
+    every = {s.key for i in range(len(shards)) for s in ShardStream(shards)._load(i)}
+    held = {k for k in every if heldout_score(k) < 0.25}
+    assert 0 < len(held) < len(every)  # the tiny store has both kinds at this fraction
+    loader = StreamLoader(ShardStream(shards, seed=3, heldout_fraction=0.25), batch_size=3, num_workers=2)
+    seen = [k for _, b in zip(range(12), loader) for k in b["key"]]  # 36 samples: over two epochs
+    assert set(seen) == every - held
+    state = loader.state_dict()
+    resumed = StreamLoader(ShardStream(shards, seed=3, heldout_fraction=0.25), batch_size=3, num_workers=2)
+    resumed.load_state_dict(state)
+    assert not held & {k for _, b in zip(range(4), resumed) for k in b["key"]}
+    batch = read_heldout(shards, 0.25, 100)
+    assert set(batch["key"]) == held and batch["latent"].shape[0] == len(held) and "mid" in batch
+    assert len(read_heldout(shards, 0.25, 1)["key"]) == 1 and read_heldout(shards, 0.0, 10) is None
+    # A stream without a held-out slice keeps the identity that older checkpoints were saved with.
+    assert "heldout_fraction" not in ShardStream(shards).identity()
+
+
+def test_auc_known_answers():
+    from twostep.trainer.losses import auc
+
+    assert auc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert auc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])) == 0.0
+    assert auc(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])) == 0.5
+    assert auc(torch.tensor([[0.0, 4.0], [1.0, 1.0]]), torch.tensor([1.5, 0.5])) == 0.75  # token logits averaged
+
+
+def test_frozen_heads_receive_no_update(tiny_store, tiny_pipeline_dir, tmp_path):
+    """model.disc_frozen: the heads (spectral-norm buffers included) stay at their initialisation
+    over a run, while the student still learns from the adversarial terms through them."""
+    from twostep.trainer.loop import discriminator_step, generator_step
+
+    p = _parts(tiny_store, tiny_pipeline_dir, tmp_path, "model.disc_frozen=true", "model.disc_head=conv")
+    student = p.accelerator.unwrap_model(p.student)
+    heads = {k: v.clone() for k, v in p.disc.state_dict().items()}
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    batches = iter(p.loader)
+    for step in range(3):
+        batch = next(batches)
+        caps = p.teacher.encode_prompts(batch["prompt"])
+        out, fakes = generator_step(p, batch, caps, step, log_now=True)
+        out.update(discriminator_step(p, batch, caps, step, fakes))
+        assert "loss/disc" in out and "disc/batch_accuracy" in out and float(out["grad_norm/step2/adv"]) > 0
+    assert all(torch.equal(v, heads[k]) for k, v in p.disc.state_dict().items())
+    assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
+
+
+def test_real_renders_replace_both_real_inputs(tiny_store, tiny_pipeline_dir, tmp_path):
+    """loss.real_source=external: the final term's real input is the render re-noised, and the step-1
+    term's is the render at σ_mid with the step-1 state's noise, never the store's mid."""
+    from twostep.pipeline.toy.render import write_render_shards
+    from twostep.trainer import losses as L
+    from twostep.trainer.loop import discriminator_step, generator_step
+
+    write_render_shards(tmp_path / "renders", n=6, shard_size=3)
+    p = _parts(tiny_store, tiny_pipeline_dir, tmp_path, "loss.real_source=external", "loss.misaligned_fakes=false",
+               f"data.external={tmp_path / 'renders' / 'renders-*.tar'}")
+    batch = next(iter(p.loader))
+    caps = p.teacher.encode_prompts(batch["prompt"])
+    _, fakes = generator_step(p, batch, caps, 0, log_now=False)
+    renders, render_caps = p.external.next_batch(2, 32, 32)
+    p.external.next_batch = lambda n, h, w: (renders, render_caps)
+    inputs = []
+    hook = p.disc.register_forward_pre_hook(lambda m, args: inputs.append((args[0].detach(), args[1].detach())))
+    discriminator_step(p, batch, caps, 0, fakes)
+    hook.remove()
+    (real, s_real), _, (real_mid, s_mid), (fake_mid, _) = inputs
+    assert torch.allclose(s_mid, torch.full_like(s_mid, 0.75)) and torch.equal(fake_mid, fakes[1])
+    assert torch.allclose(real_mid, L.renoise(renders, s_mid, batch["noise"]), atol=1e-6)
+    assert not torch.allclose(real_mid, batch["mid"], atol=1e-3)
+    eps = (real - (1 - s_real.view(-1, 1, 1, 1)) * renders) / s_real.view(-1, 1, 1, 1)  # a render, re-noised
+    assert torch.allclose(L.renoise(renders, s_real, eps), real, atol=1e-5)
+
+
+def test_grad_share_per_parameter_set_known_answer(tiny_store, tiny_pipeline_dir, tmp_path):
+    """Detached steps (loss.e2e=false), regressions only: the final loss reaches step 2 alone and the
+    step-1 regression step 1 alone, so each owns its set's share; the norms equal a direct autograd."""
+    from twostep.trainer.loop import generator_step
+
+    p = _parts(tiny_store, tiny_pipeline_dir, tmp_path, "loss.e2e=false", "loss.step1_loss=regress",
+               "loss.adv_weight=0")
+    student = p.accelerator.unwrap_model(p.student)
+    batch = next(iter(p.loader))
+    caps = p.teacher.encode_prompts(batch["prompt"])
+    x0_1, _, x0 = student(batch["noise"], caps, e2e=False)
+    paired = torch.nn.functional.mse_loss(x0, batch["latent"])
+    grads = torch.autograd.grad(paired, list(student.transformer_2.parameters()), allow_unused=True)
+    expect = torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))
+    out, _ = generator_step(p, batch, caps, 0, log_now=True)
+    assert float(out["grad_norm/step1/paired"]) == 0 and float(out["grad_norm/step2/step1_regress"]) == 0
+    assert float(out["grad_share/step1/step1_regress"]) == pytest.approx(1.0)
+    assert float(out["grad_share/step2/paired"]) == pytest.approx(1.0)
+    assert float(out["grad_norm/step2/paired"]) == pytest.approx(float(expect), rel=1e-4)
+    shared = _parts(tiny_store, tiny_pipeline_dir, tmp_path / "shared", "model.decoupled=false")
+    out, _ = generator_step(shared, batch, caps, 0, log_now=True)
+    assert {k.split("/")[1] for k in out if k.startswith("grad_share/")} == {"shared"}
+
+
+@pytest.mark.parametrize("extra", [("model.disc_text=true", "model.disc_head=conv"),
+                                   ("model.disc_text=true", "model.disc_head=mlp", "loss.independent_renoise=true"),
+                                   ("loss.step1_adv_on=x0", "loss.sigma_dist=uniform", "loss.gan_loss=logistic")])
+def test_discriminator_options_train_and_report_heldout(tiny_store, tiny_pipeline_dir, tmp_path, extra):
+    """Each recipe option runs a training step with finite losses, and the held-out check reports an
+    AUC for both terms."""
+    from twostep.trainer.loop import heldout_diagnostics
+
+    p = _parts(tiny_store, tiny_pipeline_dir, tmp_path, *extra)
+    out = _one_step(p)
+    assert "skipped" not in out and all(torch.isfinite(torch.as_tensor(out[k])) for k in out if k.startswith("loss/"))
+    held = heldout_diagnostics(p)
+    for k in ("disc/heldout_auc", "disc/heldout_auc_mid", "disc/heldout_accuracy", "disc/heldout_logit_gap_mid"):
+        assert k in held and held[k] == held[k]
+    assert 0.0 <= held["disc/heldout_auc"] <= 1.0
+
+
+def test_text_conditioned_heads_depend_on_the_caption(tiny_pipeline_dir):
+    from twostep.pipeline.teacher import Teacher
+    from twostep.trainer.discriminator import Discriminator
+
+    teacher = Teacher.load(tiny_pipeline_dir, device="cpu")
+    disc = Discriminator(teacher.transformer, [0, 1], 16, "mlp", text=True)
+    x = torch.randn(1, teacher.transformer.config.in_channels, 16, 16).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        logits = disc(x, torch.tensor([0.5, 0.5]), teacher.encode_prompts(["a red circle", "a blue square"]))
+    assert logits.shape == (2, 64) and not torch.allclose(logits[0], logits[1])
+
+
+def test_probe_reports_heldout_auc(tiny_store, tiny_pipeline_dir, tmp_path):
+    """twostep probe-disc: the student frozen (the naive sampler), held-out checks at each interval."""
+    out = subprocess.run([sys.executable, "-m", "twostep.cli", "probe-disc", "--config", "toy", "--data", tiny_store,
+                          "--out", str(tmp_path / "probe"), "--steps", "4", "--every", "2",
+                          f"model.teacher={tiny_pipeline_dir}", "data.batch_size=2", "model.disc_layers=[0, 1]",
+                          "model.disc_hidden=16", "log_with=none", "data.heldout_fraction=0.25"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    probe = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert [c["step"] for c in probe["checks"]] == [2, 4]
+    assert 0 <= probe["last_auc"] <= 1 and 0 <= probe["best_auc_mid"] <= 1 and "held-out AUC" in out.stdout
+    result = json.loads((tmp_path / "probe" / "result.json").read_text())
+    assert result["step"] == 4 and not (tmp_path / "probe" / "student").exists()
