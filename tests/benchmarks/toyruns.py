@@ -39,9 +39,12 @@ def diagnostics(run: Path, last: int = 5) -> dict:
     return out
 
 
-def run_one(name: str, config: str, overrides: list[str], seed: int, store: str, steps: int, n_eval: int,
-            out: Path, extra: list[str] = ()) -> dict:
-    """Train ``config`` + ``overrides`` for ``steps`` steps with ``seed`` and score it on ``n_eval`` prompts."""
+def run_one(name: str, config: str, overrides: list[str], seed: int, store: str, steps: int | None, n_eval: int,
+            out: Path, extra: list[str] = (), eval_seed: int = 20261122, references: int = 1) -> dict:
+    """Train ``config`` + ``overrides`` for ``steps`` steps (None: the config's own length) with ``seed``
+    and score it on ``n_eval`` prompts drawn with ``eval_seed``, against ``references`` 8-step references."""
+    import time
+
     from twostep.eval import evaluate, write_report
     from twostep.trainer.config import load_config
     from twostep.trainer.loop import train
@@ -50,13 +53,18 @@ def run_one(name: str, config: str, overrides: list[str], seed: int, store: str,
     done = run / "eval" / "metrics.json"
     if done.exists():
         return json.loads(done.read_text())
-    cfg = load_config(config, [f"data.data={store}", f"max_steps={steps}", f"seed={seed}",
-                               f"checkpoint_every={max(1, steps // 2)}", "sample_every=0", *extra, *overrides])
+    length = [f"max_steps={steps}"] if steps else []
+    cfg = load_config(config, [f"data.data={store}", *length, f"seed={seed}", "sample_every=0", *extra, *overrides])
+    cfg.checkpoint_every = max(1, cfg.max_steps // 2)
+    train_seconds = None
     if not (run / "result.json").exists():  # trained and exported already: only score it
+        t0 = time.perf_counter()
         train(cfg, run)
-    metrics, images = evaluate(str(run / "student"), _teacher(), n_eval, cache=out / "eval-cache")
-    metrics["run"] = {"name": name, "config": config, "overrides": list(overrides), "steps": steps, "seed": seed,
-                      "diagnostics": diagnostics(run)}
+        train_seconds = round(time.perf_counter() - t0, 1)
+    metrics, images = evaluate(str(run / "student"), _teacher(), n_eval, seed=eval_seed, references=references,
+                               cache=out / "eval-cache")
+    metrics["run"] = {"name": name, "config": config, "overrides": list(overrides), "steps": cfg.max_steps,
+                      "seed": seed, "diagnostics": diagnostics(run), "train_seconds": train_seconds}
     write_report(metrics, images, run / "eval")
     return metrics
 
@@ -78,7 +86,8 @@ def summarise(results: dict[str, list[dict]]) -> dict:
              "precision": spread([x["precision"] for x in s]),
              "omitted_tv": spread([x["omitted_tv"]["mean"] for x in s]),
              "seeds": [m["run"]["seed"] for m in ms]}
-        acc = [m["run"]["diagnostics"].get("disc/heldout_accuracy") for m in ms]
+        acc = [m["run"]["diagnostics"].get("disc/heldout_accuracy", m["run"]["diagnostics"].get("disc/batch_accuracy"))
+               for m in ms]
         if all(a is not None for a in acc):
             r["disc_heldout_accuracy"] = spread(acc)
         return r
