@@ -23,6 +23,9 @@ from toyruns import reference_row, run_one, summarise, table
 # The discriminator of the default toy config: conv heads, per-token hinge, misaligned caption pairs.
 CONV = ["model.disc_head=conv", "loss.gan_reduce=token", "loss.misaligned_fakes=true"]
 
+# The discriminator that separated naive 2 steps from 8 best in the probe (docs/results/discriminator_probe.md).
+PROBE_D = ["loss.sigma_mean=-3.0", "loss.sigma_std=0.3", "model.disc_text=true", "optim.disc_lr=3e-3"]
+
 # name: (config, overrides, what it tests)
 SETTINGS: dict[str, tuple[str, list[str], str]] = {
     "gan_only": ("toy_gan_only", [], "the shipped adversarial-only recipe: MLP heads, hinge on the token-averaged "
@@ -45,7 +48,19 @@ SETTINGS: dict[str, tuple[str, list[str], str]] = {
     "logistic": ("toy_gan_only", ["loss.gan_loss=logistic"], "non-saturating logistic loss instead of hinge"),
     "r1": ("toy_gan_only", ["loss.r1_weight=1.0"], "approximate R1, weight 1"),
     "final_only": ("toy_gan_only", ["loss.step1_loss=none"], "no step-1 adversarial term"),
+    "gan_only_probe_d": ("toy_gan_only", [*CONV, *PROBE_D, "optim.g_every=1"],
+                         "the probe's best discriminator, student every step"),
+    "gan_only_probe_d_lr3e-5": ("toy_gan_only", [*CONV, *PROBE_D, "optim.g_every=1", "optim.lr=3e-5"],
+                                "the probe's best discriminator, student every step at lr 3e-5"),
+    "gan_only_probe_d_g3": ("toy_gan_only", [*CONV, *PROBE_D],
+                            "the probe's best discriminator, student every third step (toy_gan_only's balance)"),
+    "gan_only_probe_d_mlp": ("toy_gan_only", [*PROBE_D, "optim.g_every=1"],
+                             "the probe's best re-noising, text and lr on toy_gan_only's MLP heads, student every step"),
     "full": ("toy", [], "the default toy config (regressions + adversarial terms)"),
+    "full_low_noise": ("toy", ["loss.sigma_mean=-3.0", "loss.sigma_std=0.3", "model.disc_text=true",
+                               "optim.disc_lr=3e-3"],
+                       "the default toy config with the probe's best discriminator: re-noising near σ = 0, "
+                       "text-conditioned heads, discriminator lr 3e-3"),
     "full_mlp_d": ("toy", ["model.disc_head=mlp", "loss.gan_reduce=image", "loss.misaligned_fakes=false",
                            "optim.disc_lr=2e-4", "loss.sigma_mean=0.0"],
                    "the toy config with its earlier discriminator"),

@@ -19,6 +19,10 @@ import logging
 import time
 from pathlib import Path
 
+# The discriminator of the toy config before the probe (re-noising logit-normal(−0.6, 1), untied heads, lr 1e-3):
+# every "toy" setting below starts from it, so the rows stay what they were when the toy config moves on.
+OLD_TOY = ["loss.sigma_mean=-0.6", "loss.sigma_std=1.0", "model.disc_text=false", "optim.disc_lr=1e-3"]
+
 # name: (config, overrides, what it changes)
 SETTINGS: dict[str, tuple[str, list[str], str]] = {
     "toy": ("toy", [], "the toy config's discriminator: conv heads on layers 1 and 3, per-token hinge, misaligned "
@@ -46,7 +50,8 @@ SETTINGS: dict[str, tuple[str, list[str], str]] = {
                                     "model.disc_layers=[0, 1, 2, 3]", "model.disc_hidden=256"],
                             "near σ = 0, text-conditioned heads on all four layers, 256 wide"),
     "low_noise_text_lr": ("toy", ["loss.sigma_mean=-3.0", "loss.sigma_std=0.3", "model.disc_text=true",
-                                  "optim.disc_lr=3e-3"], "near σ = 0, text-conditioned heads, discriminator lr 3e-3"),
+                                  "optim.disc_lr=3e-3"], "near σ = 0, text-conditioned heads, discriminator lr 3e-3 "
+                          "(the toy config's discriminator since)"),
     "low_noise_text_logistic": ("toy", ["loss.sigma_mean=-3.0", "loss.sigma_std=0.3", "model.disc_text=true",
                                         "loss.gan_loss=logistic"], "near σ = 0, text-conditioned heads, logistic loss"),
     "low_noise_text_mlp": ("toy", ["loss.sigma_mean=-3.0", "loss.sigma_std=0.3", "model.disc_text=true",
@@ -79,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     from twostep.trainer.probe import probe, probe_config
 
     out = Path(args.out)
-    rows: dict[str, dict] = {}
+    table_json = out / "probe_search.json"
+    rows: dict[str, dict] = json.loads(table_json.read_text())["rows"] if table_json.exists() else {}
     for seed in args.seeds:
         for name in args.settings:
             config, overrides, _ = SETTINGS[name]
+            overrides = [*OLD_TOY, *overrides] if config == "toy" else overrides
             run = out / f"{name}-seed{seed}"
             if (run / "probe.json").exists():
                 r = json.loads((run / "probe.json").read_text())
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = {**probe(cfg, run), "seconds": time.perf_counter() - t0}
                 (run / "probe.json").write_text(json.dumps(r, indent=1))
             rows[f"{name}-seed{seed}"] = {k: v for k, v in r.items() if k != "config"}
-            (out / "probe_search.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+            table_json.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
             (out / "probe_search.md").write_text(table(rows) + "\n")
             print(f"{name} seed {seed}: AUC last {r['last_auc']:.3f} best {r['best_auc']:.3f}", flush=True)
     print(table(rows))
