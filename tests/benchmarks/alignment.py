@@ -1,12 +1,12 @@
 """The pre-registered runs of docs/results/preregistration.md: does the discriminator align the
 student's distribution, or only regularise it?
 
-Arms (each trained from the same store, for its config's own length, on every seed):
+Arms (each trained from the same store on every seed):
 
-* ``trained``: the default ``toy`` config (regressions + both adversarial terms);
+* ``trained``: the default ``toy`` config (regressions + both adversarial terms), 250 steps (the demo's);
 * ``frozen``: the same, with the discriminator's heads frozen at their initialisation
   (``model.disc_frozen=true``): the same terms and student updates, no discriminator learning;
-* ``gan_only``: the shipped adversarial-only config, ``toy_gan_only``.
+* ``gan_only``: the shipped adversarial-only config, ``toy_gan_only``, for its own length.
 
 Every run is scored unpaired with ``twostep eval`` at 1,000 prompts of the pre-registered eval seed,
 against two independent 8-step references (the teacher-side sets are made once and cached). Each
@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from toyruns import run_one
 
 # The pre-registration (docs/results/preregistration.md): arms, seeds, eval seed, references.
-ARMS: dict[str, tuple[str, list[str]]] = {
-    "trained": ("toy", []),
-    "frozen": ("toy", ["model.disc_frozen=true"]),
-    "gan_only": ("toy_gan_only", []),
+# arm: (config, overrides, training steps: None = the config's own length)
+ARMS: dict[str, tuple[str, list[str], int | None]] = {
+    "trained": ("toy", [], 250),
+    "frozen": ("toy", ["model.disc_frozen=true"], 250),
+    "gan_only": ("toy_gan_only", [], None),
 }
 SEEDS = [7101, 7102, 7103, 7104, 7105]
 EVAL_SEED = 20261206
@@ -121,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     recs: dict[str, list[dict]] = {}
     for seed in args.seeds:
         for arm in args.arms:
-            config, overrides = ARMS[arm]
-            m = run_one(arm, config, overrides, seed, args.store, None, args.eval_samples, out,
+            config, overrides, steps = ARMS[arm]
+            m = run_one(arm, config, overrides, seed, args.store, steps, args.eval_samples, out,
                         eval_seed=EVAL_SEED, references=REFERENCES)
             r = record(m)
             (recs_dir / f"{arm}-seed{seed}.json").write_text(json.dumps(r, indent=1))
