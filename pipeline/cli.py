@@ -38,6 +38,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="image member per sample; none keeps latents only (default: webp, lossless)")
     g.add_argument("--save", default="mid", help="extra arrays per sample, comma-separated: mid, noise "
                    "(default: mid; '' for none)")
+    g.add_argument("--encode-threads", type=int, default=0,
+                   help="threads per worker that encode finished samples (image, arrays) while its teacher "
+                        "generates; 0 = the CPUs the worker may run on, at most 8 (default: 0). On GPU nodes, "
+                        "about the CPUs per GPU")
     g.add_argument("--ray-address", default=None,
                    help="existing Ray cluster (default: RAY_ADDRESS, else start a local one)")
     g.add_argument("--max-shard-retries", type=int, default=2, help="retries of a failing shard (default: 2)")
@@ -120,7 +124,7 @@ def _generate(args: argparse.Namespace) -> int:
                          save=tuple(s for s in args.save.split(",") if s), ray_address=args.ray_address,
                          max_shard_retries=args.max_shard_retries, on_sample_error=args.on_sample_error,
                          overwrite=args.overwrite, storage_options=args.storage_options,
-                         sampler_overrides=overrides)
+                         sampler_overrides=overrides, encode_threads=args.encode_threads)
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         return 0

@@ -70,6 +70,8 @@ class GenerateConfig:
     after ``index_every_s`` seconds with at least one, so a killed driver leaves a useful index.
     Each write serialises every entry (about 200 bytes a shard)."""
     index_every_s: float = 300.0
+    encode_threads: int = 0
+    """Each worker's encode threads (``WorkerConfig.encode_threads``)."""
 
     def __post_init__(self) -> None:
         if self.image_format not in (*IMAGE_FORMATS, "none"):
@@ -84,6 +86,8 @@ class GenerateConfig:
             raise ValueError("--shard-size, --batch-size and --num-workers must be >= 1")
         if self.index_every_shards < 1 or self.index_every_s <= 0:
             raise ValueError("index_every_shards must be >= 1 and index_every_s > 0")
+        if self.encode_threads < 0:
+            raise ValueError("--encode-threads must be >= 0")
 
 
 def fingerprint(manifest_hash: str, cfg: GenerateConfig, facts: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -218,7 +222,8 @@ class _Actors:
                                  image_format=cfg.image_format, save=tuple(cfg.save),
                                  on_sample_error=cfg.on_sample_error, sampler_overrides=cfg.sampler_overrides,
                                  storage_options=cfg.storage_options or None,
-                                 threads=0 if cfg.gpus_per_worker else self.cpus)
+                                 threads=0 if cfg.gpus_per_worker else self.cpus,
+                                 encode_threads=cfg.encode_threads)
         remote = ray.remote(worker_cls).options(num_cpus=self.cpus, num_gpus=cfg.gpus_per_worker,
                                                 max_restarts=0, max_task_retries=0, max_concurrency=2)
         self.remote = remote

@@ -55,6 +55,9 @@ class WorkerConfig:
     threads: int = 0
     """torch CPU threads (0 = leave torch's default)."""
     device: str | None = None
+    encode_threads: int = 0
+    """Threads that encode finished samples (image, arrays, json) while the teacher generates the next
+    batches; 0 = one per CPU this process may run on, at most 8."""
 
 
 class ShardWorker:
@@ -70,7 +73,7 @@ class ShardWorker:
         self._manifest: pq.ParquetFile | None = None  # opened at the first shard (footer only)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.facts = self.teacher.describe()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+        self._pool = ThreadPoolExecutor(max_workers=encode_threads(cfg.encode_threads), thread_name_prefix="encode")
         self._teacher_lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:
@@ -82,8 +85,12 @@ class ShardWorker:
         ``fingerprint`` (the job's settings hash) goes into the stats, so a rerun recognises the shard.
         """
         t0 = time.perf_counter()
-        with self._teacher_lock:  # one shard generates at a time; the previous one uploads meanwhile
-            samples, failures, nrows = self._generate_shard(shard)
+        # One shard generates at a time. The teacher is released as soon as the shard's last batch is
+        # generated: its encodes drain, and the tar is packed and uploaded, while the actor's other
+        # shard in flight has the teacher.
+        with self._teacher_lock:
+            pending, failures, nrows = self._generate_shard(shard)
+        samples = [f.result() for f in pending]
         tar = tar_bytes(samples)
         stats = {"samples": len(samples), "failures": failures, "rows": nrows, "worker": self.name,
                  "seconds": round(time.perf_counter() - t0, 3), "fingerprint": fingerprint}
@@ -100,7 +107,9 @@ class ShardWorker:
         n = self.cfg.shard_size
         return read_rows(self._manifest, shard * n, n).to_pylist()
 
-    def _generate_shard(self, shard: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    def _generate_shard(self, shard: int) -> tuple[list[Future], list[dict[str, Any]], int]:
+        """Generate the shard's rows; returns the samples' encode futures in manifest order, the failed
+        rows and the row count. Encoding runs on the pool and is not waited for here."""
         n = self.cfg.shard_size
         rows = self.rows(shard)
         default = self.teacher.default_size
@@ -117,7 +126,7 @@ class ShardWorker:
                                      "reason": f"{type(result).__name__}: {result}"})
                 else:
                     encoded[i] = self._pool.submit(self._encode, rows[i], *result)
-        return [encoded[i].result() for i in sorted(encoded)], failures, len(rows)  # manifest order
+        return [encoded[i] for i in sorted(encoded)], failures, len(rows)  # manifest order
 
     def _generate(self, rows: list[dict], idx: list[int], default: int):
         """Yield (row index, (noise, mid, latent, image, seconds) or the exception) for one batch.
@@ -161,6 +170,17 @@ class ShardWorker:
                              mid=mid.numpy() if "mid" in save and mid is not None else None,
                              noise=noise.numpy() if "noise" in save else None,
                              image=image, image_format=self.cfg.image_format)
+
+
+def encode_threads(requested: int) -> int:
+    """The encode pool's size: ``requested``, or (0) the CPUs this process may run on, at most 8."""
+    if requested > 0:
+        return requested
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
 
 
 def read_rows(pf: pq.ParquetFile, start: int, n: int) -> pa.Table:

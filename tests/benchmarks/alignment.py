@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out, recs_dir = Path(args.out), Path(args.records)
     recs_dir.mkdir(parents=True, exist_ok=True)
-    recs: dict[str, list[dict]] = {}
+    recs = on_disk(recs_dir, args.seeds)
     for seed in args.seeds:
         for arm in args.arms:
             config, overrides, steps = ARMS[arm]
@@ -127,11 +127,22 @@ def main(argv: list[str] | None = None) -> int:
                         eval_seed=EVAL_SEED, references=REFERENCES)
             r = record(m)
             (recs_dir / f"{arm}-seed{seed}.json").write_text(json.dumps(r, indent=1))
-            recs.setdefault(arm, []).append(r)
+            recs = on_disk(recs_dir, args.seeds)
             (recs_dir / "report.md").write_text(report(recs))
             print(f"{arm} seed {seed}: gap closed {r['gap_closed']}, omitted TV {r['omitted_tv']:.3f}", flush=True)
     print(report(recs))
     return 0
+
+
+def on_disk(recs_dir: Path, seeds: list[int]) -> dict[str, list[dict]]:
+    """Every arm's records of ``seeds`` in the records folder (runs of earlier invocations included)."""
+    recs: dict[str, list[dict]] = {}
+    for arm in ARMS:
+        for seed in seeds:
+            path = recs_dir / f"{arm}-seed{seed}.json"
+            if path.exists():
+                recs.setdefault(arm, []).append(json.loads(path.read_text()))
+    return recs
 
 
 if __name__ == "__main__":

@@ -56,3 +56,37 @@ def test_a_broken_teacher_fails_the_shard_instead_of_committing_it_empty(worker)
     with pytest.raises(RuntimeError, match="every sample of a batch failed"):
         worker.run(0, "fp")
     assert not Store(worker.cfg.store_url).exists("shards/000000.json")
+
+
+def test_the_teacher_is_released_before_a_shards_encodes_finish(tmp_path):
+    """Two shards in flight, as the actor runs them: the second shard's batch is generated while the
+    first shard's samples are still encoding (the teacher waits on no encode)."""
+    import threading
+    import time
+
+    build_toy_manifest(4, tmp_path / "toy.parquet", seed=2)
+    cfg = WorkerConfig(store_url=str(tmp_path / "store"), manifest=str(tmp_path / "toy.parquet"), shard_size=2,
+                       batch_size=2, image_format="png", save=(), encode_threads=2)
+    w = ShardWorker(cfg)
+    calls, real_generate, real_encode = [], w.teacher.generate, w._encode
+
+    def generate(prompts, *a, **kw):
+        calls.append(("generate", time.perf_counter()))
+        return real_generate(prompts, *a, **kw)
+
+    def slow_encode(*a, **kw):
+        time.sleep(1.0)
+        calls.append(("encoded", time.perf_counter()))
+        return real_encode(*a, **kw)
+
+    w.teacher.generate, w._encode = generate, slow_encode
+    threads = [threading.Thread(target=w.run, args=(s, "fp")) for s in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    starts = [t for k, t in calls if k == "generate"]
+    first_encoded = min(t for k, t in calls if k == "encoded")
+    assert len(starts) == 2 and starts[1] < first_encoded  # the second batch did not wait for the encodes
+    assert all((tmp_path / "store" / "shards" / f"{s:06d}.tar").exists() for s in (0, 1))
+    assert w._pool._max_workers == 2

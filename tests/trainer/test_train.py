@@ -403,13 +403,14 @@ def test_run_logs_diagnostics_and_plots_them(tiny_store, tiny_pipeline_dir, tmp_
     from twostep.trainer.report import MetricsLog, read_metrics
 
     run = tmp_path / "run"
-    train(tiny_cfg(tiny_store, tiny_pipeline_dir, "max_steps=4", "log_every=1"), run)
+    train(tiny_cfg(tiny_store, tiny_pipeline_dir, "max_steps=4", "log_every=2", "heldout_every=3"), run)
     rows = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [2, 3, 4]  # a held-out check is logged on its own step too
     assert all("disc/batch_accuracy" in r and "grad_share/step2/adv" in r for r in rows)
+    assert ["disc/heldout_auc" in r for r in rows] == [False, True, False]
     assert (run / "report.png").stat().st_size > 0 and "batch_accuracy" in (run / "report.md").read_text()
-    MetricsLog(run / "metrics.jsonl", start=2)  # a resume from step 2 drops the rows after it
-    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    MetricsLog(run / "metrics.jsonl", start=3)  # a resume from step 3 drops the rows after it
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [2, 3]
 
 
 def test_ema_loads_on_an_indexed_cpu_device(tmp_path):
