@@ -2,8 +2,8 @@
 
     toy manifest → generation job (local Ray, 2 workers) → trainer (toy config) → eval report
 
-Time budget of the default preset on a 2-core machine (measured, docs/results/demo.md): generation of 1,024
-samples ≈ 0.7 min, training 250 steps of 16 ≈ 7 min, eval on 200 prompts ≈ 0.7 min, start-ups
+Time of the default preset on a 2-core machine (measured, docs/results/alignment.md): generation of
+1,024 samples ≈ 0.5 min, training 250 steps of 16 ≈ 3.3 min, eval on 200 prompts ≈ 0.3 min, start-ups
 included. Each stage resumes: running the command again skips finished work (the store's
 committed shards, the trainer's checkpoints).
 """

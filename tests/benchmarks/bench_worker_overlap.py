@@ -87,7 +87,8 @@ def _old_worker_cls():
 
 def worker_rate(cls, teacher: SleepTeacher, manifest: str, tmp: Path, shard_size: int, batch: int,
                 images: int, encode_threads: int) -> float:
-    """Images/s of ``images // shard_size`` shards, two in flight, from the first batch to the last commit."""
+    """Committed images/s of ``images // shard_size`` shards, two in flight, from the first batch to the last
+    commit."""
     from twostep.pipeline.worker import WorkerConfig
 
     store = tmp / f"store-{time.time_ns()}"
@@ -96,7 +97,7 @@ def worker_rate(cls, teacher: SleepTeacher, manifest: str, tmp: Path, shard_size
                  teacher=teacher)
     shards = list(range(images // shard_size))
     worker.rows(0)  # open the manifest outside the timing
-    lock, todo = threading.Lock(), iter(shards)
+    lock, todo, committed = threading.Lock(), iter(shards), []
 
     def slot():
         while True:
@@ -104,7 +105,7 @@ def worker_rate(cls, teacher: SleepTeacher, manifest: str, tmp: Path, shard_size
                 shard = next(todo, None)
             if shard is None:
                 return
-            worker.run(shard, "bench")
+            committed.append(worker.run(shard, "bench")["samples"])
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=slot) for _ in range(2)]
@@ -112,7 +113,10 @@ def worker_rate(cls, teacher: SleepTeacher, manifest: str, tmp: Path, shard_size
         t.start()
     for t in threads:
         t.join()
-    return len(shards) * shard_size / (time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    if sum(committed) != len(shards) * shard_size:
+        raise RuntimeError(f"committed {sum(committed)} samples, expected {len(shards) * shard_size}")
+    return sum(committed) / seconds
 
 
 def encode_rate(teacher: SleepTeacher, manifest: str, tmp: Path, n: int, encode_threads: int) -> float:
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         manifest = str(tmp / "m.parquet")
-        build_toy_manifest(args.images, manifest)
+        build_toy_manifest(max(args.images, 16 * args.batch), manifest)  # rows for the largest shard
         teacher_alone = args.batch / args.sleep
         enc = statistics.median(encode_rate(teacher, manifest, tmp, 16, threads) for _ in range(args.repeats))
         enc1 = statistics.median(encode_rate(teacher, manifest, tmp, 16, 1) for _ in range(args.repeats))
