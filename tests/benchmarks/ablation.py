@@ -30,12 +30,11 @@ import argparse
 import json
 import logging
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from toyruns import reference_row, run_one, summarise, table
+from toyruns import reference_row, run_one, summarise, t_interval, table
 
 # name: (config, overrides); "{r}" and "{r2}" are the LoRA rank and twice it
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -70,10 +69,6 @@ QUESTIONS = {
 }
 
 
-# two-sided 95% quantiles of Student's t, by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
 METRICS = {  # name in the tables: how to read it from a run's eval metrics
     "gap_closed": lambda m: m["gap_closed"],
     "all_named_right": lambda m: m["student2"]["accuracy"]["all"],
@@ -98,8 +93,7 @@ def differences(results: dict[str, list[dict]], key: str = "gap_closed") -> str:
         d = [get(m) - full[m["run"]["seed"]] for m in ms if m["run"]["seed"] in full]
         if not d:
             continue
-        mean = statistics.mean(d)
-        hw = T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("inf")
+        mean, hw = t_interval(d)
         verdict = "yes" if abs(mean) > hw else "no"
         lines.append(f"| {v} | {QUESTIONS.get(v, '')} | {mean:+.3f} ± {hw:.3f} | {len(d)} | {verdict} |")
     return "\n".join(lines)

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from toyruns import run_one
+from toyruns import run_one, t_interval
 
 # The pre-registration (docs/results/preregistration.md): arms, seeds, eval seed, references.
 # arm: (config, overrides, training steps: None = the config's own length)
@@ -39,7 +39,6 @@ ARMS: dict[str, tuple[str, list[str], int | None]] = {
 SEEDS = [7101, 7102, 7103, 7104, 7105]
 EVAL_SEED = 20261206
 REFERENCES = 2
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def record(m: dict) -> dict:
@@ -59,12 +58,6 @@ def record(m: dict) -> dict:
                          "omitted_tv": m["teacher8"]["omitted_tv"]["mean"],
                          "all_named_right": m["teacher8"]["accuracy"]["all"], "recall": m["teacher8"]["recall"]},
             "diagnostics": m["run"]["diagnostics"]}
-
-
-def interval(d: list[float]) -> tuple[float, float]:
-    """Mean of paired differences and the half-width of its 95% t interval."""
-    mean = statistics.mean(d)
-    return mean, (T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("inf"))
 
 
 def report(recs: dict[str, list[dict]]) -> str:
@@ -91,7 +84,7 @@ def report(recs: dict[str, list[dict]]) -> str:
         for key in ("gap_closed_mean", "omitted_tv", "all_named_right", "recall"):
             if len(pairs) < 2:
                 break
-            mean, hw = interval([a[key] - b[key] for a, b in pairs])
+            mean, hw = t_interval([a[key] - b[key] for a, b in pairs])
             rows.append(f"| {key.replace('_', ' ')} | {mean:+.4f} ± {hw:.4f} | {len(pairs)} | "
                         f"{'yes' if abs(mean) > hw else 'no'} |")
         out.append("\n".join(rows))

@@ -69,6 +69,16 @@ def run_one(name: str, config: str, overrides: list[str], seed: int, store: str,
     return metrics
 
 
+# Two-sided 95% t quantiles by degrees of freedom.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def t_interval(d: list[float]) -> tuple[float, float]:
+    """Mean of paired differences and the half-width of its 95% t interval (infinite for one pair)."""
+    mean = statistics.mean(d)
+    return mean, (T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("inf"))
+
+
 def spread(xs: list[float]) -> dict:
     return {"mean": round(statistics.mean(xs), 4), "sd": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0,
             "min": round(min(xs), 4), "max": round(max(xs), 4), "n": len(xs)}
