@@ -208,7 +208,7 @@ def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, l
                     real_feats = disc.features(L.renoise(latent, sigma, eps), sigma, caps)
                 terms["feature_matching"] = lc.feature_matching_weight * L.feature_matching(real_feats, feats)
         if _step1_adv(cfg):
-            x1, s1 = _step1_fake_input(cfg, x_mid, x0_1, g)
+            x1, s1, _ = _step1_fake_input(cfg, x_mid, x0_1, g)
             terms["step1_adv"] = lc.step1_adv_weight * ramp * L.g_loss(red(disc(x1, s1, caps)), lc.gan_loss)
     if not terms:
         raise ValueError("no student loss is enabled (all weights are 0 and step1_loss is none)")
@@ -264,13 +264,23 @@ def _step1_adv(cfg: TrainConfig) -> bool:
 
 
 def _step1_fake_input(cfg: TrainConfig, x_mid: torch.Tensor, x0_1: torch.Tensor, g: torch.Generator
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step-1 adversarial term's fake input and its noise levels: the step-1 state at σ_mid, or
-    (``loss.step1_adv_on: x0``) step 1's x̂0₁ re-noised like the final output."""
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The step-1 adversarial term's fake input, its noise levels and the re-noising noise: the step-1
+    state at σ_mid (no noise drawn), or (``loss.step1_adv_on: x0``) step 1's x̂0₁ re-noised like the
+    final output."""
     if cfg.loss.step1_adv_on == "mid":
-        return x_mid, torch.full((len(x_mid),), cfg.model.sigma_mid, device=x_mid.device)
+        return x_mid, torch.full((len(x_mid),), cfg.model.sigma_mid, device=x_mid.device), None
     sigma, eps = _renoise_draw(cfg.loss, len(x0_1), x0_1.shape, g, x0_1.device)
-    return L.renoise(x0_1, sigma, eps), sigma
+    return L.renoise(x0_1, sigma, eps), sigma, eps
+
+
+def _real_draw(lc, sigma: torch.Tensor, eps: torch.Tensor, real: torch.Tensor, g: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real inputs' noise levels and noise: the fakes' at the same batch positions, or (with
+    ``loss.independent_renoise``) a draw of their own."""
+    if lc.independent_renoise:
+        return _renoise_draw(lc, len(real), real.shape, g, sigma.device)
+    return sigma[:len(real)], eps[:len(real)]
 
 
 def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int,
@@ -300,9 +310,7 @@ def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: in
         terms = []
         if lc.adv_weight > 0:
             sigma, eps = _renoise_draw(lc, len(fake), fake.shape, g, fake.device)
-            s_real, e_real = sigma[:len(real)], eps[:len(real)]
-            if lc.independent_renoise:
-                s_real, e_real = _renoise_draw(lc, len(real), real.shape, g, fake.device)
+            s_real, e_real = _real_draw(lc, sigma, eps, real, g)
             real_in = L.renoise(real, s_real, e_real)
             d_real = p.disc(real_in, s_real, real_caps)
             d_fake = p.disc(L.renoise(fake, sigma, eps), sigma, caps)
@@ -319,15 +327,11 @@ def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: in
                 terms.append(lc.r1_weight * r1)
                 out["loss/r1"] = r1.detach()
         if _step1_adv(cfg):
-            if lc.step1_adv_on == "x0":  # x̂0₁ and the final term's real data, re-noised alike
-                s1, e1 = _renoise_draw(lc, len(fake_x0_1), fake_x0_1.shape, g, fake.device)
-                x1 = L.renoise(fake_x0_1, s1, e1)
-                s_real1, e_real1 = s1[:len(real)], e1[:len(real)]
-                if lc.independent_renoise:
-                    s_real1, e_real1 = _renoise_draw(lc, len(real), real.shape, g, fake.device)
+            x1, s1, e1 = _step1_fake_input(cfg, fake_mid, fake_x0_1, g)
+            if e1 is not None:  # x̂0₁ and the final term's real data, re-noised alike
+                s_real1, e_real1 = _real_draw(lc, s1, e1, real, g)
                 real1 = L.renoise(real, s_real1, e_real1)
             else:
-                x1, s1 = fake_mid, torch.full((len(fake_mid),), cfg.model.sigma_mid, device=fake.device)
                 s_real1 = s1[:len(real)]
                 # the teacher's state at σ_mid, or (external real data) ground truth put at σ_mid with the
                 # step-1 state's own noise
