@@ -4,8 +4,10 @@ Two layouts, chosen by ``export_student`` from whether the student has one param
 
 * **Two transformers** (``transformer`` = step 1, σ=1 → σ_mid; ``transformer_2`` = step 2, σ_mid → 0;
   Wan 2.2's naming). The folder holds ``TwoStepZImagePipeline``'s components, ``boundary_sigma`` in
-  ``model_index.json``, and a copy of ``pipeline_twostep.py`` (imports only torch and diffusers),
-  which ``model_index.json`` names as ``"_class_name": ["pipeline_twostep", "TwoStepZImagePipeline"]``.
+  ``model_index.json``, and copies of ``pipeline_twostep.py`` (imports only torch, diffusers and the
+  file beside it) and ``zimage_batched.py`` (the batched transformer forward; imports only torch).
+  ``model_index.json`` names the first as ``"_class_name": ["pipeline_twostep", "TwoStepZImagePipeline"]``;
+  diffusers copies the second along with it, since the first imports it relatively.
   Load it with one of::
 
       DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)   # no twostep needed
@@ -46,6 +48,7 @@ from typing import Any
 import torch
 
 from .pipeline_twostep import (
+    BATCHED_FILE,
     DEFAULT_BOUNDARY_SIGMA,
     PIPELINE_CLASS,
     PIPELINE_FILE,
@@ -104,14 +107,15 @@ def _model_card(layout: str, info: dict[str, Any]) -> str:
         how = (
             f"Two parameter sets split by noise level (Wan 2.2's convention): `transformer` takes "
             f"σ=1 → {b}, `transformer_2` takes {b} → 0. The pipeline class ships in this folder "
-            f"(`{PIPELINE_FILE}.py`, only torch and diffusers).\n\n"
+            f"(`{PIPELINE_FILE}.py`, and `{BATCHED_FILE}.py` for its batched transformer forward; only "
+            "torch and diffusers).\n\n"
             "## Load and sample\n\n```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
             "pipe = DiffusionPipeline.from_pretrained(\"PATH\", trust_remote_code=True, "
             "dtype=torch.bfloat16).to(\"cuda\")\n"
             "image = pipe(\"a red cube on a blue floor\", "
             "generator=torch.Generator(\"cpu\").manual_seed(0)).images[0]\nimage.save(\"sample.png\")\n```\n\n"
             "`trust_remote_code=True` is needed because the class is not part of diffusers; read "
-            f"`{PIPELINE_FILE}.py` first. With `twostep` installed, "
+            f"`{PIPELINE_FILE}.py` and `{BATCHED_FILE}.py` first. With `twostep` installed, "
             "`twostep.trainer.export.load_student(\"PATH\")` (or "
             "`TwoStepZImagePipeline.from_pretrained`) loads it without that flag, and "
             "`twostep sample --student PATH --prompt \"...\"` writes PNGs.\n"

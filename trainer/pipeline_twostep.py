@@ -1,11 +1,19 @@
 """The 2-step student as a diffusers pipeline: ``TwoStepZImagePipeline`` and the pure ``two_step`` sampler.
 
-Self-contained on purpose: this file imports only torch and diffusers, because ``export_student``
-ships a copy of it inside every exported student folder (``model_index.json`` names it as
-``["pipeline_twostep", "TwoStepZImagePipeline"]``), so people without ``twostep`` installed can load
-the student with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``. With
-``twostep`` installed, ``TwoStepZImagePipeline.from_pretrained(folder)`` loads the same folder with the
-installed class and needs no ``trust_remote_code``.
+Self-contained on purpose: this file imports only torch, diffusers and, relatively, ``zimage_batched``
+(which imports only torch), because ``export_student`` ships a copy of both inside every exported
+student folder (``model_index.json`` names this one as ``["pipeline_twostep", "TwoStepZImagePipeline"]``,
+and diffusers copies relatively imported files along with it), so people without ``twostep``
+installed can load the student with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
+Inside the package, ``.zimage_batched`` is ``twostep.trainer.zimage_batched``, a re-export of the one
+implementation, ``twostep.pipeline.zimage_batched``. With ``twostep`` installed,
+``TwoStepZImagePipeline.from_pretrained(folder)`` loads the same folder with the installed class and
+needs no ``trust_remote_code``.
+
+The transformer runs through ``batched_forward`` (the teacher's path: the same result as the stock
+list-based forward with far fewer kernel launches) whenever ``supports_batched`` allows it, no
+``joint_attention_kwargs`` are given and the model carries no hooks; otherwise through its stock
+forward (see :func:`zimage_velocity`).
 
 Sampling (exactly 2 transformer calls, no guidance, sigmas ``[1, boundary_sigma, 0]``)::
 
@@ -24,6 +32,7 @@ boundary if it were given the sigmas above (``set_timesteps(sigmas=[1, .5])`` is
 ``[1, .75, 0]`` with shift 3). The sigmas are exact and independent of the scheduler's config.
 """
 
+import inspect
 import json
 import os
 import shutil
@@ -34,9 +43,13 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 from diffusers.pipelines.z_image.pipeline_output import ZImagePipelineOutput
 
+from .zimage_batched import batched_forward, supports_batched
+
 PIPELINE_FILE = "pipeline_twostep"
 """Module name of this file inside an exported folder (``<PIPELINE_FILE>.py``)."""
 PIPELINE_CLASS = "TwoStepZImagePipeline"
+BATCHED_FILE = "zimage_batched"
+"""Module name of the batched forward inside an exported folder (``<BATCHED_FILE>.py``), as imported above."""
 DEFAULT_BOUNDARY_SIGMA = 0.75
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
@@ -71,18 +84,34 @@ def two_step(velocity1: Velocity, velocity2: Velocity, noise: torch.Tensor,
     return x0_hat, x_mid, x0
 
 
+def runs_hooks(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s own forward does more than the model: forward (pre-)hooks, or a ``forward``
+    replaced on the instance (accelerate's model offloading, diffusers' group offloading and caches
+    wrap it so). ``batched_forward`` calls the submodules directly and would skip those."""
+    return bool(model._forward_hooks or model._forward_pre_hooks or "forward" in vars(model))
+
+
 def zimage_velocity(model: torch.nn.Module, x: torch.Tensor, sigma: float | torch.Tensor,
-                    caps: list[torch.Tensor], **forward_kwargs: Any) -> torch.Tensor:
+                    caps: list[torch.Tensor], batched: bool = True, **forward_kwargs: Any) -> torch.Tensor:
     """A ``ZImageTransformer2DModel`` on a batch: (B, C, h, w) at noise level σ → fp32 ``v`` (B, C, h, w).
 
     The stock call convention: a list of (C, 1, h, w) latents in the model's dtype, ``t = 1 - σ``
     (0 = noise, 1 = clean) per sample, and a list of (L_i, D) caption features. The output is the raw
     model prediction ``v = x0 - ε`` (not negated).
+
+    With ``batched`` (the default) the call goes through ``batched_forward`` (same result, far fewer
+    kernel launches) when ``supports_batched`` holds for the latent size, no ``forward_kwargs`` are
+    set (``joint_attention_kwargs`` and the like are the stock forward's) and the model runs no
+    hooks (:func:`runs_hooks`); otherwise, and with ``batched=False``, through the stock forward.
     """
     dtype = next(model.parameters()).dtype
     sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])
+    caps = [c.to(dtype) for c in caps]
+    if (batched and all(v is None for v in forward_kwargs.values()) and not runs_hooks(model)
+            and supports_batched(model, x.shape[-2], x.shape[-1])):
+        return batched_forward(model, x.to(dtype), 1.0 - sigma, caps).float()
     xs = list(x.to(dtype).unsqueeze(2).unbind(0))
-    out = model(xs, 1.0 - sigma, [c.to(dtype) for c in caps], return_dict=False, **forward_kwargs)[0]
+    out = model(xs, 1.0 - sigma, caps, return_dict=False, **forward_kwargs)[0]
     return torch.stack([o.float() for o in out]).squeeze(2)
 
 
@@ -130,13 +159,17 @@ class TwoStepZImagePipeline(ZImagePipeline):
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """``DiffusionPipeline.save_pretrained`` plus this file as ``pipeline_twostep.py`` and
-        ``model_index.json`` naming it, so the folder loads without ``twostep`` installed."""
+        """``DiffusionPipeline.save_pretrained`` plus this file as ``pipeline_twostep.py``, the batched
+        forward's file as ``zimage_batched.py`` beside it, and ``model_index.json`` naming the pipeline
+        file, so the folder loads without ``twostep`` installed."""
         if kwargs.get("push_to_hub"):
             raise ValueError("save first, then upload the folder (huggingface_hub.upload_folder): "
                              "the pipeline file is added after diffusers' own save")
         super().save_pretrained(save_directory, **kwargs)
         shutil.copyfile(os.path.abspath(__file__), os.path.join(save_directory, PIPELINE_FILE + ".py"))
+        # The module that defines batched_forward: twostep/pipeline/zimage_batched.py in the package,
+        # the folder's copy when this class was itself loaded from an exported folder.
+        shutil.copyfile(inspect.getsourcefile(batched_forward), os.path.join(save_directory, BATCHED_FILE + ".py"))
         index_path = os.path.join(save_directory, "model_index.json")
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)

@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+from twostep.pipeline import zimage_batched
 from twostep.pipeline.teacher import Teacher, seed_noise
 from twostep.pipeline.zimage import build_pipeline
-from twostep.trainer import sample
+from twostep.trainer import pipeline_twostep, sample
 from twostep.trainer.export import STUDENT_JSON, export_student, load_student, read_student_info
 from twostep.trainer.pipeline_twostep import TwoStepZImagePipeline, two_step, zimage_velocity
 
@@ -65,13 +66,29 @@ def shared_dir(tmp_path_factory, tiny):
 
 
 def velocity(model, caps):
-    return lambda x, sigma: zimage_velocity(model, x, sigma, caps)
+    """The stock per-sample forward (diffusers' list-based call): the reference for the batched path."""
+    return lambda x, sigma: zimage_velocity(model, x, sigma, caps, batched=False)
 
 
 @torch.no_grad()
 def direct(tiny, transformer_2, caps, noise):
-    """``two_step`` with the in-memory transformers: the reference every pipeline is compared with."""
+    """``two_step`` with the in-memory transformers through their stock forward: the reference every
+    pipeline is compared with."""
     return two_step(velocity(tiny.transformer, caps), velocity(transformer_2, caps), noise, 0.75)
+
+
+@pytest.fixture
+def batched_calls(monkeypatch):
+    """Counts the pipeline's calls of ``batched_forward`` (the name ``zimage_velocity`` looks up)."""
+    calls = []
+    real = pipeline_twostep.batched_forward
+
+    def counted(model, *args, **kwargs):
+        calls.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_twostep, "batched_forward", counted)
+    return calls
 
 
 def count_calls(*models):
@@ -143,6 +160,52 @@ def test_pipeline_ignores_the_scheduler_shift_and_seeds_per_image(tiny, transfor
         TwoStepZImagePipeline(**comps, boundary_sigma=1.0)
 
 
+# Captions of 20, 29 and 101 tokens (chat template included): padded to 32, 32 and 128, so the batched
+# forward masks the shorter ones.
+MIXED_PROMPTS = ("a", "a red cube",
+                 "two blue spheres on a green floor beside a tall yellow cone and a small pink torus")
+
+
+@torch.no_grad()
+def test_pipeline_runs_the_batched_forward_with_the_stock_result(tiny, transformer_2, batched_calls):
+    caps = tiny._encode_prompt(list(MIXED_PROMPTS), device="cpu", max_sequence_length=128)
+    assert len({len(c) for c in caps}) == 3
+    noise = torch.stack([seed_noise(s, (16, SIZE // 2, SIZE // 2)) for s in (5, 6, 7)])
+    _, x_mid, x0 = direct(tiny, transformer_2, caps, noise)  # stock forward, one list entry per sample
+    assert batched_calls == []
+    pipe = TwoStepZImagePipeline(**tiny.components, transformer_2=transformer_2)
+    out = pipe(list(MIXED_PROMPTS), latents=noise, output_type="latent").images
+    assert batched_calls == [pipe.transformer, pipe.transformer_2]  # one batched call per step
+    torch.testing.assert_close(out, x0, rtol=1e-5, atol=1e-6)
+    # zimage_velocity itself, at both noise levels: batched against stock.
+    for x, sigma in ((noise, 1.0), (x_mid, 0.75)):
+        torch.testing.assert_close(zimage_velocity(transformer_2, x, sigma, caps),
+                                   zimage_velocity(transformer_2, x, sigma, caps, batched=False),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_pipeline_falls_back_to_the_stock_forward(tiny, transformer_2, caps, noise, batched_calls):
+    pipe = TwoStepZImagePipeline(**tiny.components, transformer_2=transformer_2)
+    # joint_attention_kwargs are the stock forward's (its LoRA scale).
+    out = pipe(list(PROMPTS), latents=noise, output_type="latent", joint_attention_kwargs={"scale": 1.0}).images
+    assert batched_calls == []
+    torch.testing.assert_close(out, direct(tiny, transformer_2, caps, noise)[2], atol=ATOL, rtol=0)
+    # 24 px: 12×12 latents, 36 image tokens, not a multiple of 32.
+    assert not zimage_batched.supports_batched(pipe.transformer, 12, 12)
+    small = torch.stack([seed_noise(s, (16, 12, 12)) for s in (3, 4)])
+    out = pipe(list(PROMPTS), height=24, width=24, latents=small, output_type="latent").images
+    assert batched_calls == []
+    torch.testing.assert_close(out, direct(tiny, transformer_2, caps, small)[2], atol=ATOL, rtol=0)
+    # A model with hooks (here a forward hook; also accelerate's and diffusers' offloading, which
+    # replace its forward) runs its own forward, so the hooks see every call.
+    calls, handles = count_calls(pipe.transformer)
+    pipe(list(PROMPTS), latents=noise, output_type="latent")
+    for h in handles:
+        h.remove()
+    assert calls == [1] and batched_calls == [pipe.transformer_2]
+
+
 def test_two_step_backpropagates_into_both_transformers(tiny, transformer_2, caps, noise):
     t1, t2 = copy.deepcopy(tiny.transformer), copy.deepcopy(transformer_2)
     x0_hat, _, x0 = two_step(velocity(t1, caps), velocity(t2, caps), noise, 0.75)
@@ -174,16 +237,22 @@ LOAD_FROM_FOLDER = textwrap.dedent("""
         plain = str(e)
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
+    module = sys.modules[type(pipe).__module__]
+    batched = []
+    real = module.batched_forward
+    module.batched_forward = lambda model, *a, **k: batched.append(1) or real(model, *a, **k)
+    prompts = json.loads(sys.argv[4])
+    latents = torch.load(latents_path)
+    torch.save(pipe(prompts, latents=latents, output_type="latent").images, out_path + ".pt")
+    batched_calls = len(batched)
     calls = {"transformer": 0, "transformer_2": 0}
     for name in calls:
         getattr(pipe, name).register_forward_hook(
             lambda m, a, o, name=name: calls.__setitem__(name, calls[name] + 1))
-    prompts = json.loads(sys.argv[4])
-    latents = torch.load(latents_path)
-    torch.save(pipe(prompts, latents=latents, output_type="latent").images, out_path + ".pt")
     image = pipe(prompts[0], latents=latents[:1], output_type="np").images
     with open(out_path, "w") as f:
         json.dump({"class": type(pipe).__name__, "module": type(pipe).__module__, "calls": calls,
+                   "batched_calls": batched_calls, "batched_module": real.__module__,
                    "plain": plain, "boundary_sigma": pipe.config.boundary_sigma,
                    "np_shape": list(image.shape),
                    "twostep_imported": sorted(m for m in sys.modules if m.split(".")[0] == "twostep")}, f)
@@ -196,6 +265,7 @@ def test_export_loads_from_its_own_folder_without_twostep(two_dir, tiny, transfo
     assert index["_class_name"] == ["pipeline_twostep", "TwoStepZImagePipeline"]
     assert index["boundary_sigma"] == 0.75
     assert os.path.isfile(os.path.join(two_dir, "pipeline_twostep.py"))
+    assert os.path.isfile(os.path.join(two_dir, "zimage_batched.py"))
     torch.save(noise, tmp_path / "latents.pt")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     script = tmp_path / "load.py"
@@ -209,7 +279,12 @@ def test_export_loads_from_its_own_folder_without_twostep(two_dir, tiny, transfo
     assert got["module"].startswith("diffusers_modules."), got["module"]  # the folder's copy
     assert got["twostep_imported"] == []
     assert "trust_remote_code=True" in got["plain"]  # plain from_pretrained refuses, loudly
-    assert got["calls"] == {"transformer": 2, "transformer_2": 2}  # 1 + 1 per pipeline call, 2 calls
+    # The first call runs the batched forward from the folder's zimage_batched.py, once per step; the
+    # second, with forward hooks on both transformers, their stock forward, once each.
+    assert got["batched_calls"] == 2
+    assert got["batched_module"].startswith("diffusers_modules."), got["batched_module"]
+    assert got["batched_module"].endswith(".zimage_batched"), got["batched_module"]
+    assert got["calls"] == {"transformer": 1, "transformer_2": 1}
     assert got["boundary_sigma"] == 0.75
     assert got["np_shape"] == [1, SIZE, SIZE, 3]
     _, _, x0 = direct(tiny, transformer_2, caps, noise)
@@ -243,6 +318,14 @@ def test_export_files(two_dir, shared_dir, tiny, transformer_2, tmp_path):
             assert any(f.startswith(s + os.sep) and f.endswith(".safetensors") for f in files), s
     readme = open(os.path.join(two_dir, "README.md")).read()
     assert "trust_remote_code=True" in readme and "library_name: diffusers" in readme
+    assert "zimage_batched.py" in readme
+    # The folder carries the one implementation of the batched forward, byte for byte, and so does a
+    # folder saved again from a loaded pipeline.
+    source = open(zimage_batched.__file__, "rb").read()
+    assert open(os.path.join(two_dir, "zimage_batched.py"), "rb").read() == source
+    load_student(two_dir).save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "zimage_batched.py").read_bytes() == source
+    assert (tmp_path / "again" / "pipeline_twostep.py").read_bytes() == open(pipeline_twostep.__file__, "rb").read()
     with pytest.raises(FileExistsError):
         export_student(two_dir, tiny, tiny.transformer, transformer_2)
     with pytest.raises(TypeError):

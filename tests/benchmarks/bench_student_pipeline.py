@@ -1,0 +1,178 @@
+"""Benchmark: the exported 2-step student pipeline against the teacher's own 2-step path (toy teacher).
+
+The student is the toy teacher exported in the two-transformer layout with its own transformer as
+both ``transformer`` and ``transformer_2``, so both paths compute the same 2 steps (σ = 1 → 0.75 → 0)
+on the same prompts and seeds: the exported folder loaded as a user loads it
+(``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``, the folder's own
+``pipeline_twostep.py`` and ``zimage_batched.py``) against ``Teacher.with_sampler(num_steps=2).generate``.
+Each is timed on one batch, latents only (``output_type="latent"`` / ``decode=False``) and decoded to
+images (``output_type="np"`` / ``decode=True``), after a warm-up call, in the order A B B A per repeat
+(A = teacher, B = student); with ``--stock`` the same student forced onto the stock per-sample forward
+(C, the exported pipeline as it was before it used the batched forward) joins as A B C C B A.
+Reported: medians of images/s and the ratio student / teacher, plus the largest latent difference
+between the paths (a check that they compute the same thing).
+
+    python tests/benchmarks/bench_student_pipeline.py [--batch 100] [--repeats 5] [--stock] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def describe_device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def git_state() -> dict:
+    """The commit checked out and the tracked files that differ from it (``git status``)."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True, check=True).stdout.rstrip("\n")
+
+    try:
+        changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
+        return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": [ln[3:] for ln in changed]}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "uncommitted": None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=100, help="images per call, on both paths (default 100)")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="A B B A rounds; each path is timed twice per round (default 5)")
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels (default 64, the toy teacher's)")
+    ap.add_argument("--device", default="cpu", help="torch device (default cpu); the dtype is the teacher's "
+                    "default for it (bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--stock", action="store_true",
+                    help="also time the student on the stock per-sample forward (order A B C C B A)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    ap.add_argument("--json", default=str(HERE / "results_student_pipeline.json"),
+                    help="where to write the results (default tests/benchmarks/results_student_pipeline.json)")
+    args = ap.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-student-"))
+    # The folder's pipeline code is copied here when loaded, not into the user's cache.
+    os.environ["HF_MODULES_CACHE"] = str(tmp / "modules")
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from twostep.pipeline.teacher import Teacher
+    from twostep.prompts.toy import sample_toy_prompts
+    from twostep.trainer.export import export_student
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    teacher = Teacher.load("toy", device=device)
+    naive = teacher.with_sampler(num_steps=2)
+    assert naive.sampler.sigmas == (1.0, 0.75, 0.0), naive.sampler.sigmas
+    folder = export_student(tmp / "student", teacher.pipe, teacher.transformer, teacher.transformer)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True, dtype=teacher.dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    module = sys.modules[type(pipe).__module__]
+    supports_batched = module.supports_batched
+
+    prompts = [r["prompt"] for r in sample_toy_prompts(args.batch, seed=0)]
+    seeds = list(range(args.batch))
+    h = w = args.size
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def run_teacher(decode: bool):
+        return naive.generate(prompts, seeds, h, w, decode=decode)
+
+    def run_student(decode: bool):
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # = seed_noise, per image
+        return pipe(prompts, height=h, width=w, generator=gens, output_type="np" if decode else "latent").images
+
+    def run_student_stock(decode: bool):
+        module.supports_batched = lambda *a, **k: False
+        try:
+            return run_student(decode)
+        finally:
+            module.supports_batched = supports_batched
+
+    def timed(fn, decode: bool) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn(decode)
+        sync()
+        return args.batch / (time.perf_counter() - t0)
+
+    # Same computation on both paths, and the student on the batched forward.
+    ref = run_teacher(False).latent
+    batched = []
+    real = module.batched_forward
+    module.batched_forward = lambda model, *a, **k: batched.append(1) or real(model, *a, **k)
+    got = run_student(False).cpu()
+    module.batched_forward = real
+    max_diff = float((got - ref).abs().max())
+    fns = {"teacher": run_teacher, "student": run_student}
+    if args.stock:
+        fns["student_stock"] = run_student_stock
+        max_diff_stock = float((run_student_stock(False).cpu() - ref).abs().max())
+    for fn in fns.values():  # warm-up of the decode path
+        fn(True)
+
+    order = ["teacher", "student", "student", "teacher"]
+    if args.stock:
+        order = ["teacher", "student", "student_stock", "student_stock", "student", "teacher"]
+    rates: dict[str, dict[str, list[float]]] = {m: {n: [] for n in fns} for m in ("latent", "decoded")}
+    for _ in range(args.repeats):
+        for mode, decode in (("latent", False), ("decoded", True)):
+            for name in order:
+                rates[mode][name].append(round(timed(fns[name], decode), 2))
+
+    figures = {}
+    for mode, r in rates.items():
+        med = {n: statistics.median(v) for n, v in r.items()}
+        figures[mode] = {f"{n}_images_per_s": round(v, 2) for n, v in med.items()}
+        figures[mode]["ratio_student_over_teacher"] = round(med["student"] / med["teacher"], 3)
+        if args.stock:
+            figures[mode]["ratio_student_stock_over_teacher"] = round(med["student_stock"] / med["teacher"], 3)
+        figures[mode]["runs"] = r
+    result = {
+        "benchmark": "exported 2-step student pipeline vs the teacher's 2-step path, toy teacher",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        **git_state(),
+        "device": describe_device(args.device),
+        "torch": torch.__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "dtype": str(teacher.dtype).removeprefix("torch."),
+        "batch": args.batch, "size": args.size, "repeats": args.repeats,
+        "student_pipeline_module": type(pipe).__module__,
+        "student_batched_forward_calls_per_batch": len(batched),
+        "max_abs_latent_diff": max_diff,
+        **({"max_abs_latent_diff_stock": max_diff_stock} if args.stock else {}),
+        "order": " ".join(order),
+        **figures,
+    }
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
