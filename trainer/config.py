@@ -163,9 +163,15 @@ class OptimConfig:
     follows a discriminator that already tells its outputs from the teacher's."""
     ema_decay: float = 0.999
     """EMA of the student's weights (exported and sampled); 0 = no EMA."""
+    adamw: str = "auto"
+    """AdamW implementation: auto (fused on CUDA, torch's default elsewhere) | fused | foreach | loop
+    (one tensor at a time: no foreach temporaries, the least memory and the slowest). The same
+    update up to rounding; docs/scaling.md gives each one's memory."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
+        _check(self.adamw in ("auto", "fused", "foreach", "loop"),
+               f"optim.adamw must be auto, fused, foreach or loop, got {self.adamw!r}")
         _check(self.lr > 0 and self.disc_lr > 0, "optim.lr and optim.disc_lr must be > 0")
         _check(0 <= self.ema_decay < 1, "optim.ema_decay must be in [0, 1)")
         _check(self.g_every >= 1 and self.g_start >= 0, "optim.g_every must be ≥ 1 and optim.g_start ≥ 0")

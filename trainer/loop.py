@@ -28,7 +28,7 @@ from twostep.pipeline.teacher import Teacher
 
 from . import losses as L
 from .checkpoint import EMA, Checkpoints
-from .config import TrainConfig, to_dict, to_yaml
+from .config import OptimConfig, TrainConfig, to_dict, to_yaml
 from .data import ShardStream, StreamLoader, read_heldout, resolve_shards
 from .discriminator import Discriminator
 from .report import MetricsLog, plot_run
@@ -72,6 +72,16 @@ def _code_version() -> str:
     return f"twostep {__version__}" + (f" ({rev})" if rev else "")
 
 
+def adamw(params: list[torch.nn.Parameter], optim: OptimConfig, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW in the implementation ``optim.adamw`` names (``auto``: fused on CUDA, where it also
+    saves the foreach temporaries; torch's default elsewhere, so CPU runs stay bit-identical)."""
+    impl = optim.adamw
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else None
+    kind = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}, None: {}}[impl]
+    return torch.optim.AdamW(params, lr=lr, betas=optim.betas, weight_decay=optim.weight_decay, **kind)
+
+
 def setup(cfg: TrainConfig, run_dir: str | Path) -> Parts:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType
@@ -110,10 +120,8 @@ def setup(cfg: TrainConfig, run_dir: str | Path) -> Parts:
                          ).to(accelerator.device)
     if m.disc_frozen:  # eval mode: the spectral norms' power iterations do not move either
         disc.eval()
-    opt_g = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                              betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.optim.disc_lr, betas=cfg.optim.betas,
-                              weight_decay=cfg.optim.weight_decay)
+    opt_g = adamw([p for p in student.parameters() if p.requires_grad], cfg.optim, cfg.optim.lr, accelerator.device)
+    opt_d = adamw(list(disc.parameters()), cfg.optim, cfg.optim.disc_lr, accelerator.device)
     student, disc, opt_g, opt_d = accelerator.prepare(student, disc, opt_g, opt_d)
     ema = EMA(accelerator.unwrap_model(student), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     external = None

@@ -2,24 +2,29 @@
 worker's time goes, and candidate faster paths, at full Z-Image-Turbo size (docs/gpu.md).
 
 Builds the Z-Image-Turbo architecture with random bf16 weights on the GPU (6.15B transformer,
-Qwen3-4B text encoder, FLUX VAE), then, section by section (the results file is rewritten after
-each one, so a run cut off by its time limit keeps what it measured):
+Qwen3-4B text encoder, FLUX VAE; the pad tokens given values), then, section by section in the
+order of their value (the results file is rewritten after each one, a section starts only while
+the deadline leaves it time, and a failed one is recorded while the others go on):
 
 1. ``outputs``: one batch through the plain pipeline and through the teacher path the worker runs
    (``Teacher.generate``); transformer calls counted on both (8 each) and final latents compared
    within a stated tolerance (bf16: relative RMS ≤ ``--tol``).
-2. ``main``: A B A B on the same rows and batch size: the plain loop (``pipe(...)``, PIL images
-   dropped) against ``ShardWorker`` committing WebP + latents + ``mid`` shards, two shards in flight
-   as in the Ray actor. Images/s to the last commit and to the end of the last GPU batch (the
-   difference is the unoverlapped tail of the measurement).
-3. ``profile``: one plain batch and one worker shard under ``torch.profiler``: top operators side
-   by side, host-device syncs, GPU idle time, CPU time per worker stage (gpu_profile.py).
-4. ``transformer``: one transformer call at the batch size, per variant: the batched forward (the
+2. ``main``: the plain loop (``pipe(...)``, PIL images dropped) against ``ShardWorker`` committing
+   WebP + latents + ``mid`` shards of at least 2 batches, two shards in flight as in the Ray actor,
+   and two worker variants that isolate the encoding: images off (``image_format: none``), and the
+   worker as it was before the teacher was released early (the teacher held until the shard's
+   encodes, tar and commit are done, one encode thread). Palindromic order (A B C D D C B A) on
+   fresh rows each time. Images/s to the last commit and to the end of the last GPU batch.
+3. ``transformer``: one transformer call at the batch size, per variant: the batched forward (the
    worker's), the stock forward (the plain loop's), without the caption mask, and under each
    SDPA backend; seconds per call, TFLOP/s, fraction of the bf16 peak, output difference.
-5. ``sweep``: transformer calls at other batch sizes, and the images/s they predict.
-6. ``fastest``: ``Teacher.generate`` end to end, default and with the fastest exact SDPA backend.
-7. ``compile``: regional ``torch.compile`` of the transformer blocks: compile seconds, calls and
+4. ``fastest``: ``Teacher.generate`` end to end, default and with the fastest exact SDPA backend.
+5. ``student``: the exported 2-step student pipeline (``TwoStepZImagePipeline``, 2 transformer
+   calls) against the plain 8-step loop, end to end to PIL images, A B B A; goal ≥ 3.8×.
+6. ``sweep``: transformer calls at other batch sizes, and the images/s they predict.
+7. ``profile``: one plain batch and one worker shard under ``torch.profiler``: top operators side
+   by side, host-device syncs, GPU idle time, CPU time per worker stage (gpu_profile.py).
+8. ``compile``: regional ``torch.compile`` of the transformer blocks: compile seconds, calls and
    end to end after it, the images it takes to pay the compile back, output difference.
 
     python tests/benchmarks/bench_generate_gpu.py --out results_generate_gpu.json
@@ -30,9 +35,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import statistics
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,13 +51,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = {  # every value is also a flag; --tiny swaps the whole set
-    "full": dict(arch="full", device="cuda", size=1024, batch=4, images=12, repeats=2, reps=3,
+    "full": dict(arch="full", device="cuda", size=1024, batch=4, images=16, repeats=1, reps=3,
                  sweep="8,16", sdpa="cudnn,flash,efficient", e2e_images=8, compile_backend="inductor",
                  compile_need_s=100, tol=0.02, matmul_n=8192),
-    "tiny": dict(arch="tiny", device="cpu", size=64, batch=2, images=4, repeats=1, reps=1,
+    "tiny": dict(arch="tiny", device="cpu", size=64, batch=2, images=8, repeats=1, reps=1,
                  sweep="4", sdpa="flash,cudnn", e2e_images=4, compile_backend="eager",
                  compile_need_s=0, tol=1e-4, matmul_n=256),
 }
+WORKER_VARIANTS = ("worker", "worker_images_off", "worker_held")
 SDPA = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 
 
@@ -111,6 +119,24 @@ def generate_rate(teacher, prompts: list[str], seeds: list[int], batch: int, siz
     return {"images_per_s": round(batch * len(timed) / sum(timed), 4), "batch_s": [round(t, 3) for t in times]}, first
 
 
+def held_worker(cfg, teacher):
+    """The worker as it was before the teacher was released early: one shard at a time from its
+    first batch to its commit (the actor's other shard waits for the encodes, tar and upload), one
+    encode thread. The comparison that shows what the early release and the pool are worth."""
+    from twostep.pipeline.worker import ShardWorker
+
+    class HeldWorker(ShardWorker):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self._held = threading.Lock()
+
+        def run(self, shard: int, fingerprint: str) -> dict:
+            with self._held:
+                return super().run(shard, fingerprint)
+
+    return HeldWorker(dataclasses.replace(cfg, encode_threads=1), teacher=teacher)
+
+
 def setup(args) -> SimpleNamespace:
     from twostep.pipeline.teacher import Teacher
     from twostep.pipeline.worker import ShardWorker, WorkerConfig
@@ -124,24 +150,40 @@ def setup(args) -> SimpleNamespace:
     build_s = time.perf_counter() - t0
     tmp = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     shard = args.images // args.shards
-    rows = args.images * (args.repeats + 1) + shard  # a warm-up shard, then fresh rows for every round
+    order = main_order(args.repeats)
+    # a warm-up shard, fresh rows for every measurement of main, then one shard for the profile
+    first_free = 1 + args.shards * len(order)
+    rows = (first_free + 1) * shard
     path, prompts, seeds = gc.manifest(tmp / "manifest.parquet", max(rows, args.e2e_images, max(args.sweep)), args.size)
     teacher = Teacher(pipe, name=f"random-zimage-{args.arch}", device=device)
-    worker = ShardWorker(WorkerConfig(store_url=str(tmp / "store"), manifest=path, teacher="-", shard_size=shard,
-                                      batch_size=args.batch, image_format="webp", save=("mid",)), teacher=teacher)
+
+    def worker_cfg(name: str, image_format: str) -> WorkerConfig:
+        return WorkerConfig(store_url=str(tmp / name), manifest=path, teacher="-", shard_size=shard,
+                            batch_size=args.batch, image_format=image_format, save=("mid",))
+
+    workers = {"worker": ShardWorker(worker_cfg("worker", "webp"), teacher=teacher),
+               "worker_images_off": ShardWorker(worker_cfg("worker_images_off", "none"), teacher=teacher),
+               "worker_held": held_worker(worker_cfg("worker_held", "webp"), teacher)}
     t = cfg["transformer"]
     res.data.update({
         "arch": args.arch, "transformer": {k: t[k] for k in ("dim", "n_layers", "n_heads", "n_refiner_layers")},
         "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()), "dtype": str(dtype)[6:],
         "size": args.size, "batch": args.batch, "images_per_measurement": args.images, "shards": args.shards,
-        "repeats": args.repeats, "build_s": round(build_s, 1), "tolerance_rel_rms": args.tol,
+        "batches_per_shard": shard // args.batch, "repeats": args.repeats, "main_order": order, "build_s": round(build_s, 1), "tolerance_rel_rms": args.tol,
         "matmul_tflops": gc.matmul_tflops(device, args.matmul_n, dtype), "peak_tflops": gc.PEAK_BF16_TFLOPS,
     })
     print(f"built {args.arch} Z-Image in {build_s:.1f}s ({res.data['transformer_params'] / 1e9:.2f}B transformer)",
           flush=True)
-    return SimpleNamespace(args=args, res=res, pipe=pipe, teacher=teacher, worker=worker, device=device, cfg=cfg,
-                           prompts=prompts, seeds=seeds, shard=shard, calls=gc.count_calls(pipe.transformer),
-                           deadline=None if args.budget_s is None else time.monotonic() + args.budget_s, tmp=tmp)
+    return SimpleNamespace(args=args, res=res, pipe=pipe, teacher=teacher, workers=workers, worker=workers["worker"],
+                           device=device, cfg=cfg, prompts=prompts, seeds=seeds, shard=shard, next_shard=first_free,
+                           calls=gc.count_calls(pipe.transformer), deadline=gc.deadline(args.budget_s, args.deadline_at),
+                           tmp=tmp)
+
+
+def main_order(repeats: int) -> list[str]:
+    """The measurements of ``main``: A B C D D C B A, ``repeats`` times (drifts cancel in pairs)."""
+    names = ["bare", *WORKER_VARIANTS]
+    return (names + names[::-1]) * repeats
 
 
 def section_outputs(c: SimpleNamespace) -> None:
@@ -164,7 +206,8 @@ def section_outputs(c: SimpleNamespace) -> None:
 
 
 def section_main(c: SimpleNamespace) -> None:
-    """A B A B, plain loop then worker on the same rows, after one warm-up batch each."""
+    """The plain loop and the worker variants in palindromic order on fresh rows each time, after
+    one warm-up batch of the loop and one warm-up shard of the worker."""
     a, n = c.args, c.args.images
     gpu_ends: list[float] = []
     real = c.teacher.generate
@@ -175,30 +218,42 @@ def section_main(c: SimpleNamespace) -> None:
         return out
 
     c.teacher.generate = timed_generate
+    runs: dict[str, list] = {k: [] for k in ("bare", *WORKER_VARIANTS)}
+    calls: dict[str, float] = {}
     try:
         bare_loop(c.pipe, c.prompts[:a.batch], c.seeds[:a.batch], a.batch, a.size)
         worker_round(c.worker, [0], gpu_ends)
-        bare, work, shard_no = [], [], 1
-        for r in range(a.repeats):
+        shard_no = 1
+        for name in main_order(a.repeats):
             lo = shard_no * c.shard
-            bare.append(bare_loop(c.pipe, c.prompts[lo:lo + n], c.seeds[lo:lo + n], a.batch, a.size))
-            c.calls[0] = 0
-            work.append(worker_round(c.worker, list(range(shard_no, shard_no + a.shards)), gpu_ends))
-            worker_calls = c.calls[0] / (n // a.batch)
+            if name == "bare":
+                runs[name].append(bare_loop(c.pipe, c.prompts[lo:lo + n], c.seeds[lo:lo + n], a.batch, a.size))
+                print(f"bare: {runs[name][-1]:.3f} img/s", flush=True)
+            else:
+                c.calls[0] = 0
+                r = worker_round(c.workers[name], list(range(shard_no, shard_no + a.shards)), gpu_ends)
+                calls[name] = c.calls[0] / (n // a.batch)
+                runs[name].append(r)
+                print(f"{name}: {r['images_per_s']:.3f} img/s ({r['images_per_s_to_gpu_end']:.3f} to the last GPU batch)",
+                      flush=True)
             shard_no += a.shards
-            print(f"round {r}: bare {bare[-1]:.3f} img/s, worker {work[-1]['images_per_s']:.3f} img/s "
-                  f"({work[-1]['images_per_s_to_gpu_end']:.3f} to the last GPU batch)", flush=True)
     finally:
         del c.teacher.generate
-    mb, mw = statistics.median(bare), statistics.median(w["images_per_s"] for w in work)
-    mg = statistics.median(w["images_per_s_to_gpu_end"] for w in work)
-    c.res.data["transformer_calls_per_image"]["worker"] = worker_calls
+    mb = statistics.median(runs["bare"])
+    med = {k: statistics.median(w["images_per_s"] for w in runs[k]) for k in WORKER_VARIANTS}
+    mw = med["worker"]
+    mg = statistics.median(w["images_per_s_to_gpu_end"] for w in runs["worker"])
+    c.res.data.setdefault("transformer_calls_per_image", {})["worker"] = calls["worker"]
     c.res.data.update({"median_bare": round(mb, 4), "median_worker": round(mw, 4),
-                       "ratio_worker_over_bare": round(mw / mb, 4), "seconds_per_image_worker": round(1 / mw, 4)})
-    c.res.section("main", {"bare_images_per_s": [round(x, 4) for x in bare],
-                           "worker": [{k: round(v, 4) for k, v in w.items()} for w in work],
+                       "ratio_worker_over_bare": round(mw / mb, 4), "seconds_per_image_worker": round(1 / mw, 4),
+                       "worker_variants": {k: {"median_images_per_s": round(v, 4), "ratio_over_bare": round(v / mb, 4)}
+                                           for k, v in med.items()}})
+    c.res.section("main", {"bare_images_per_s": [round(x, 4) for x in runs["bare"]],
+                           "worker": [{k: round(v, 4) for k, v in w.items()} for w in runs["worker"]],
+                           "variants": {k: [{x: round(v, 4) for x, v in w.items()} for w in runs[k]]
+                                        for k in WORKER_VARIANTS[1:]},
+                           "transformer_calls_per_batch": calls,
                            "median_worker_to_gpu_end": round(mg, 4), "ratio_to_gpu_end_over_bare": round(mg / mb, 4)})
-    c.next_shard = shard_no
 
 
 def section_profile(c: SimpleNamespace) -> None:
@@ -398,6 +453,46 @@ def section_compile(c: SimpleNamespace) -> None:
     c.res.section("compile", out)
 
 
+def section_student(c: SimpleNamespace) -> None:
+    """The exported 2-step student pipeline against the plain 8-step loop, end to end to PIL
+    images on the same rows, A B B A. The student is the teacher's transformer in
+    ``TwoStepZImagePipeline`` (both steps): random weights, so only the speed means anything."""
+    from twostep.trainer.pipeline_twostep import TwoStepZImagePipeline
+
+    a, b = c.args, c.args.batch
+    p = c.pipe
+    student = TwoStepZImagePipeline(scheduler=p.scheduler, vae=p.vae, text_encoder=p.text_encoder,
+                                    tokenizer=p.tokenizer, transformer=p.transformer)
+    student.set_progress_bar_config(disable=True)
+    prompts, seeds = c.prompts[:a.e2e_images], c.seeds[:a.e2e_images]
+
+    def student_loop() -> float:
+        gc.sync()
+        t0 = time.perf_counter()
+        for i in range(0, len(prompts), b):
+            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + b]]
+            student(prompt=prompts[i:i + b], height=a.size, width=a.size, generator=gens, output_type="pil")
+        gc.sync()
+        return len(prompts) / (time.perf_counter() - t0)
+
+    c.calls[0] = 0
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[:b]]
+    student(prompt=prompts[:b], height=a.size, width=a.size, generator=gens, output_type="pil")  # warm-up
+    calls = c.calls[0]
+    teacher, two = [], []
+    for name in ("teacher8", "student", "student", "teacher8"):
+        if name == "student":
+            two.append(student_loop())
+        else:
+            teacher.append(bare_loop(c.pipe, prompts, seeds, b, a.size))
+        print(f"{name}: {(two if name == 'student' else teacher)[-1]:.3f} img/s", flush=True)
+    ratio = statistics.median(two) / statistics.median(teacher)
+    c.res.data["student_over_teacher8"] = round(ratio, 4)
+    c.res.section("student", {"transformer_calls_per_batch": calls, "student_images_per_s": [round(x, 4) for x in two],
+                              "teacher8_images_per_s": [round(x, 4) for x in teacher], "ratio": round(ratio, 4),
+                              "goal": 3.8, "images": a.e2e_images})
+
+
 def summary(c: SimpleNamespace) -> None:
     """Top-level figures (``median_worker`` is what ``infra/capacity.py --bench`` reads)."""
     d = c.res.data
@@ -430,10 +525,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", help="cuda (default) or cpu")
     ap.add_argument("--size", type=int, help="image side in pixels (full: 1024)")
     ap.add_argument("--batch", type=int, help="images per teacher call, both paths (full: 4)")
-    ap.add_argument("--images", type=int, help="images per A/B measurement (full: 12)")
+    ap.add_argument("--images", type=int, help="images per measurement of main (full: 16)")
     ap.add_argument("--shards", type=int,
-                    help="worker shards per measurement, two in flight (default: one batch per shard, at least 2)")
-    ap.add_argument("--repeats", type=int, help="A B rounds (full: 2)")
+                    help="worker shards per measurement, two in flight (default: 2 batches per shard, at least 2 shards)")
+    ap.add_argument("--repeats", type=int, help="palindromes A B C D D C B A of main (full: 1)")
     ap.add_argument("--reps", type=int, help="timed transformer calls per variant (full: 3)")
     ap.add_argument("--sweep", help="batch sizes of the transformer sweep, comma-separated (full: 4,8,16)")
     ap.add_argument("--sdpa", help="SDPA backends to try: flash, cudnn, efficient, math (full: cudnn,flash,efficient)")
@@ -444,14 +539,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="compile starts only with this many seconds of --budget-s left (full: 100)")
     ap.add_argument("--tol", type=float, help="max relative RMS difference of final latents (bf16: 0.02)")
     ap.add_argument("--matmul-n", type=int, help="side of the matmul that measures the achievable TFLOP/s")
-    ap.add_argument("--skip", default="", help="sections to skip, comma-separated: main,profile,transformer,fastest,compile,sweep")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="optional sections start only while this many seconds from the start remain")
+    ap.add_argument("--skip", default="",
+                    help="sections to skip, comma-separated: outputs,main,transformer,fastest,student,sweep,profile,compile")
+    gc.add_deadline_flags(ap)
     ap.add_argument("--out", default=None, help="results JSON (rewritten after each section)")
     args = ap.parse_args(argv)
     gc.apply_preset(args, PRESETS)
     if args.shards is None:
-        args.shards = max(2, args.images // args.batch)
+        args.shards = max(2, args.images // (2 * args.batch))
     args.sweep = [int(x) for x in str(args.sweep).split(",") if x]
     args.sdpa = [x for x in str(args.sdpa).split(",") if x]
     bad = [x for x in args.sdpa if x not in SDPA]
@@ -463,20 +558,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# name, function, seconds of deadline it needs to start (compile checks its own), sections it needs
+SECTIONS = (("outputs", section_outputs, 0, ()), ("main", section_main, 60, ()),
+            ("transformer", section_transformer, 30, ()), ("fastest", section_fastest, 30, ("outputs", "transformer")),
+            ("student", section_student, 40, ()), ("sweep", section_sweep, 40, ("outputs", "transformer")),
+            ("profile", section_profile, 40, ()), ("compile", section_compile, 0, ("outputs", "transformer")))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     c = setup(args)
-    section_outputs(c)
-    if "main" in args.skip:
-        c.res.data.setdefault("skipped", []).append("main")
-        c.next_shard = 1
-    else:
-        section_main(c)
-    for name, fn in (("profile", section_profile), ("transformer", section_transformer), ("fastest", section_fastest),
-                     ("compile", section_compile), ("sweep", section_sweep)):
-        needs_transformer = name in ("fastest", "compile", "sweep")
-        if name in args.skip or (needs_transformer and "transformer" not in c.res.data):
+    c.res.data["sections_planned"] = [x[0] for x in SECTIONS]
+    for name, fn, need, needs in SECTIONS:
+        missing = [x for x in needs if x not in c.res.data["sections_done"]]
+        if name in args.skip or missing:
             c.res.data.setdefault("skipped", []).append(name)
+            continue
+        if not gc.budget_left(c.deadline, need):
+            c.res.data.setdefault("skipped_for_time", []).append(name)
             continue
         try:
             fn(c)

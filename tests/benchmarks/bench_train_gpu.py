@@ -3,18 +3,27 @@
 
 1. ``sweep``: the shipped Z-Image-Turbo student config (``zimage_turbo_8gpu``: two full-parameter
    students, AdamW, EMA, discriminator heads on the frozen teacher, bf16, gradient checkpointing)
-   at full width (dim 3840, 30 heads) and reduced depth (``--depths``, default 2 and 4 of 30
-   blocks), 1024² (128×128 latents), batch 1, 2 and 4 on one GPU. The real ``setup`` /
+   at full width (dim 3840, 30 heads) and reduced depth (``--depths``: 1 and 2 of 30 blocks on a
+   card under 100 GiB, 2 and 4 on a larger one), 1024² (128×128 latents), batch 1, 2 and 4 on one
+   GPU, smallest points first (batch by batch, depth by depth), so a point that runs out of memory
+   or time ends the sweep with the smaller points measured. The real ``setup`` /
    ``generator_step`` / ``discriminator_step`` / EMA update of ``twostep.trainer.loop`` run on a
    store the real ``ShardWorker`` wrote with the same random teacher. Per point: seconds per step,
    peak memory, and the model state left between steps.
 2. ``slope``: per-layer slopes of those figures and their extrapolation to 30 layers; an 8-GPU
    FSDP estimate from them (sharded student state + replicated teacher and text encoder +
    measured activations) and the training throughput of one 8-GPU node.
-3. ``lora``: one full-depth LoRA (rank 64, ``zimage_turbo_lora``) step: time and peak memory.
-4. ``fsdp``: ``accelerate launch`` with the 8-GPU FSDP config as one process, on a small model:
+3. ``fsdp``: ``accelerate launch`` with the 8-GPU FSDP config as one process, on a small model:
    two steps, a checkpoint, a resume to four steps, an export, and the exported student loaded
-   and sampled.
+   and sampled. The launch runs from a temporary folder with ``PYTHONSAFEPATH=1``: ``-m`` would
+   otherwise put the current folder first on ``sys.path``, and a repository root's partial
+   ``twostep/`` folder would shadow the installed package.
+4. ``lora``: one full-depth LoRA (rank 64, ``zimage_turbo_lora``) step: time and peak memory.
+5. ``adamw``: the smallest sweep point once per AdamW implementation (``optim.adamw``: fused,
+   foreach, loop): step time and peak memory of each.
+
+Every section starts only while the deadline (``--budget-s`` or ``--deadline-at``) leaves it time,
+and one that fails is recorded in ``errors`` while the others go on.
 
     python tests/benchmarks/bench_train_gpu.py --out results_train_gpu.json
     python tests/benchmarks/bench_train_gpu.py --tiny --out /tmp/train.json       # CPU smoke run
@@ -25,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc as pygc
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -39,13 +49,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 FULL_DEPTH = 30
 PRESETS = {  # every value is also a flag; --tiny swaps the whole set
-    "full": dict(arch="full", device="cuda", size=1024, depths="2,4", batches="1,2,4", steps=3, warmup=1,
+    "full": dict(arch="full", device="cuda", size=1024, depths=None, batches="1,2,4", steps=3, warmup=1,
                  lora_rank=64, lora_layers=FULL_DEPTH, lora_batch=1, fsdp_dim=256, fsdp_heads=4, fsdp_layers=4,
-                 fsdp_size=128, fsdp_launcher="accelerate"),
+                 fsdp_size=128, fsdp_launcher="accelerate", fsdp_need_s=60, adamw="fused,foreach,loop"),
     "tiny": dict(arch="tiny", device="cpu", size=64, depths="1,2", batches="1,2", steps=1, warmup=1,
                  lora_rank=4, lora_layers=2, lora_batch=1, fsdp_dim=64, fsdp_heads=2, fsdp_layers=2,
-                 fsdp_size=64, fsdp_launcher="inprocess"),
+                 fsdp_size=64, fsdp_launcher="inprocess", fsdp_need_s=0, adamw="fused,foreach,loop"),
 }
+# Two fp32 students with AdamW, EMA and gradients are about 7 GiB per full-width layer (docs/scaling.md):
+# depth 4 with its activations does not fit an 80 GB card, depth 2 does.
+DEPTHS_BY_MEMORY = ((100.0, "1,2"), (float("inf"), "2,4"))
 GIB = 2**30
 
 
@@ -135,25 +148,63 @@ def ensure_store(c: SimpleNamespace, teacher) -> None:
         c.store = make_store(teacher, c.tmp, max(8, 2 * max(c.args.batches), 2 * c.args.lora_batch), c.args.size)
 
 
+def teacher_at(c: SimpleNamespace, layers: int):
+    """The teacher with ``layers`` blocks, rebuilt only when the depth changes."""
+    if getattr(c, "teacher_layers", None) != layers:
+        c.teacher = None  # the old transformer is freed before the new one is built
+        c.teacher, c.teacher_layers = with_depth(c, layers), layers
+    return c.teacher
+
+
 def section_sweep(c: SimpleNamespace) -> None:
-    a, rows = c.args, []
-    for layers in a.depths:
-        teacher = with_depth(c, layers)
-        ensure_store(c, teacher)
-        for b in a.batches:
-            if not gc.budget_left(c.deadline, 20):
-                rows.append({"layers": layers, "batch": b, "skipped": "time budget"})
+    """Smallest points first: batch by batch, each at every depth (the slope needs two depths at one
+    batch). A point that fails (out of memory) ends that batch and every larger one."""
+    a, rows, failed = c.args, [], False
+    for b in a.batches:
+        for layers in a.depths:
+            if failed or not gc.budget_left(c.deadline, 20):
+                rows.append({"layers": layers, "batch": b, "skipped": "an earlier point failed" if failed else "time budget"})
                 continue
+            teacher = teacher_at(c, layers)
+            ensure_store(c, teacher)
             over = [f"data.data={c.store}", f"data.batch_size={b}", *c.mp, *fit_disc_layers(a.config, layers)]
             try:
                 r = measure(teacher, a.config, over, a.warmup, a.steps)
-            except Exception as e:  # out of memory at the largest point, say: recorded, the others go on
+            except Exception as e:  # out of memory at a large point, say: recorded, the smaller ones stand
                 r = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"}
+                failed = True
             rows.append({"layers": layers, "batch": b, **r})
             print(f"train {layers} layers, batch {b}: {r}", flush=True)
             c.res.data["sweep"] = rows
             c.res.write()
     c.res.section("sweep", rows)
+
+
+def section_adamw(c: SimpleNamespace) -> None:
+    """The smallest sweep point once per AdamW implementation: step time and peak memory."""
+    a, out = c.args, {}
+    layers, b = a.depths[0], a.batches[0]
+    teacher = teacher_at(c, layers)
+    ensure_store(c, teacher)
+    for impl in a.adamw:
+        if not gc.budget_left(c.deadline, 20):
+            out[impl] = {"skipped": "time budget"}
+            continue
+        over = [f"data.data={c.store}", f"data.batch_size={b}", f"optim.adamw={impl}", *c.mp,
+                *fit_disc_layers(a.config, layers)]
+        try:
+            r = measure(teacher, a.config, over, a.warmup, a.steps)
+        except Exception as e:
+            r = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"}
+        out[impl] = {k: r.get(k) for k in ("step_s", "peak_gib", "state_gib", "activation_gib", "error") if k in r}
+        print(f"AdamW {impl}, {layers} layers, batch {b}: {out[impl]}", flush=True)
+    done = {k: v for k, v in out.items() if "step_s" in v}
+    best = {}
+    if done:
+        best["fastest"] = min(done, key=lambda k: done[k]["step_s"])
+        if all(v.get("peak_gib") is not None for v in done.values()):
+            best["least_memory"] = min(done, key=lambda k: done[k]["peak_gib"])
+    c.res.section("adamw", {"layers": layers, "batch": b, "runs": out, **best})
 
 
 def param_gib(layers: int, c: SimpleNamespace) -> dict[str, float]:
@@ -203,7 +254,7 @@ def section_slope(c: SimpleNamespace) -> None:
 
 def section_lora(c: SimpleNamespace) -> None:
     a = c.args
-    teacher = with_depth(c, a.lora_layers)
+    teacher = teacher_at(c, a.lora_layers)
     ensure_store(c, teacher)
     over = [f"data.data={c.store}", f"data.batch_size={a.lora_batch}", f"model.lora_rank={a.lora_rank}", *c.mp,
             *fit_disc_layers(a.lora_config, a.lora_layers)]
@@ -234,8 +285,17 @@ def run_cli(c: SimpleNamespace, argv: list[str]) -> dict:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(ROOT / "trainer" / "configs" / "accelerate" / "fsdp_8gpu.yaml"), "--num_processes", "1",
                    "--num_machines", "1", "--main_process_port", "29517", "-m", "twostep.cli", "train", *argv]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.fsdp_timeout_s)
-        rc, text = p.returncode, p.stdout + p.stderr
+        # -m puts the current folder first on sys.path: from a repository root its partial twostep/
+        # folder would shadow the installed package. Another folder, and PYTHONSAFEPATH for both
+        # interpreters (the launcher's and the trainer's).
+        env = {**os.environ, "PYTHONSAFEPATH": "1"}
+        limit = max(1.0, min(a.fsdp_timeout_s, gc.seconds_left(c.deadline)))
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=c.tmp, env=env)
+            rc, text = p.returncode, p.stdout + p.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, text = 124, f"{(e.stdout or b'').decode(errors='replace')}{(e.stderr or b'').decode(errors='replace')}" \
+                f"\nstopped at its {limit:.0f} s limit"
     errors = [ln.strip()[:300] for ln in text.splitlines() if "Error" in ln or "error:" in ln]
     return {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "error_lines": errors[-8:], "tail": text[-3000:],
             "_text": text}
@@ -294,7 +354,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--heads", type=int, help="attention heads (default: the architecture's, 30 for full)")
     ap.add_argument("--device", help="cuda (default) or cpu")
     ap.add_argument("--size", type=int, help="image side in pixels (full: 1024)")
-    ap.add_argument("--depths", help="transformer depths of the sweep, comma-separated (full: 2,4)")
+    ap.add_argument("--depths", help="transformer depths of the sweep, comma-separated (full: 1,2 on a card "
+                    "under 100 GiB, 2,4 on a larger one)")
     ap.add_argument("--batches", help="per-GPU batch sizes of the sweep, comma-separated (full: 1,2,4)")
     ap.add_argument("--steps", type=int, help="timed steps per point (full: 3)")
     ap.add_argument("--warmup", type=int, help="untimed steps per point first (full: 1)")
@@ -309,13 +370,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--fsdp-size", type=int, help="image side of the FSDP run (full: 128)")
     ap.add_argument("--fsdp-launcher", choices=("accelerate", "python", "inprocess"),
                     help="accelerate launch with fsdp_8gpu.yaml as one process (full), plain python, or in-process (tiny)")
-    ap.add_argument("--fsdp-timeout-s", type=float, default=240, help="limit of each FSDP training command")
-    ap.add_argument("--skip", default="", help="sections to skip, comma-separated: sweep,lora,fsdp")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="sweep points and later sections start only while this many seconds from the start remain")
+    ap.add_argument("--fsdp-timeout-s", type=float, default=240,
+                    help="limit of each FSDP training command (never past the deadline)")
+    ap.add_argument("--fsdp-need-s", type=float, help="the FSDP section starts only with this many seconds left (full: 60)")
+    ap.add_argument("--adamw", help="AdamW implementations the adamw section compares (optim.adamw values; "
+                    "default fused,foreach,loop)")
+    ap.add_argument("--skip", default="", help="sections to skip, comma-separated: sweep,slope,fsdp,lora,adamw")
+    gc.add_deadline_flags(ap)
     ap.add_argument("--out", default=None, help="results JSON (rewritten after each section)")
     args = ap.parse_args(argv)
     gc.apply_preset(args, PRESETS)
+    args.depths_from = "--depths" if args.depths else None
+    if args.depths is None:  # by the card's memory
+        gib = gc.total_memory_gib()
+        args.depths = next(d for limit, d in DEPTHS_BY_MEMORY if (gib or 0) < limit)
+        args.depths_from = f"{gib} GiB card"
+    args.adamw = [x for x in str(args.adamw).split(",") if x]
     args.depths = sorted(int(x) for x in str(args.depths).split(",") if x)
     args.batches = [int(x) for x in str(args.batches).split(",") if x]
     args.skip = {x for x in args.skip.split(",") if x}
@@ -330,34 +400,38 @@ def main(argv: list[str] | None = None) -> int:
     cfg = gc.arch_config(args.arch, args.depths[0], args.dim, args.heads)
     res.data.update({"arch": args.arch, "config": args.config, "lora_config": args.lora_config, "size": args.size,
                      "transformer": {k: cfg["transformer"][k] for k in ("dim", "n_heads", "n_refiner_layers")},
-                     "dtype": str(dtype)[6:]})
+                     "dtype": str(dtype)[6:], "depths": args.depths, "depths_from": args.depths_from,
+                     "gpu_total_gib": gc.total_memory_gib(),
+                     "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")})
     t0 = time.perf_counter()
     pipe = gc.build_pipeline(cfg, device, dtype, args.size)
     res.data["build_s"] = round(time.perf_counter() - t0, 1)
     c = SimpleNamespace(args=args, res=res, pipe=pipe, device=device, dtype=dtype, store=None,
                         tmp=Path(tempfile.mkdtemp(prefix="bench-train-gpu-")),
                         mp=[] if device.type == "cuda" else ["mixed_precision='no'"],
-                        deadline=None if args.budget_s is None else time.monotonic() + args.budget_s)
-    for name, fn in (("sweep", section_sweep), ("slope", section_slope), ("lora", section_lora)):
-        if name in args.skip or (name == "slope" and "sweep" not in res.data) or not gc.budget_left(c.deadline, 30):
+                        deadline=gc.deadline(args.budget_s, args.deadline_at))
+    # by value: the sweep and its slope, then the FSDP path end to end, then LoRA and the optimisers
+    sections = (("sweep", section_sweep, 30), ("slope", section_slope, 0), ("fsdp", section_fsdp, args.fsdp_need_s),
+                ("lora", section_lora, 30), ("adamw", section_adamw, 30))
+    res.data["sections_planned"] = [x[0] for x in sections]
+    for name, fn, need in sections:
+        if name in args.skip or (name == "slope" and "sweep" not in res.data):
             res.data.setdefault("skipped", []).append(name)
             continue
+        if not gc.budget_left(c.deadline, need):
+            res.data.setdefault("skipped_for_time", []).append(name)
+            res.write()
+            continue
+        if name == "fsdp":  # its own small model, in another process: free what this one cached
+            pygc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         try:
             fn(c)
         except Exception as e:  # one failed section must not lose the others' numbers
             res.error(name, e)
-    c.pipe = pipe = None
-    pygc.collect()
     if torch.cuda.is_available():
         res.data["peak_memory_gib"] = gc.peak_gib()
-        torch.cuda.empty_cache()
-    if "fsdp" in args.skip:
-        res.data.setdefault("skipped", []).append("fsdp")
-    else:
-        try:
-            section_fsdp(c)
-        except Exception as e:
-            res.error("fsdp", e)
     res.write()
     print(f"training results: {args.out}", flush=True)
     return 0

@@ -91,6 +91,11 @@ def build_transformer(cfg: dict[str, Any], device: torch.device, dtype: torch.dt
         for p in model.parameters():
             if p.dim() >= 2:
                 p.mul_(0.5)
+        # The constructor leaves the pad tokens at zero; a trained model's are not, and with zeros a
+        # pad token put in the wrong place would not change the output: give them values.
+        for name, p in model.named_parameters():
+            if name.endswith("pad_token"):
+                p.normal_(0.0, 0.5)
     return model.requires_grad_(False).eval()
 
 
@@ -159,6 +164,13 @@ def peak_gib() -> float | None:
 
 def allocated_gib() -> float | None:
     return round(torch.cuda.memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
+def total_memory_gib(device: torch.device | None = None) -> float | None:
+    """The GPU's memory in GiB (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.get_device_properties(device or 0).total_memory / 2**30, 1)
 
 
 def reset_peak() -> None:
@@ -260,6 +272,29 @@ def time_calls(fn, reps: int, warm: int = 1) -> tuple[float, torch.Tensor, float
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out, first
+
+
+def deadline(budget_s: float | None, deadline_at: float | None) -> float | None:
+    """The part's deadline on the monotonic clock: the earlier of ``budget_s`` from now and the
+    absolute wall-clock time ``deadline_at`` (what gpu_truth.py passes: one deadline for all)."""
+    ends = []
+    if budget_s is not None:
+        ends.append(time.monotonic() + budget_s)
+    if deadline_at is not None:
+        ends.append(time.monotonic() + (deadline_at - time.time()))
+    return min(ends) if ends else None
+
+
+def seconds_left(deadline_: float | None) -> float:
+    return float("inf") if deadline_ is None else deadline_ - time.monotonic()
+
+
+def add_deadline_flags(ap: Any) -> None:
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="sections start only while this many seconds from the start remain")
+    ap.add_argument("--deadline-at", type=float, default=None,
+                    help="the same as an absolute time (seconds since the epoch; gpu_truth.py passes one "
+                         "deadline for the whole command)")
 
 
 def budget_left(deadline: float | None, need_s: float = 0.0) -> bool:

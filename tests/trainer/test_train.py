@@ -580,3 +580,27 @@ def test_probe_reports_heldout_auc(tiny_store, tiny_pipeline_dir, tmp_path):
     assert 0 <= probe["last_auc"] <= 1 and 0 <= probe["best_auc_mid"] <= 1 and "held-out AUC" in out.stdout
     result = json.loads((tmp_path / "probe" / "result.json").read_text())
     assert result["step"] == 4 and not (tmp_path / "probe" / "student").exists()
+
+
+def test_adamw_implementations_give_the_same_update_and_auto_is_the_default_off_cuda():
+    from twostep.trainer.config import OptimConfig
+    from twostep.trainer.loop import adamw
+
+    with pytest.raises(ConfigError, match="optim.adamw must be"):
+        load_config("toy", ["optim.adamw=apex"])
+    torch.manual_seed(0)
+    start, grads = torch.randn(3, 5), [torch.randn(3, 5) for _ in range(3)]
+    finals = {}
+    for impl in ("auto", "fused", "foreach", "loop"):
+        p = torch.nn.Parameter(start.clone())
+        opt = adamw([p], OptimConfig(adamw=impl, weight_decay=0.01), 1e-2, torch.device("cpu"))
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        finals[impl] = p.detach()
+        group = opt.param_groups[0]
+        assert (group["fused"], group["foreach"]) == {"auto": (None, None), "fused": (True, None),
+                                                      "foreach": (None, True), "loop": (None, False)}[impl]
+    assert not torch.equal(finals["auto"], start)
+    for impl in ("fused", "foreach", "loop"):
+        torch.testing.assert_close(finals[impl], finals["auto"], rtol=1e-6, atol=1e-6)
