@@ -11,20 +11,21 @@ the deadline leaves it time, and a failed one is recorded while the others go on
    within a stated tolerance (bf16: relative RMS ≤ ``--tol``).
 2. ``main``: the plain loop (``pipe(...)``, PIL images dropped) against ``ShardWorker`` committing
    WebP + latents + ``mid`` shards of at least 2 batches, two shards in flight as in the Ray actor,
-   and two worker variants that isolate the encoding: images off (``image_format: none``), and the
-   worker as it was before the teacher was released early (the teacher held until the shard's
-   encodes, tar and commit are done, one encode thread). Palindromic order (A B C D D C B A) on
-   fresh rows each time. Images/s to the last commit and to the end of the last GPU batch.
+   A B B A on fresh rows each time. Images/s to the last commit and to the end of the last GPU
+   batch (the difference is the unoverlapped tail of the measurement).
 3. ``transformer``: one transformer call at the batch size, per variant: the batched forward (the
    worker's), the stock forward (the plain loop's), without the caption mask, and under each
    SDPA backend; seconds per call, TFLOP/s, fraction of the bf16 peak, output difference.
 4. ``fastest``: ``Teacher.generate`` end to end, default and with the fastest exact SDPA backend.
 5. ``student``: the exported 2-step student pipeline (``TwoStepZImagePipeline``, 2 transformer
    calls) against the plain 8-step loop, end to end to PIL images, A B B A; goal ≥ 3.8×.
-6. ``sweep``: transformer calls at other batch sizes, and the images/s they predict.
-7. ``profile``: one plain batch and one worker shard under ``torch.profiler``: top operators side
+6. ``variants``: two worker variants that isolate the encoding, C D D C: images off
+   (``image_format: none``), and the worker as it was before the teacher was released early (the
+   teacher held until the shard's encodes, tar and commit are done, one encode thread).
+7. ``sweep``: transformer calls at other batch sizes, and the images/s they predict.
+8. ``profile``: one plain batch and one worker shard under ``torch.profiler``: top operators side
    by side, host-device syncs, GPU idle time, CPU time per worker stage (gpu_profile.py).
-8. ``compile``: regional ``torch.compile`` of the transformer blocks: compile seconds, calls and
+9. ``compile``: regional ``torch.compile`` of the transformer blocks: compile seconds, calls and
    end to end after it, the images it takes to pay the compile back, output difference.
 
     python tests/benchmarks/bench_generate_gpu.py --out results_generate_gpu.json
@@ -59,6 +60,7 @@ PRESETS = {  # every value is also a flag; --tiny swaps the whole set
                  compile_need_s=0, tol=1e-4, matmul_n=256),
 }
 WORKER_VARIANTS = ("worker", "worker_images_off", "worker_held")
+VARIANTS_ORDER = ["worker_images_off", "worker_held", "worker_held", "worker_images_off"]
 SDPA = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 
 
@@ -151,9 +153,8 @@ def setup(args) -> SimpleNamespace:
     tmp = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     shard = args.images // args.shards
     order = main_order(args.repeats)
-    # a warm-up shard, fresh rows for every measurement of main, then one shard for the profile
-    first_free = 1 + args.shards * len(order)
-    rows = (first_free + 1) * shard
+    # fresh rows for every measurement of main and variants, then one shard for the profile
+    rows = (args.shards * (len(order) + len(VARIANTS_ORDER)) + 1) * shard
     path, prompts, seeds = gc.manifest(tmp / "manifest.parquet", max(rows, args.e2e_images, max(args.sweep)), args.size)
     teacher = Teacher(pipe, name=f"random-zimage-{args.arch}", device=device)
 
@@ -169,21 +170,21 @@ def setup(args) -> SimpleNamespace:
         "arch": args.arch, "transformer": {k: t[k] for k in ("dim", "n_layers", "n_heads", "n_refiner_layers")},
         "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()), "dtype": str(dtype)[6:],
         "size": args.size, "batch": args.batch, "images_per_measurement": args.images, "shards": args.shards,
-        "batches_per_shard": shard // args.batch, "repeats": args.repeats, "main_order": order, "build_s": round(build_s, 1), "tolerance_rel_rms": args.tol,
+        "batches_per_shard": shard // args.batch, "repeats": args.repeats, "main_order": order,
+        "variants_order": VARIANTS_ORDER, "build_s": round(build_s, 1), "tolerance_rel_rms": args.tol,
         "matmul_tflops": gc.matmul_tflops(device, args.matmul_n, dtype), "peak_tflops": gc.PEAK_BF16_TFLOPS,
     })
     print(f"built {args.arch} Z-Image in {build_s:.1f}s ({res.data['transformer_params'] / 1e9:.2f}B transformer)",
           flush=True)
     return SimpleNamespace(args=args, res=res, pipe=pipe, teacher=teacher, workers=workers, worker=workers["worker"],
-                           device=device, cfg=cfg, prompts=prompts, seeds=seeds, shard=shard, next_shard=first_free,
+                           device=device, cfg=cfg, prompts=prompts, seeds=seeds, shard=shard, next_shard=0,
                            calls=gc.count_calls(pipe.transformer), deadline=gc.deadline(args.budget_s, args.deadline_at),
                            tmp=tmp)
 
 
 def main_order(repeats: int) -> list[str]:
-    """The measurements of ``main``: A B C D D C B A, ``repeats`` times (drifts cancel in pairs)."""
-    names = ["bare", *WORKER_VARIANTS]
-    return (names + names[::-1]) * repeats
+    """The measurements of ``main``: A B B A, ``repeats`` times (a linear drift cancels)."""
+    return ["bare", "worker", "worker", "bare"] * repeats
 
 
 def section_outputs(c: SimpleNamespace) -> None:
@@ -205,9 +206,10 @@ def section_outputs(c: SimpleNamespace) -> None:
     c.latent_ref = out.latent
 
 
-def section_main(c: SimpleNamespace) -> None:
-    """The plain loop and the worker variants in palindromic order on fresh rows each time, after
-    one warm-up batch of the loop and one warm-up shard of the worker."""
+def measure_sequence(c: SimpleNamespace, order: list[str]) -> tuple[dict[str, list], dict[str, float]]:
+    """Each name in ``order`` measured once, on fresh rows: ``bare`` the plain loop, any other the
+    worker of that name committing ``--shards`` shards, two in flight. Returns the runs per name and
+    the transformer calls per batch of each worker."""
     a, n = c.args, c.args.images
     gpu_ends: list[float] = []
     real = c.teacher.generate
@@ -218,42 +220,54 @@ def section_main(c: SimpleNamespace) -> None:
         return out
 
     c.teacher.generate = timed_generate
-    runs: dict[str, list] = {k: [] for k in ("bare", *WORKER_VARIANTS)}
+    runs: dict[str, list] = {k: [] for k in order}
     calls: dict[str, float] = {}
     try:
-        bare_loop(c.pipe, c.prompts[:a.batch], c.seeds[:a.batch], a.batch, a.size)
-        worker_round(c.worker, [0], gpu_ends)
-        shard_no = 1
-        for name in main_order(a.repeats):
-            lo = shard_no * c.shard
+        for name in order:
+            lo = c.next_shard * c.shard
             if name == "bare":
                 runs[name].append(bare_loop(c.pipe, c.prompts[lo:lo + n], c.seeds[lo:lo + n], a.batch, a.size))
                 print(f"bare: {runs[name][-1]:.3f} img/s", flush=True)
             else:
                 c.calls[0] = 0
-                r = worker_round(c.workers[name], list(range(shard_no, shard_no + a.shards)), gpu_ends)
+                r = worker_round(c.workers[name], list(range(c.next_shard, c.next_shard + a.shards)), gpu_ends)
                 calls[name] = c.calls[0] / (n // a.batch)
                 runs[name].append(r)
                 print(f"{name}: {r['images_per_s']:.3f} img/s ({r['images_per_s_to_gpu_end']:.3f} to the last GPU batch)",
                       flush=True)
-            shard_no += a.shards
+            c.next_shard += a.shards
     finally:
         del c.teacher.generate
+    return runs, calls
+
+
+def section_main(c: SimpleNamespace) -> None:
+    """The plain loop against the worker, A B B A on fresh rows each time, after one warm-up batch
+    of each path."""
+    a = c.args
+    bare_loop(c.pipe, c.prompts[:a.batch], c.seeds[:a.batch], a.batch, a.size)
+    c.teacher.generate(c.prompts[:a.batch], c.seeds[:a.batch], a.size, a.size, decode=True)
+    runs, calls = measure_sequence(c, main_order(a.repeats))
     mb = statistics.median(runs["bare"])
-    med = {k: statistics.median(w["images_per_s"] for w in runs[k]) for k in WORKER_VARIANTS}
-    mw = med["worker"]
+    mw = statistics.median(w["images_per_s"] for w in runs["worker"])
     mg = statistics.median(w["images_per_s_to_gpu_end"] for w in runs["worker"])
     c.res.data.setdefault("transformer_calls_per_image", {})["worker"] = calls["worker"]
     c.res.data.update({"median_bare": round(mb, 4), "median_worker": round(mw, 4),
-                       "ratio_worker_over_bare": round(mw / mb, 4), "seconds_per_image_worker": round(1 / mw, 4),
-                       "worker_variants": {k: {"median_images_per_s": round(v, 4), "ratio_over_bare": round(v / mb, 4)}
-                                           for k, v in med.items()}})
+                       "ratio_worker_over_bare": round(mw / mb, 4), "seconds_per_image_worker": round(1 / mw, 4)})
     c.res.section("main", {"bare_images_per_s": [round(x, 4) for x in runs["bare"]],
                            "worker": [{k: round(v, 4) for k, v in w.items()} for w in runs["worker"]],
-                           "variants": {k: [{x: round(v, 4) for x, v in w.items()} for w in runs[k]]
-                                        for k in WORKER_VARIANTS[1:]},
-                           "transformer_calls_per_batch": calls,
                            "median_worker_to_gpu_end": round(mg, 4), "ratio_to_gpu_end_over_bare": round(mg / mb, 4)})
+
+
+def section_variants(c: SimpleNamespace) -> None:
+    """The two worker variants, C D D C, against main's plain loop and worker."""
+    runs, calls = measure_sequence(c, VARIANTS_ORDER)
+    mb, mw = c.res.data["median_bare"], c.res.data["median_worker"]
+    med = {k: statistics.median(w["images_per_s"] for w in runs[k]) for k in runs}
+    c.res.data["worker_variants"] = {k: {"median_images_per_s": round(v, 4), "ratio_over_bare": round(v / mb, 4),
+                                         "ratio_over_worker": round(v / mw, 4)} for k, v in med.items()}
+    c.res.section("variants", {"runs": {k: [{x: round(v, 4) for x, v in w.items()} for w in runs[k]] for k in runs},
+                               "transformer_calls_per_batch": calls})
 
 
 def section_profile(c: SimpleNamespace) -> None:
@@ -528,7 +542,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--images", type=int, help="images per measurement of main (full: 16)")
     ap.add_argument("--shards", type=int,
                     help="worker shards per measurement, two in flight (default: 2 batches per shard, at least 2 shards)")
-    ap.add_argument("--repeats", type=int, help="palindromes A B C D D C B A of main (full: 1)")
+    ap.add_argument("--repeats", type=int, help="A B B A rounds of main (full: 1)")
     ap.add_argument("--reps", type=int, help="timed transformer calls per variant (full: 3)")
     ap.add_argument("--sweep", help="batch sizes of the transformer sweep, comma-separated (full: 4,8,16)")
     ap.add_argument("--sdpa", help="SDPA backends to try: flash, cudnn, efficient, math (full: cudnn,flash,efficient)")
@@ -540,7 +554,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tol", type=float, help="max relative RMS difference of final latents (bf16: 0.02)")
     ap.add_argument("--matmul-n", type=int, help="side of the matmul that measures the achievable TFLOP/s")
     ap.add_argument("--skip", default="",
-                    help="sections to skip, comma-separated: outputs,main,transformer,fastest,student,sweep,profile,compile")
+                    help="sections to skip, comma-separated: outputs,main,transformer,fastest,student,variants,sweep,"
+                         "profile,compile")
     gc.add_deadline_flags(ap)
     ap.add_argument("--out", default=None, help="results JSON (rewritten after each section)")
     args = ap.parse_args(argv)
@@ -561,8 +576,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 # name, function, seconds of deadline it needs to start (compile checks its own), sections it needs
 SECTIONS = (("outputs", section_outputs, 0, ()), ("main", section_main, 60, ()),
             ("transformer", section_transformer, 30, ()), ("fastest", section_fastest, 30, ("outputs", "transformer")),
-            ("student", section_student, 40, ()), ("sweep", section_sweep, 40, ("outputs", "transformer")),
-            ("profile", section_profile, 40, ()), ("compile", section_compile, 0, ("outputs", "transformer")))
+            ("student", section_student, 40, ()), ("variants", section_variants, 60, ("main",)),
+            ("sweep", section_sweep, 40, ("outputs", "transformer")), ("profile", section_profile, 40, ()),
+            ("compile", section_compile, 0, ("outputs", "transformer")))
 
 
 def main(argv: list[str] | None = None) -> int:

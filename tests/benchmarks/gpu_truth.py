@@ -35,8 +35,8 @@ PARTS = {  # name: (script, results file)
     "gen": ("bench_generate_gpu.py", "results_generate_gpu.json"),
     "train": ("bench_train_gpu.py", "results_train_gpu.json"),
 }
-DEADLINE_S = 360  # the whole command on an H100/H200, start to end (docs/gpu.md: sizing)
-GEN_SHARE = 0.55  # of the time left after the preflight, when both parts run
+DEADLINE_S = 330  # the whole command on an H100/H200, start to end (docs/gpu.md: sizing)
+GEN_SHARE = 0.6  # of the time left after the preflight, when both parts run
 PREFLIGHT_LIMIT_S = 120
 
 

@@ -96,21 +96,22 @@ def test_generation_results_have_every_section_and_eight_calls_per_path(truth):
     g = json.loads((truth / "results_generate_gpu.json").read_text())
     assert g["tiny"] and g["cpu_only"] and g["torch"] and g["device"].startswith("cpu")
     assert "gpu_truth.py --tiny" in g["command"] and "bench_generate_gpu.py" in g["part_command"]
-    assert g["sections_done"] == ["outputs", "main", "transformer", "fastest", "student", "sweep", "profile", "compile"]
+    assert g["sections_done"] == ["outputs", "main", "transformer", "fastest", "student", "variants", "sweep", "profile",
+                                  "compile"]
     assert g["errors"] == {}
     assert g["transformer_calls_per_image"] == {"bare": 8, "teacher_path": 8, "worker": 8}
     assert g["outputs"]["ok"] and g["outputs"]["teacher_vs_bare_rel_rms"] <= g["tolerance_rel_rms"]
     assert g["median_bare"] > 0 and g["median_worker"] > 0
     assert g["ratio_worker_over_bare"] == pytest.approx(g["median_worker"] / g["median_bare"], rel=1e-3)
-    # shards of 2 batches; the loop and three worker variants in palindromic order, each measured twice
-    assert g["batches_per_shard"] == 2
-    assert g["main_order"] == ["bare", "worker", "worker_images_off", "worker_held"] * 1 + \
-        ["worker_held", "worker_images_off", "worker", "bare"]
+    # shards of 2 batches; the loop and the worker A B B A, the two variants C D D C, fresh rows each
+    assert g["batches_per_shard"] == 2 and g["main_order"] == ["bare", "worker", "worker", "bare"]
+    assert g["variants_order"] == ["worker_images_off", "worker_held", "worker_held", "worker_images_off"]
     assert len(g["main"]["bare_images_per_s"]) == 2 and len(g["main"]["worker"]) == 2
-    assert all(len(g["main"]["variants"][k]) == 2 for k in ("worker_images_off", "worker_held"))
-    assert set(g["main"]["transformer_calls_per_batch"].values()) == {8}
+    assert {k: len(v) for k, v in g["variants"]["runs"].items()} == {"worker_images_off": 2, "worker_held": 2}
+    assert set(g["variants"]["transformer_calls_per_batch"].values()) == {8}
     for k, v in g["worker_variants"].items():
         assert v["ratio_over_bare"] == pytest.approx(v["median_images_per_s"] / g["median_bare"], rel=1e-3), k
+        assert v["ratio_over_worker"] == pytest.approx(v["median_images_per_s"] / g["median_worker"], rel=1e-3), k
     s = g["student"]
     assert s["transformer_calls_per_batch"] == 2 and len(s["student_images_per_s"]) == 2 and s["goal"] == 3.8
     assert g["student_over_teacher8"] == s["ratio"] > 1  # 2 transformer calls against 8, even on a CPU
@@ -200,8 +201,8 @@ def test_one_deadline_bounds_the_whole_command_and_every_section_is_accounted_fo
     wall = time.monotonic() - t0
     assert r.returncode in (0, 1), r.stdout[-3000:] + r.stderr[-3000:]
     assert wall < 20 + 2 * 10 + 15  # the deadline, each part's grace, interpreter starts
-    every = {"results_generate_gpu.json": ["outputs", "main", "transformer", "fastest", "student", "sweep", "profile",
-                                           "compile"],
+    every = {"results_generate_gpu.json": ["outputs", "main", "transformer", "fastest", "student", "variants", "sweep",
+                                           "profile", "compile"],
              "results_train_gpu.json": ["sweep", "slope", "fsdp", "lora", "adamw"]}
     for name, sections in every.items():
         d = json.loads((tmp_path / name).read_text())
