@@ -113,12 +113,18 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             module.supports_batched = supports_batched
 
+    cpu_shares: list[float] = []
+
     def timed(fn, decode: bool) -> float:
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn(decode)
         sync()
-        return args.batch / (time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        # This process's CPU seconds per wall second and torch thread: near 1 when the cores were ours
+        # alone, lower when other processes took them (meaningful on CPU runs).
+        cpu_shares.append((time.process_time() - c0) / seconds / torch.get_num_threads())
+        return args.batch / seconds
 
     # Same computation on both paths, and the student on the batched forward.
     ref = run_teacher(False).latent
@@ -138,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     order = ["teacher", "student", "student", "teacher"]
     if args.stock:
         order = ["teacher", "student", "student_stock", "student_stock", "student", "teacher"]
+    load_before = os.getloadavg()  # other processes on the machine would show here
     rates: dict[str, dict[str, list[float]]] = {m: {n: [] for n in fns} for m in ("latent", "decoded")}
     for _ in range(args.repeats):
         for mode, decode in (("latent", False), ("decoded", True)):
@@ -167,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_abs_latent_diff": max_diff,
         **({"max_abs_latent_diff_stock": max_diff_stock} if args.stock else {}),
         "order": " ".join(order),
+        "cpu_share_min_median": [round(min(cpu_shares), 3), round(statistics.median(cpu_shares), 3)],
+        "loadavg_1_5_15_before_after": [[round(v, 2) for v in load_before], [round(v, 2) for v in os.getloadavg()]],
         **figures,
     }
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
