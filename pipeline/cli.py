@@ -18,6 +18,21 @@ def _json_arg(text: str) -> dict:
     return value
 
 
+DEFAULT_SAMPLE = 32  # pipeline.verify.DEFAULT_SAMPLE, without importing it for --help (a test keeps them equal)
+
+
+def _sample_arg(text: str) -> int | str:
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of shards or 'all'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected at least 1 shard (--fast reads none)")
+    return value
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="teacher generation: manifest → WebDataset shard store (Ray job)",
                        description="Generate teacher samples for every manifest row into a shard store, on a "
@@ -60,22 +75,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=_generate)
 
     v = sub.add_parser("verify", help="check a shard store; optionally regenerate samples and compare",
-                       description="Check a store against index.json and report what is missing or corrupt. "
-                                   "By default a fast check from one listing of shards/ (every shard present "
-                                   "with its recorded size and commit marker, samples + failures = its rows); "
-                                   "--full also reads every shard (sha256, the shard parser, keys = manifest "
-                                   "rows), in parallel.")
+                       description="Check a store against index.json and its manifest, and report what is "
+                                   "missing or corrupt, each problem named by shard. Always: one listing of "
+                                   "shards/ (every shard present with its recorded size and commit marker, "
+                                   f"samples + failures = its rows). By default also reads {DEFAULT_SAMPLE} random shards "
+                                   "in full (every shard of a smaller store): sha256, the shard parser, keys "
+                                   "= manifest rows. --fast reads no shard; --full reads them all.")
     v.add_argument("store", metavar="STORE", help="store URL")
-    v.add_argument("--full", action="store_true",
-                   help="also read every shard: sha256, format (the trainer's parser) and keys")
-    v.add_argument("--sample", type=int, default=None, metavar="N",
-                   help="with the full check, read only N random shards (implies --full)")
-    v.add_argument("--threads", type=int, default=16, help="shards read at once by the full check (default: 16)")
+    reads = v.add_mutually_exclusive_group()
+    reads.add_argument("--fast", action="store_true",
+                       help="only the listing check: read no shard (a few requests whatever the store's size)")
+    reads.add_argument("--full", action="store_true",
+                       help="read every shard in full: sha256, format (the trainer's parser) and keys "
+                            "(same as --sample all; with --sample N, N random shards)")
+    v.add_argument("--sample", type=_sample_arg, default=None, metavar="N|all",
+                   help=f"read N random shards in full (--seed picks them), or all of them "
+                        f"(default: {DEFAULT_SAMPLE}, every shard of a smaller store)")
+    v.add_argument("--threads", type=int, default=16, help="shards read at once (default: 16)")
     v.add_argument("--ray-address", default=None,
-                   help="run the full check as Ray tasks on this cluster (default: RAY_ADDRESS, else threads)")
+                   help="read the shards as Ray tasks on this cluster (default: RAY_ADDRESS, else threads)")
     v.add_argument("--regenerate", type=int, default=0, metavar="K",
                    help="regenerate K random samples with the recorded teacher and compare latents")
-    v.add_argument("--seed", type=int, default=0, help="which samples --regenerate picks (default: 0)")
+    v.add_argument("--seed", type=int, default=0,
+                   help="which shards --sample reads and which samples --regenerate picks (default: 0)")
     v.add_argument("--device", default=None, help="device for --regenerate (default: cuda if available)")
     v.add_argument("--teacher", default=None, help="where the recorded teacher is on this machine, for "
                    "--regenerate (default: the recorded id: toy, a folder path or a hub id)")
@@ -156,24 +178,38 @@ def _check_store(url: str, storage_options: dict | None) -> None:
 def _verify(args: argparse.Namespace) -> int:
     from .verify import verify_store
 
+    if args.fast and args.sample is not None:
+        raise ValueError(f"--fast reads no shard; --sample {args.sample} reads some: give one of them")
+    for flag, value, least in (("--threads", args.threads, 1), ("--regenerate", args.regenerate, 0)):
+        if value < least:
+            raise ValueError(f"{flag} {value}: must be >= {least}")
     _check_store(args.store, args.storage_options or None)
-    if args.sample is not None and args.sample < 1:
-        raise ValueError(f"--sample {args.sample}: must be >= 1")
+    # --full --sample N reads N random shards; --full alone reads every shard
     report = verify_store(args.store, args.storage_options or None, args.regenerate, args.seed, args.device,
-                          args.teacher, full=args.full or args.sample is not None, sample=args.sample,
-                          threads=args.threads, ray_address=args.ray_address, progress=not args.json)
+                          args.teacher, full=False if args.fast else True if args.full else None,
+                          sample=args.sample, threads=args.threads, ray_address=args.ray_address,
+                          progress=not args.json)
     if args.json:
         print(json.dumps(report, indent=1))
+        return 0 if report["ok"] else 1
+    if "mode" not in report:  # no index or no manifest: nothing was checked
+        print("PROBLEMS: the store cannot be checked")
     else:
-        print(f"{'OK' if report['ok'] else 'PROBLEMS'}: {report.get('shards', 0)} shards, "
-              f"{report.get('samples', 0)} samples ({report.get('mode', 'fast')} check"
-              + (f", {report['checked']} shards read" if report.get("mode") == "full" else "") + ")")
-        for p in report["problems"]:
-            print("  " + p)
-        if "regenerate" in report:
-            r = report["regenerate"]
-            print(f"  regenerated {len(r['samples'])} samples: "
-                  + ("identical latents" if r["identical"] else f"max |difference| {r['max_abs_diff']:.3g}")
-                  + ("" if r["same_software"] else " (recorded with other software versions)")
-                  + ("" if r["sampler_hash_matches"] else "; SAMPLER SETTINGS DIFFER"))
+        read = f"read {report['checked']} of {report['checked_of']} shards"
+        if report["mode"] == "fast":
+            read += " (fast check: the listing only)"
+        else:
+            read += " in full"
+            if report["mode"] == "sample" and report["checked"] < report["checked_of"]:
+                read += f" (random, --seed {report['seed']})"
+        print(f"{'OK' if report['ok'] else 'PROBLEMS'}: {report['shards']} shards, {report['samples']} samples; "
+              + read)
+    for p in report["problems"]:
+        print("  " + p)
+    if "regenerate" in report:
+        r = report["regenerate"]
+        print(f"  regenerated {len(r['samples'])} samples: "
+              + ("identical latents" if r["identical"] else f"max |difference| {r['max_abs_diff']:.3g}")
+              + ("" if r["same_software"] else " (recorded with other software versions)")
+              + ("" if r["sampler_hash_matches"] else "; SAMPLER SETTINGS DIFFER"))
     return 0 if report["ok"] else 1

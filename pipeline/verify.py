@@ -1,17 +1,23 @@
 """``twostep verify``: check a store against its index and manifest, optionally regenerate samples.
 
-Two modes (docs/generation.md, ``twostep verify``):
+Three modes (docs/generation.md, ``twostep verify``):
 
-- **fast**: one listing of ``shards/`` plus ``index.json`` and the manifest's footer. Every shard of
-  the plan must be in the index, its tar listed with the size the index records, its stats file
-  listed, and its samples plus recorded failures must be the shard's row count. Reads no shard: a
-  few requests whatever the store's size. It proves the store is complete as the index describes it
-  and that no tar was truncated or replaced by one of another size; not that the bytes are right.
-- **full**: the fast checks, then every shard's bytes (or ``sample`` random shards'): the sha256
-  the index records, a good shard as :mod:`.shardformat` defines it (the trainer reads shards with
-  the same parser, so a shard that passes here is one it reads), and exactly the keys of its
-  manifest rows minus the failures its stats list. Shards are checked in parallel: threads in this
-  process, or Ray tasks on a cluster when ``ray_address`` (or ``RAY_ADDRESS``) is set.
+- **fast** (``full=False``): one listing of ``shards/`` plus ``index.json`` and the manifest's
+  footer. Every shard of the plan must be in the index, its tar listed with the size the index
+  records, its stats file listed, and its samples plus recorded failures must be the shard's row
+  count. Reads no shard: a few requests whatever the store's size. It proves the store is complete
+  as the index describes it and that no tar was truncated or replaced by one of another size; not
+  that the bytes are right.
+- **sample** (the default): the fast checks, then ``sample`` random shards (``DEFAULT_SAMPLE``;
+  ``seed`` picks them) read in full as below: every shard of a store that has no more.
+- **full** (``full=True``): the fast checks, then every shard read in full: the sha256 the index
+  records, a good shard as :mod:`.shardformat` defines it (the trainer reads shards with the same
+  parser, so a shard that passes here is one it reads), and exactly the keys of its manifest rows
+  minus the failures its stats list.
+
+A shard's manifest rows come from the row groups that hold them, never the whole ``prompt_id``
+column (:class:`ManifestKeys`). Shards are read in parallel with a bounded number in flight: threads
+in this process, or Ray tasks on a cluster when ``ray_address`` (or ``RAY_ADDRESS``) is set.
 
 With ``regenerate=K``, K random samples are generated again with the recorded teacher and sampler
 and their latents compared with the stored ones (stored as float16).
@@ -19,11 +25,14 @@ and their latents compared with the stored ones (stored as float16).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import os
+import queue
 import random
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -33,18 +42,42 @@ from tqdm.auto import tqdm
 from .shardformat import SHARD_TAR, ShardFormatError, iter_samples
 from .store import Store
 
+DEFAULT_SAMPLE = 32
+"""Shards the default mode reads in full (``twostep verify --sample N`` changes it)."""
+RAY_WINDOW = (64, 4096)
+"""Ray tasks in flight: twice the cluster's CPUs, within these bounds."""
+
 
 def verify_store(url: str, storage_options: dict | None = None, regenerate: int = 0, seed: int = 0,
-                 device: str | None = None, teacher: str | None = None, *, full: bool = True,
-                 sample: int | None = None, threads: int = 16, ray_address: str | None = None,
+                 device: str | None = None, teacher: str | None = None, *, full: bool | None = None,
+                 sample: int | str | None = None, threads: int = 16, ray_address: str | None = None,
                  progress: bool = False) -> dict[str, Any]:
-    """Return a report: ok, problems, shards, samples, mode, checked (shards whose bytes were read),
-    and regeneration differences. ``full=False`` is the fast mode; ``sample`` limits the full
-    check to that many random shards (``seed`` picks them)."""
+    """Return a report: ok, problems, shards, samples, mode (fast, sample or full), checked (shards
+    read in full) of checked_of (the index's shards), and regeneration differences.
+
+    ``full=False`` is the fast mode (no ``sample`` then); ``full=True`` reads every shard, or
+    ``sample`` random ones when given; ``full=None`` (the default) reads ``sample`` random shards,
+    ``DEFAULT_SAMPLE`` unless given. ``sample="all"`` reads every shard. ``seed`` picks the shards
+    and the samples ``regenerate`` draws."""
+    if full is False and sample is not None:
+        raise ValueError(f"sample={sample!r}: the fast check reads no shard; leave sample out or ask for full")
+    if sample == "all":
+        full, sample = True, None
+    elif sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
+        raise ValueError(f"sample={sample!r}: expected a number of shards >= 1 or 'all'")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads={threads!r}: expected a number >= 1")
+    if regenerate < 0:
+        raise ValueError(f"regenerate={regenerate!r}: expected a number of samples >= 0")
+    mode = "fast" if full is False else "full" if full and sample is None else "sample"
+    bound = DEFAULT_SAMPLE if full is None and sample is None else sample
+
     store = Store(url, storage_options)
     index = store.read_json("index.json")
     if index is None:
         return {"ok": False, "problems": [f"{url}: no index.json (not a twostep store, or never finished)"]}
+    if not store.exists("manifest.parquet"):
+        return {"ok": False, "problems": [f"{url}: no manifest.parquet (the job copies it in first)"]}
     n = index["identity"]["shard_size"]
     with store.fs.open(store.path("manifest.parquet"), "rb") as f:
         rows = pq.read_metadata(f).num_rows
@@ -53,20 +86,22 @@ def verify_store(url: str, storage_options: dict | None = None, regenerate: int 
     bad = _fast_checks(store, listed, plan, rows, n)
     problems = list(bad.values())
     report: dict[str, Any] = {"shards": len(listed), "samples": sum(s["samples"] for s in listed.values()),
-                              "mode": "full" if full else "fast", "checked": 0}
-    checked: dict[int, list[str]] = {}  # shard → its keys (samples are re-read for --regenerate)
-    if full:
+                              "mode": mode, "checked": 0, "checked_of": len(listed)}
+    if mode == "sample":
+        report.update(sample=bound, seed=seed)
+    checked: dict[int, list[str]] = {}  # shard → its keys, kept for --regenerate only
+    if mode != "fast":
         shards = sorted(i for i in listed if i < plan and i not in bad)  # a bad size needs no sha256
-        if sample is not None and sample < len(shards):
-            shards = sorted(random.Random(seed).sample(shards, sample))
+        if bound is not None and bound < len(shards):
+            shards = sorted(random.Random(seed).sample(shards, bound))
         with store.fs.open(store.path("manifest.parquet"), "rb") as f:
-            ids = pq.read_table(f, columns=["prompt_id"]).column("prompt_id").to_pylist()
-        jobs = [(i, listed[i], ids[i * n:(i + 1) * n]) for i in shards]
-        for i, found, keys in _run_checks(store, jobs, threads, ray_address, progress):
-            problems += found
-            if keys is not None:
-                checked[i] = keys
-        report["checked"] = len(jobs)
+            keys_of = ManifestKeys(pq.ParquetFile(f), n)
+            jobs = ((i, listed[i], keys_of(i)) for i in shards)  # read as the window moves on
+            for i, found, keys in _run_checks(store, jobs, len(shards), threads, ray_address, progress):
+                problems += found
+                if keys is not None and regenerate:
+                    checked[i] = keys
+        report["checked"] = len(shards)
     report.update(ok=not problems, problems=sorted(problems))
     if regenerate:
         if not checked:  # fast mode: read the keys of a few random shards
@@ -75,6 +110,39 @@ def verify_store(url: str, storage_options: dict | None = None, regenerate: int 
         report["regenerate"] = _regenerate(store, index, checked, regenerate, seed, device, teacher)
         report["ok"] = report["ok"] and report["regenerate"]["sampler_hash_matches"]
     return report
+
+
+class ManifestKeys:
+    """``keys(shard)``: the ``prompt_id`` of manifest rows ``[shard·n, (shard+1)·n)``, read from the row
+    groups that hold them (the footer gives their row counts), never the whole column: gigabytes
+    of strings at 100M rows (docs/generation.md, ``twostep verify``). Any order is right; with shards
+    in ascending order (as verify asks) a row group shared by two shards is read once, and groups
+    behind the current shard are dropped, so memory is a shard's groups whatever the manifest's length."""
+
+    def __init__(self, pf: pq.ParquetFile, n: int) -> None:
+        self.pf, self.n = pf, n
+        md = pf.metadata
+        self.starts = [0]  # first row of each group, then the row count
+        for g in range(md.num_row_groups):
+            self.starts.append(self.starts[-1] + md.row_group(g).num_rows)
+        self.cache: dict[int, list[str]] = {}
+
+    def __call__(self, shard: int) -> list[str]:
+        lo, hi = shard * self.n, min((shard + 1) * self.n, self.starts[-1])
+        if lo >= hi:
+            return []
+        first = bisect.bisect_right(self.starts, lo) - 1
+        groups = [g for g in range(first, bisect.bisect_left(self.starts, hi)) if self.starts[g + 1] > self.starts[g]]
+        self.cache = {g: ids for g, ids in self.cache.items() if g >= first}
+        missing = [g for g in groups if g not in self.cache]
+        if missing:
+            ids = self.pf.read_row_groups(missing, columns=["prompt_id"]).column("prompt_id").to_pylist()
+            at = 0
+            for g in missing:
+                size = self.starts[g + 1] - self.starts[g]
+                self.cache[g], at = ids[at:at + size], at + size
+        out = [k for g in groups for k in self.cache[g]]
+        return out[lo - self.starts[first]:hi - self.starts[first]]
 
 
 def _fast_checks(store: Store, listed: dict[int, dict], plan: int, rows: int, n: int) -> dict[int, str]:
@@ -127,11 +195,13 @@ def check_shard(store_url: str, storage_options: dict | None, shard: int, entry:
     return shard, problems, keys
 
 
-def _run_checks(store: Store, jobs: list[tuple[int, dict, list[str]]], threads: int, ray_address: str | None,
-                progress: bool):
-    """Yield :func:`check_shard` results as they finish: Ray tasks on a cluster, else threads."""
+def _run_checks(store: Store, jobs: Iterable[tuple[int, dict, list[str]]], total: int, threads: int,
+                ray_address: str | None, progress: bool, window: int | None = None):
+    """Yield :func:`check_shard` results as they finish: Ray tasks on a cluster, else threads. At most
+    ``window`` checks are in flight (default: twice the threads, or twice the cluster's CPUs within
+    ``RAY_WINDOW``); ``jobs`` is drawn as results come back, so its manifest rows are read as needed."""
     url, opts = store.url, store.storage_options
-    bar = tqdm(total=len(jobs), desc="verify", unit="shard", disable=not progress)
+    bar = tqdm(total=total, desc="verify", unit="shard", disable=not progress)
     address = ray_address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
@@ -140,20 +210,37 @@ def _run_checks(store: Store, jobs: list[tuple[int, dict, list[str]]], threads: 
             if not ray.is_initialized():
                 ray.init(address=address, log_to_driver=False)
             task = ray.remote(num_cpus=1)(check_shard)
-            pending = [task.remote(url, opts, i, entry, keys) for i, entry, keys in jobs]
-            while pending:
-                done, pending = ray.wait(pending, num_returns=min(len(pending), 64), timeout=1.0)
-                for result in ray.get(done):
-                    bar.update(1)
-                    yield result
+            if window is None:
+                cpus = int(ray.cluster_resources().get("CPU", 1))
+                window = min(RAY_WINDOW[1], max(RAY_WINDOW[0], 2 * cpus))
+            # The task's future gets its value (or its error), so each result costs the same whatever
+            # the tasks in flight: no ray.wait over all of them.
+            yield from _windowed(jobs, lambda job: task.remote(url, opts, *job).future(), window, bar)
             return
-        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="verify") as pool:
-            futures = [pool.submit(check_shard, url, opts, i, entry, keys) for i, entry, keys in jobs]
-            for fut in as_completed(futures):
-                bar.update(1)
-                yield fut.result()
+        with ThreadPoolExecutor(threads, thread_name_prefix="verify") as pool:
+            yield from _windowed(jobs, lambda job: pool.submit(check_shard, url, opts, *job),
+                                 window or 2 * threads, bar)
     finally:
         bar.close()
+
+
+def _windowed(jobs: Iterable, submit: Callable[[Any], Future], window: int, bar) -> Iterator:
+    """Results of ``submit(job)`` for every job as they finish, with at most ``window`` in flight: a
+    finished one's callback puts it on a queue and the next job is submitted."""
+    finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
+    todo, inflight = iter(jobs), 0
+    while True:
+        for job in todo:
+            submit(job).add_done_callback(finished.put)
+            inflight += 1
+            if inflight >= window:
+                break
+        if not inflight:
+            return
+        fut = finished.get()
+        inflight -= 1
+        bar.update(1)
+        yield fut.result()
 
 
 def _regenerate(store: Store, index: dict, checked: dict, k: int, seed: int, device: str | None,

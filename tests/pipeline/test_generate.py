@@ -231,6 +231,60 @@ def test_verify_reports_corruption(clean_store, tmp_path):
     assert any("000002.tar: missing" in p for p in report["problems"])
 
 
+def _flip_a_byte(tar_path) -> str:
+    """Flip one byte in the middle of a member's data (the first sample's latent array), keeping the
+    size: a same-size corruption that the listing cannot see. Returns the member's name."""
+    import tarfile
+
+    with tarfile.open(tar_path) as tf:
+        member = next(m for m in tf.getmembers() if m.name.endswith(".latent.npy"))
+    with open(tar_path, "r+b") as f:
+        f.seek(member.offset_data + member.size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x40]))
+    return member.name
+
+
+def _twostep(capsys, *argv) -> tuple[int, str]:
+    from twostep.cli import main
+
+    levels = [(lg, lg.level) for lg in (logging.getLogger(), logging.getLogger("twostep"))]
+    try:
+        code = main(list(argv))
+    finally:
+        for lg, level in levels:  # main sets them; put them back for the tests that follow
+            lg.setLevel(level)
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_twostep_verify_reads_every_shard_of_a_small_store_by_default(clean_store, tmp_path, capsys):
+    """The default check reads the shards' bytes (every shard of a store under the bound): one flipped
+    byte inside a shard fails the command and names the shard; the listing alone (--fast) cannot see it."""
+    import shutil
+
+    code, out = _twostep(capsys, "verify", str(clean_store[0]))
+    assert code == 0 and out.startswith(f"OK: 3 shards, {ROWS} samples; read 3 of 3 shards in full\n"), out
+    code, out = _twostep(capsys, "verify", str(clean_store[0]), "--json")
+    report = json.loads(out)
+    assert code == 0 and (report["mode"], report["checked"], report["checked_of"]) == ("sample", 3, 3)
+
+    copy = tmp_path / "copy"
+    shutil.copytree(clean_store[0], copy)
+    size = os.path.getsize(copy / "shards" / "000001.tar")
+    _flip_a_byte(copy / "shards" / "000001.tar")
+    assert os.path.getsize(copy / "shards" / "000001.tar") == size
+    code, out = _twostep(capsys, "verify", str(copy))
+    assert code == 1, out
+    assert out.splitlines()[:2] == [f"PROBLEMS: 3 shards, {ROWS} samples; read 3 of 3 shards in full",
+                                    "  shards/000001.tar: sha256 differs from index.json (corrupt or replaced)"], out
+    code, out = _twostep(capsys, "verify", str(copy), "--full")
+    assert code == 1 and "shards/000001.tar: sha256 differs" in out, out
+    code, out = _twostep(capsys, "verify", str(copy), "--fast")  # reads no shard: the same size passes
+    assert code == 0 and out == f"OK: 3 shards, {ROWS} samples; read 0 of 3 shards (fast check: the listing only)\n"
+
+
 def test_verify_regenerate(clean_store):
     report = verify_store(str(clean_store[0]), regenerate=2, device="cpu")
     r = report["regenerate"]

@@ -5,6 +5,8 @@ intervals, and workers that read only their shard's manifest rows."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -327,19 +329,42 @@ FACTS = {"teacher": "synthetic", "revision": None, "weights": None, "dtype": "fl
          "sampler_hash": "s", "versions": {}}
 
 
-def _verified_store(url: str, shards: int, opts: dict | None = None) -> Store:
-    """A complete store of one-sample shards written with the store API, its manifest and index."""
+def _verified_store(url: str, shards: int, opts: dict | None = None, *, shard_size: int = 1,
+                    row_group_size: int | None = None) -> Store:
+    """A complete store written with the store API, its manifest and index: one-sample shards, or
+    ``shard_size`` samples a shard with the manifest in row groups of ``row_group_size`` rows."""
     from twostep.pipeline.job import write_index
 
     store = Store(url, opts)
-    keys = [f"k{i}" for i in range(shards)]
+    keys = [f"k{i}" for i in range(shards * shard_size)]
     manifest = pa.BufferOutputStream()
-    pq.write_table(pa.table({"prompt_id": keys}), manifest)
+    pq.write_table(pa.table({"prompt_id": keys, "prompt": [f"prompt {k}" for k in keys]}), manifest,
+                   row_group_size=row_group_size)
     store.put_bytes("manifest.parquet", manifest.getvalue().to_pybytes())
-    _commit_all(store, keys, "fp", range(shards))
-    write_index(store, "fp", {"shard_size": 1, "manifest_hash": "x", "save": [], "image_format": "none"},
+    if shard_size == 1:
+        _commit_all(store, keys, "fp", range(shards))
+    else:
+        for i in range(shards):
+            rows = range(i * shard_size, (i + 1) * shard_size)
+            store.commit_shard(i, tar_bytes([_sample(keys[j], j) for j in rows]),
+                               {"samples": shard_size, "failures": [], "rows": shard_size, "fingerprint": "fp"})
+    write_index(store, "fp", {"shard_size": shard_size, "manifest_hash": "x", "save": [], "image_format": "none"},
                 shards, FACTS, 0.0, {})
     return store
+
+
+def _shards_read(monkeypatch) -> list[int]:
+    """The shards whose tar is read from now on (any thread), in the order read."""
+    read: list[int] = []
+    real = Store.read_bytes
+
+    def logged(self, rel):
+        if rel.startswith("shards/") and rel.endswith(".tar"):
+            read.append(int(rel[len("shards/"):-len(".tar")]))
+        return real(self, rel)
+
+    monkeypatch.setattr(Store, "read_bytes", logged)
+    return read
 
 
 def test_verify_fast_catches_missing_and_truncated_shards_without_reading_any(tmp_path, monkeypatch):
@@ -399,6 +424,197 @@ def test_verify_full_as_ray_tasks(ray_cluster, tmp_path):
     report = verify_store(url, full=True, ray_address="auto")
     assert report["checked"] == 12
     assert report["problems"] == [f"{SHARD_TAR.format(7)}: sha256 differs from index.json (corrupt or replaced)"]
+
+
+def test_verify_as_ray_tasks_keeps_a_bounded_window(ray_cluster, tmp_path, monkeypatch):
+    """Tasks are submitted as results come back, at most the window in flight; no ray.wait over the
+    tasks in flight (its cost grows with them)."""
+    import ray
+
+    from twostep.pipeline import verify
+
+    url = str(tmp_path / "store")
+    _verified_store(url, 12)
+    with open(tmp_path / "store" / SHARD_TAR.format(7), "r+b") as f:
+        f.seek(600)
+        f.write(b"corrupt!")
+
+    def no_wait(*a, **k):
+        raise AssertionError("ray.wait")
+
+    monkeypatch.setattr(ray, "wait", no_wait)
+    index = json.loads((tmp_path / "store" / "index.json").read_text())
+    drawn, results = [], []
+
+    def jobs():
+        for entry in index["shards"]:
+            drawn.append(entry["shard"])
+            yield entry["shard"], entry, [f"k{entry['shard']}"]
+
+    for result in verify._run_checks(Store(url), jobs(), 12, 16, "auto", False, window=3):
+        assert len(drawn) - len(results) <= 3
+        results.append(result)
+    assert sorted(i for i, _, _ in results) == list(range(12))
+    assert [p for _, p, _ in results if p] == [[f"{SHARD_TAR.format(7)}: sha256 differs from index.json "
+                                                "(corrupt or replaced)"]]
+    monkeypatch.setattr(verify, "RAY_WINDOW", (2, 2))  # through verify_store, the default window
+    report = verify.verify_store(url, sample=5, seed=3, ray_address="auto")
+    assert report["checked"] == 5
+
+
+def test_verify_default_reads_a_bounded_random_sample_of_shards(tmp_path, monkeypatch, capsys):
+    """A store larger than the bound: the default reads exactly the bound, random shards that --seed
+    picks; --sample N reads N, --full and --sample all every shard, --fast none."""
+    from twostep.cli import main
+    from twostep.pipeline import cli
+    from twostep.pipeline.verify import DEFAULT_SAMPLE, verify_store
+
+    assert cli.DEFAULT_SAMPLE == DEFAULT_SAMPLE  # the help text's copy
+    total = DEFAULT_SAMPLE + 8
+    url = str(tmp_path / "store")
+    _verified_store(url, total)
+    read = _shards_read(monkeypatch)
+    report = verify_store(url)
+    assert report["ok"] and (report["mode"], report["checked"], report["checked_of"]) == ("sample", DEFAULT_SAMPLE,
+                                                                                         total)
+    first = sorted(read)
+    assert len(first) == len(set(first)) == DEFAULT_SAMPLE
+    read.clear()
+    verify_store(url, seed=0)
+    assert sorted(read) == first  # the seed picks them
+    read.clear()
+    verify_store(url, seed=1)
+    assert len(read) == DEFAULT_SAMPLE and sorted(read) != first
+    for kwargs, want in (({"sample": 5}, 5), ({"full": True, "sample": 5}, 5), ({"full": True}, total),
+                         ({"sample": "all"}, total), ({"sample": 10 * total}, total), ({"full": False}, 0)):
+        read.clear()
+        report = verify_store(url, **kwargs)
+        assert report["ok"] and report["checked"] == len(read) == len(set(read)) == want, (kwargs, report)
+    # the command line says it
+    levels = [(lg, lg.level) for lg in (logging.getLogger(), logging.getLogger("twostep"))]
+    try:
+        for argv, line in (([], f"read {DEFAULT_SAMPLE} of {total} shards in full (random, --seed 0)"),
+                           (["--sample", "3", "--seed", "4"], f"read 3 of {total} shards in full (random, --seed 4)"),
+                           (["--sample", "all"], f"read {total} of {total} shards in full"),
+                           (["--full"], f"read {total} of {total} shards in full"),
+                           (["--fast"], f"read 0 of {total} shards (fast check: the listing only)")):
+            assert main(["verify", url, *argv]) == 0
+            assert capsys.readouterr().out == f"OK: {total} shards, {total} samples; {line}\n", argv
+        assert main(["verify", url, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (report["checked"], report["checked_of"], report["sample"], report["seed"]) == (DEFAULT_SAMPLE, total,
+                                                                                             DEFAULT_SAMPLE, 0)
+    finally:
+        for lg, level in levels:
+            lg.setLevel(level)
+
+
+def test_verify_bad_arguments_get_clear_errors(tmp_path, capsys):
+    from twostep.cli import main
+    from twostep.pipeline.verify import verify_store
+
+    url = str(tmp_path / "store")
+    _verified_store(url, 2)
+    levels = [(lg, lg.level) for lg in (logging.getLogger(), logging.getLogger("twostep"))]
+    try:
+        for argv, said in ((["--fast", "--full"], "argument --full: not allowed with argument --fast"),
+                           (["--sample", "0"], "argument --sample: 0: expected at least 1 shard (--fast reads none)"),
+                           (["--sample", "some"], "argument --sample: 'some': expected a number of shards or 'all'")):
+            with pytest.raises(SystemExit) as e:
+                main(["verify", url, *argv])
+            assert e.value.code == 2 and said in capsys.readouterr().err, argv
+        for argv, said in ((["--fast", "--sample", "3"], "--fast reads no shard; --sample 3 reads some: give one "
+                                                          "of them"),
+                           (["--threads", "0"], "--threads 0: must be >= 1"),
+                           (["--regenerate", "-1"], "--regenerate -1: must be >= 0")):
+            assert main(["verify", url, *argv]) == 2
+            assert capsys.readouterr().err == f"twostep verify: error: {said}\n", argv
+    finally:
+        for lg, level in levels:
+            lg.setLevel(level)
+    for kwargs, said in (({"full": False, "sample": 3}, "the fast check reads no shard"),
+                         ({"sample": 0}, "expected a number of shards >= 1 or 'all'"),
+                         ({"sample": "half"}, "expected a number of shards >= 1 or 'all'"),
+                         ({"threads": 0}, "threads=0: expected a number >= 1")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            verify_store(url, **kwargs)
+    Store(url).fs.rm(Store(url).path("manifest.parquet"))
+    assert verify_store(url)["problems"] == [f"{url}: no manifest.parquet (the job copies it in first)"]
+    assert main(["verify", url]) == 1 and capsys.readouterr().out.startswith("PROBLEMS: the store cannot be checked")
+
+
+def test_verify_reads_only_the_sampled_shards_row_groups(tmp_path, monkeypatch):
+    """A shard's manifest rows come from the row groups that hold them (shards of 3 rows, groups of 4:
+    a shard may span two groups), each read once, the prompt_id column only; never the whole column."""
+    from twostep.pipeline.verify import verify_store
+
+    n, size, shards = 3, 4, 40
+    url = str(tmp_path / "store")
+    _verified_store(url, shards, shard_size=n, row_group_size=size)
+    assert pq.ParquetFile(tmp_path / "store" / "manifest.parquet").metadata.num_row_groups == n * shards // size
+    groups, read_columns = [], []
+    real = pq.ParquetFile.read_row_groups
+
+    def logged(self, row_groups, columns=None, **kw):
+        groups.extend(row_groups)
+        read_columns.append(columns)
+        return real(self, row_groups, columns, **kw)
+
+    def whole(*a, **k):
+        raise AssertionError("the whole manifest was read")
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", logged)
+    monkeypatch.setattr(pq.ParquetFile, "read", whole)
+    monkeypatch.setattr(pq, "read_table", whole)
+    read = _shards_read(monkeypatch)
+    report = verify_store(url, sample=6, seed=2, threads=2)
+    assert report["ok"] and len(read) == 6, report
+    want = sorted({g for i in read for g in range(i * n // size, ((i + 1) * n - 1) // size + 1)})
+    assert sorted(groups) == want and len(groups) == len(set(groups)) and len(want) < shards * n // size
+    assert set(map(tuple, read_columns)) == {("prompt_id",)}
+    # every shard: each group read once, one at a time as the shards move on
+    groups.clear()
+    assert verify_store(url, full=True)["ok"]
+    assert sorted(groups) == list(range(shards * n // size))
+
+
+def test_manifest_keys_across_uneven_and_empty_row_groups(tmp_path):
+    from twostep.pipeline.verify import ManifestKeys
+
+    keys = [f"k{i}" for i in range(50)]
+    with pq.ParquetWriter(tmp_path / "m.parquet", pa.schema([("prompt_id", pa.string())])) as w:
+        at = 0
+        for size in (1, 7, 0, 13, 2, 0, 20, 7):
+            w.write_table(pa.table({"prompt_id": keys[at:at + size]}, schema=w.schema))
+            at += size
+    pf = pq.ParquetFile(tmp_path / "m.parquet")
+    for n in (1, 3, 8, 50, 64):
+        of = ManifestKeys(pf, n)
+        assert [of(i) for i in range(-(-50 // n))] == [keys[i * n:(i + 1) * n] for i in range(-(-50 // n))], n
+        assert of(-(-50 // n)) == []
+    of = ManifestKeys(pf, 4)
+    assert [of(i) for i in (2, 5, 11)] == [keys[8:12], keys[20:24], keys[44:48]]
+
+
+def test_verify_keeps_a_bounded_window_of_checks_in_flight(tmp_path):
+    """Checks are submitted as results come back, at most ``window`` in flight; the jobs (and so the
+    manifest rows) are drawn as the window moves on."""
+    from twostep.pipeline.verify import _run_checks
+
+    url = str(tmp_path / "store")
+    _verified_store(url, 12)
+    store, index = Store(url), json.loads((tmp_path / "store" / "index.json").read_text())
+    drawn, results = [], []
+
+    def jobs():
+        for entry in index["shards"]:
+            drawn.append(entry["shard"])
+            yield entry["shard"], entry, [f"k{entry['shard']}"]
+
+    for result in _run_checks(store, jobs(), 12, 4, None, False, window=3):
+        assert len(drawn) - len(results) <= 3  # in flight when this one came back, itself included
+        results.append(result)
+    assert sorted(i for i, _, _ in results) == list(range(12)) and all(p == [] for _, p, _ in results)
 
 
 def test_worker_rows_from_a_bucket_manifest_are_range_reads(counted_s3, tmp_path):

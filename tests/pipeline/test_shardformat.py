@@ -242,9 +242,10 @@ def test_twostep_verify_command(tmp_path):
     good, bad = str(tmp_path / "good"), str(tmp_path / "bad")
     _write_store(good)
     _write_store(bad, shard0=BAD["duplicate member"][0]())
-    cmd = [sys.executable, "-m", "twostep.cli", "verify", "--full"]  # the default fast check reads no shard
+    cmd = [sys.executable, "-m", "twostep.cli", "verify"]  # the default reads every shard of a small store
     ok = subprocess.run([*cmd, good], capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0 and ok.stdout.startswith("OK: 2 shards, 5 samples"), ok.stdout + ok.stderr
+    assert ok.returncode == 0 and ok.stdout == "OK: 2 shards, 5 samples; read 2 of 2 shards in full\n", \
+        ok.stdout + ok.stderr
     no = subprocess.run([*cmd, bad], capture_output=True, text=True, timeout=300)
     assert no.returncode == 1 and "shards/000000.tar: member k2.latent.npy appears twice" in no.stdout, no.stdout
     assert len(glob.glob(f"{bad}/shards/*.tar")) == 2  # verify changes nothing
