@@ -59,7 +59,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "about the CPUs per GPU")
     g.add_argument("--ray-address", default=None,
                    help="existing Ray cluster (default: RAY_ADDRESS, else start a local one)")
-    g.add_argument("--max-shard-retries", type=int, default=2, help="retries of a failing shard (default: 2)")
+    g.add_argument("--max-shard-retries", type=int, default=2,
+                   help="retries of a failing shard, each on another worker (default: 2)")
+    g.add_argument("--shard-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a shard still running this long has its worker killed and replaced and is requeued "
+                        "(default: 10x the median shard time so far, at least 60 s; 1800 s before the first "
+                        "shard ends)")
+    g.add_argument("--startup-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="time the workers have to load their teacher; those not up by then are left out and the "
+                        "job runs with the others (default: 1800)")
     g.add_argument("--on-sample-error", choices=("skip", "fail"), default="skip",
                    help="skip: record a failing sample in failed.parquet and commit the rest of its shard; "
                         "fail: fail the shard (default: skip)")
@@ -146,7 +154,8 @@ def _generate(args: argparse.Namespace) -> int:
                          save=tuple(s for s in args.save.split(",") if s), ray_address=args.ray_address,
                          max_shard_retries=args.max_shard_retries, on_sample_error=args.on_sample_error,
                          overwrite=args.overwrite, storage_options=args.storage_options,
-                         sampler_overrides=overrides, encode_threads=args.encode_threads)
+                         sampler_overrides=overrides, encode_threads=args.encode_threads,
+                         shard_timeout=args.shard_timeout, startup_timeout=args.startup_timeout)
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         return 0

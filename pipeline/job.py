@@ -3,8 +3,13 @@
 The unit of work is a shard (a fixed row range of the manifest). The driver takes the store's
 lease, checks that an existing store was made with the same manifest, teacher and sampler, then
 hands uncommitted shards to ``ShardWorker`` actors. A task that raises is retried up to
-``max_shard_retries`` times; an actor that dies (killed, OOM, preempted) is replaced by a new one
-and its shard is put back in the queue (``ray.util.ActorPool`` does neither: ray #50313).
+``max_shard_retries`` times, on another actor; an actor that dies (killed, OOM, preempted) is
+replaced by a new one and its shard is put back in the queue (``ray.util.ActorPool`` does neither:
+ray #50313). What else goes wrong on a fleet, and what the driver does (docs/generation.md,
+Faults): actors that do not start in ``startup_timeout`` are replaced and then left out; an actor
+that fails several shards while others succeed is replaced without those failures counting
+against the shards; a shard past its deadline has its actor killed and is requeued; a run of
+failed uploads stops the job; and a driver that cannot renew its lease stops writing.
 
 Start-up costs a few requests whatever the store's size: the committed shards come from one listing
 of ``shards/`` plus the last ``index.json``, and only stats the index lacks are read (concurrently).
@@ -23,6 +28,7 @@ import logging
 import math
 import os
 import queue as stdqueue
+import statistics
 import tempfile
 import threading
 import time
@@ -39,7 +45,7 @@ from tqdm.auto import tqdm
 from twostep.prompts.manifest import read_meta
 
 from .shardformat import IMAGE_FORMATS, OPTIONAL_ARRAYS, STORE_FORMAT, members_text
-from .store import INDEX_ENTRY, Store, StoreError
+from .store import INDEX_ENTRY, Store, StoreError, UploadError
 from .teacher import check_teacher_spec
 from .worker import ShardWorker, WorkerConfig
 
@@ -72,6 +78,21 @@ class GenerateConfig:
     index_every_s: float = 300.0
     encode_threads: int = 0
     """Each worker's encode threads (``WorkerConfig.encode_threads``)."""
+    shard_timeout: float | None = None
+    """Seconds a shard may take on an actor before the actor is killed and replaced and the shard
+    requeued; None: 10 times the median shard time so far, at least 60 s, and 1800 s before the
+    first shard ends."""
+    startup_timeout: float = 1800.0
+    """Seconds the actors have to start (teacher loading included); those not up by then are left out."""
+    max_actor_restarts: int = 3
+    """Replacements of one worker slot in a row without a shard done there, before the slot is left out."""
+    actor_fail_limit: int = 2
+    """Distinct shards an actor may fail while other actors succeed, before it is replaced (those
+    failures do not count against the shards' retries)."""
+    max_upload_failures: int = 8
+    """Failed shard uploads in a row (no upload succeeding between them) that stop the job."""
+    lease_ttl: float = 300.0
+    """Seconds the store's lease lasts unless renewed; renewed every ``lease_ttl / 5``."""
 
     def __post_init__(self) -> None:
         if self.image_format not in (*IMAGE_FORMATS, "none"):
@@ -88,6 +109,12 @@ class GenerateConfig:
             raise ValueError("index_every_shards must be >= 1 and index_every_s > 0")
         if self.encode_threads < 0:
             raise ValueError("--encode-threads must be >= 0")
+        if self.shard_timeout is not None and self.shard_timeout <= 0:
+            raise ValueError("--shard-timeout must be > 0")
+        if self.startup_timeout <= 0 or self.lease_ttl <= 0:
+            raise ValueError("--startup-timeout and lease_ttl must be > 0")
+        if self.max_actor_restarts < 0 or self.actor_fail_limit < 1 or self.max_upload_failures < 1:
+            raise ValueError("max_actor_restarts must be >= 0, actor_fail_limit and max_upload_failures >= 1")
 
 
 def fingerprint(manifest_hash: str, cfg: GenerateConfig, facts: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -133,20 +160,24 @@ def _run(cfg: GenerateConfig, t0: float, source: str, worker_cls: type[ShardWork
     num_shards = math.ceil(rows / cfg.shard_size)
     store = Store(cfg.out, cfg.storage_options or None)
     owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    store.acquire_lease(owner)
-    keeper = _LeaseKeeper(store, owner)
+    store.acquire_lease(owner, cfg.lease_ttl)
+    keeper = _LeaseKeeper(store, owner, ttl=cfg.lease_ttl)
     try:
         if cfg.overwrite:
             store.remove_all()
+        cleaned = store.clean_incomplete()  # what dead writers left: no live writer holds the lease
+        if any(cleaned.values()):
+            log.info("removed %d temporary files and aborted %d incomplete uploads left by earlier writers",
+                     cleaned["tmp_files"], cleaned["multipart_uploads"])
         _copy_manifest(store, cfg, manifest_hash)
         _init_ray(ray, cfg)
         actors = _Actors(ray, cfg, store, worker_cls)
-        facts = actors.describe()
+        facts = actors.start()
         fp, ident = fingerprint(manifest_hash, cfg, facts)
         old = _check_store(store, fp, ident, cfg)
         # One listing plus the last index, not two round trips per shard (docs/store.md, Commit marker).
         committed = {i: s for i, s in store.committed_shards(fp, old).items() if i < num_shards}
-        index = _IndexWriter(store, fp, ident, num_shards, facts, committed, cfg)
+        index = _IndexWriter(store, fp, ident, num_shards, facts, committed, cfg, guard=keeper.check)
         if old is None:  # records the settings at once, for a rerun after a crash
             index.write(time.time() - t0)
         todo = [i for i in range(num_shards) if i not in committed]
@@ -165,26 +196,46 @@ def _run(cfg: GenerateConfig, t0: float, source: str, worker_cls: type[ShardWork
 
 
 class _LeaseKeeper(threading.Thread):
-    """Renews the store's lease every minute from the moment it is taken (teacher loading and
-    index writing included); if another driver took it meanwhile, :meth:`check` raises."""
+    """Renews the store's lease every ``ttl / 5`` from the moment it is taken (teacher loading and
+    index writing included). A renewal that fails (a 503, a timeout, S3's 409) is retried with
+    back-off. :meth:`check` raises once another driver took the lease, or once the lease may have
+    expired because no renewal got through: the driver then stops dispatching and writes nothing
+    more (docs/generation.md, Faults)."""
 
-    def __init__(self, store: Store, owner: str, every: float = 60.0):
+    def __init__(self, store: Store, owner: str, ttl: float = 300.0, every: float | None = None):
         super().__init__(daemon=True, name="lease")
-        self.store, self.owner, self.every = store, owner, every
+        self.store, self.owner, self.ttl = store, owner, ttl
+        self.every = ttl / 5 if every is None else every
         self.lost: str | None = None
+        self.error: str | None = None  # the last renewal error
+        # Valid until this monotonic time: the lease's ttl from just before the last successful write
+        # of it, less a margin for clocks and the time a write takes.
+        self.valid_until = time.monotonic() + 0.9 * ttl
         self._halt = threading.Event()
         self.start()
 
     def run(self) -> None:
-        while not self._halt.wait(self.every):
-            self.lost = self.store.renew_lease(self.owner)
+        wait = self.every
+        while not self._halt.wait(wait):
+            t = time.monotonic()
+            try:
+                self.lost = self.store.renew_lease(self.owner, self.ttl)
+            except Exception as e:  # any failure to renew is retried, then fences
+                self.error = f"{type(e).__name__}: {str(e)[:300]}"
+                log.warning("renewing the lease of %s failed (%s); retrying", self.store.url, self.error)
+                wait = min(self.every, max(0.5, (self.valid_until - time.monotonic()) / 4))
+                continue
             if self.lost is not None:
                 return
+            self.valid_until, self.error, wait = t + 0.9 * self.ttl, None, self.every
 
     def check(self) -> None:
         if self.lost is not None:
             raise StoreError(f"{self.store.url}: the lease was taken by {self.lost}; stopping so two drivers "
                              "do not write one store")
+        if time.monotonic() >= self.valid_until:
+            raise StoreError(f"{self.store.url}: the lease could not be renewed before it expired (last error: "
+                             f"{self.error}); stopping, and writing nothing more to the store")
 
     def stop(self) -> None:
         self._halt.set()
@@ -206,7 +257,9 @@ def _init_ray(ray, cfg: GenerateConfig) -> None:
 
 
 class _Actors:
-    """The worker actors, with their CPU/GPU shares and torch thread counts."""
+    """The worker actors, with their CPU/GPU shares and torch thread counts, one per slot. An actor's
+    identity is its slot and the slot's generation (bumped at each replacement). A slot whose actors
+    keep failing to start or to finish a shard is left out (:attr:`down`)."""
 
     def __init__(self, ray, cfg: GenerateConfig, store: Store, worker_cls: type[ShardWorker]):
         self.ray, self.cfg = ray, cfg
@@ -228,18 +281,70 @@ class _Actors:
                                                 max_restarts=0, max_task_retries=0, max_concurrency=2)
         self.remote = remote
         self.handles = [remote.remote(self.wcfg) for _ in range(cfg.num_workers)]
+        self.gen = [0] * cfg.num_workers
+        self.strikes = [0] * cfg.num_workers  # replacements in a row without a shard done
+        self.down: dict[int, str] = {}  # slot → why it was left out
 
-    def describe(self) -> dict[str, Any]:
-        facts = self.ray.get([h.describe.remote() for h in self.handles])
-        for f in facts[1:]:
-            if f["sampler_hash"] != facts[0]["sampler_hash"]:
+    def actor_id(self, k: int) -> tuple[int, int]:
+        return k, self.gen[k]
+
+    def start(self) -> dict[str, Any]:
+        """Wait up to ``startup_timeout`` for every actor to load its teacher and describe itself.
+        One that fails is replaced (``max_actor_restarts`` times a slot); one still not up at the
+        deadline, or out of replacements, is left out. Returns the teacher's facts; raises when no
+        actor came up, or when they disagree on the sampler."""
+        ray, n = self.ray, len(self.handles)
+        deadline = time.monotonic() + self.cfg.startup_timeout
+        pending = {h.describe.remote(): k for k, h in enumerate(self.handles)}
+        facts: dict[int, dict[str, Any]] = {}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                break
+            k = pending.pop(done[0])
+            try:
+                facts[k] = ray.get(done[0])
+            except Exception as e:  # the constructor raised, or the actor died or could not be placed
+                reason = f"{type(e).__name__}: {_last_line(e)}"
+                if self.replace(k, reason):
+                    pending[self.handles[k].describe.remote()] = k
+        for k in pending.values():  # still loading at the deadline (a node without its GPU, say)
+            self._leave_out(k, f"not started after {self.cfg.startup_timeout:g} s")
+        if not facts:
+            raise StoreError("no worker started: " + "; ".join(f"worker {k}: {why}" for k, why in sorted(self.down.items())))
+        if self.down:
+            log.warning("%d of %d workers did not start and are left out (%s); running with %d", len(self.down), n,
+                        "; ".join(f"worker {k}: {why}" for k, why in sorted(self.down.items())), len(facts))
+        first = facts[min(facts)]
+        for f in facts.values():
+            if f["sampler_hash"] != first["sampler_hash"]:
                 raise StoreError("workers disagree on the sampler settings; check the teacher folder on every node")
-        return facts[0]
+        self.strikes = [0] * n  # start-up replacements do not count against the job's
+        return first
 
-    def replace(self, k: int) -> None:
-        """A new actor in slot k; the old one is killed (it may only be unreachable, not dead)."""
+    def replace(self, k: int, reason: str) -> bool:
+        """A new actor in slot k (the old one is killed: it may only be unreachable, not dead); False,
+        and the slot left out, once it has been replaced ``max_actor_restarts`` times in a row
+        without a shard done."""
         self.ray.kill(self.handles[k], no_restart=True)
+        self.strikes[k] += 1
+        if self.strikes[k] > self.cfg.max_actor_restarts:
+            self._leave_out(k, f"replaced {self.cfg.max_actor_restarts} times in a row; last: {reason}")
+            return False
+        log.warning("worker %d: %s; replacing it", k, reason)
+        self.gen[k] += 1
         self.handles[k] = self.remote.remote(self.wcfg)
+        return True
+
+    def _leave_out(self, k: int, why: str) -> None:
+        self.ray.kill(self.handles[k], no_restart=True)
+        self.down[k] = why
+        log.warning("worker %d left out: %s", k, why)
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return (lines[-1] if lines else repr(e))[:400]
 
 
 def _copy_manifest(store: Store, cfg: GenerateConfig, manifest_hash: str) -> None:
@@ -276,8 +381,9 @@ class _IndexWriter:
     writes under 1% of the driver's time and their total cost O(N log N), not O(N²)."""
 
     def __init__(self, store: Store, fp: str, ident: dict, num_shards: int, facts: dict,
-                 stats: dict[int, dict[str, Any]], cfg: GenerateConfig):
+                 stats: dict[int, dict[str, Any]], cfg: GenerateConfig, guard=lambda: None):
         self.store, self.fp, self.ident, self.num_shards, self.facts = store, fp, ident, num_shards, facts
+        self.guard = guard  # raises unless the lease is known to be held: every write is fenced by it
         self.stats = stats
         self.every_shards, self.every_s = cfg.index_every_shards, cfg.index_every_s
         self.new, self.last, self.took = 0, time.monotonic(), 0.0
@@ -297,6 +403,7 @@ class _IndexWriter:
         """An ``in progress`` index of the shards committed so far (the final one is :func:`write_index`)."""
         t0 = time.monotonic()
         shards = [_entry(self.stats[i]) for i in sorted(self.stats)]
+        self.guard()
         self.store.put_json("index.json", {
             "status": "in progress", "fingerprint": self.fp, "identity": self.ident,
             "num_shards": self.num_shards, "shards": shards, "samples": sum(s["samples"] for s in shards),
@@ -312,60 +419,170 @@ def _entry(stats: dict[str, Any]) -> dict[str, Any]:
 def _dispatch(actors: _Actors, todo: list[int], cfg: GenerateConfig, keeper: _LeaseKeeper, fp: str,
               index: _IndexWriter, t_job: float) -> dict[int, str]:
     """Run shards on the actors until all are committed or out of retries; each committed shard's
-    stats go to ``index`` (which writes index.json at intervals)."""
+    stats go to ``index`` (which writes index.json at intervals). Faults (docs/generation.md, Faults):
+
+    - a failed shard is retried on an actor it has not failed on, and is the shard's fault (given
+      up after ``max_shard_retries`` retries) only after failing on several;
+    - an actor that fails ``actor_fail_limit`` distinct shards while other actors succeed is
+      replaced, and those failures are not counted against the shards;
+    - a shard past its deadline (:func:`_shard_deadline`) has its actor killed and replaced and is
+      requeued;
+    - ``max_upload_failures`` failed uploads in a row stop the job with the upload's error;
+    - nothing is dispatched or written once the lease is not known to be held.
+    """
     from ray.exceptions import RayActorError, RayError, RayTaskError
 
     queue, attempts, failed = deque(todo), dict.fromkeys(todo, 0), {}
-    inflight: dict[Any, tuple[int, int, Any]] = {}  # task future → (actor slot, shard, actor handle)
+    reasons: dict[int, str] = {}
+    tried: dict[int, set] = {}  # shard → the actors it failed on
+    actor_failed: dict[tuple[int, int], set[int]] = {}  # actor → the shards it failed
+    succeeded: set[tuple[int, int]] = set()  # actors that committed a shard
+    durations: list[float] = []
+    upload_failures = 0
+    inflight: dict[Any, tuple[int, int, Any, tuple[int, int], float]] = {}  # future → slot, shard, handle, actor, start
     # Two slots per actor: shard k+1 generates while shard k uploads (the worker serialises generation).
-    idle = deque([k for _ in range(2) for k in range(len(actors.handles))])  # 0, 1, …, 0, 1, …: spread first
+    idle = deque([k for _ in range(2) for k in range(len(actors.handles)) if k not in actors.down])
     # Each task's completion puts its future on ``finished`` (a callback), so the loop's cost per
     # shard does not grow with the tasks in flight as ray.wait over all of them does.
     finished: stdqueue.SimpleQueue = stdqueue.SimpleQueue()
     samples = failures = 0
     t0 = time.time()
     bar = tqdm(total=len(todo), desc="shards", unit="shard")
+
+    def retry(shard: int, reason: str, actor: tuple[int, int] | None) -> None:
+        reasons[shard] = reason
+        if actor is not None:
+            tried.setdefault(shard, set()).add(actor)
+        _retry(shard, attempts, cfg, queue, failed, reason)
+
     while queue or inflight:
+        keeper.check()
+        waiting = []
+        live = {actors.actor_id(k) for k in range(len(actors.handles)) if k not in actors.down}
         while queue and idle:
-            k, shard = idle.popleft(), queue.popleft()
+            k = idle.popleft()
+            if k in actors.down:
+                continue
+            actor = actors.actor_id(k)
+            shard = _pick(queue, tried, actor, live)
+            if shard is None:  # every queued shard near the front failed on this actor already
+                waiting.append(k)
+                continue
             handle = actors.handles[k]
-            # The future gets the task's value (deserialised once, on Ray's thread) or its error.
-            fut = handle.run.remote(shard, fp).future()
-            inflight[fut] = (k, shard, handle)
+            # A retried shard may have been committed by an attempt whose result was lost: the worker
+            # checks first and never writes it again.
+            retried = {"check_committed": True} if attempts[shard] > 0 or shard in tried else {}
+            fut = handle.run.remote(shard, fp, **retried).future()
+            inflight[fut] = (k, shard, handle, actor, time.monotonic())
             fut.add_done_callback(finished.put)
+        idle.extend(waiting)
+        if not inflight and len(actors.down) == len(actors.handles):
+            raise StoreError("every worker is left out: " + "; ".join(
+                f"worker {k}: {why}" for k, why in sorted(actors.down.items())))
+        limit = _shard_deadline(cfg, durations)
+        first_due = min(start for *_, start in inflight.values()) + limit
         done = []
         with contextlib.suppress(stdqueue.Empty):
-            done.append(finished.get(timeout=5.0))
+            done.append(finished.get(timeout=min(5.0, max(0.05, first_due - time.monotonic()))))
             while True:  # and whatever else has finished meanwhile: one pass over a fleet's burst
                 done.append(finished.get_nowait())
         for fut in done:
-            k, shard, handle = inflight.pop(fut)
+            if fut not in inflight:  # a task of an actor already killed for a deadline
+                continue
+            k, shard, handle, actor, _ = inflight.pop(fut)
+            current = handle is actors.handles[k]
             try:
                 stats = fut.result()
                 index.add(stats)
                 samples += stats["samples"]
                 failures += len(stats["failures"])
+                upload_failures = 0
+                succeeded.add(actor)
+                actor_failed.pop(actor, None)  # a failure streak ends with a shard done
+                if current:
+                    actors.strikes[k] = 0
+                if not stats.get("reused"):
+                    durations.append(float(stats.get("seconds", 0.0)))
                 bar.update(1)
             except RayActorError as e:  # the process died: start a new actor, put the shard back
-                log.warning("worker %d died on shard %d (%s); replacing it and requeueing", k, shard,
-                            type(e).__name__)
-                _retry(shard, attempts, cfg, queue, failed, f"worker died: {type(e).__name__}")
-                if handle is actors.handles[k]:  # its other in-flight shard fails too: replace once
-                    actors.replace(k)
+                log.warning("worker %d died on shard %d (%s); requeueing it", k, shard, type(e).__name__)
+                retry(shard, f"worker died: {type(e).__name__}", None)
+                if current:  # its other in-flight shard fails too: replace once
+                    actors.replace(k, f"died on shard {shard}")
             except RayTaskError as e:
-                log.warning("shard %d failed: %s", shard, str(e).splitlines()[-1][:300])
-                _retry(shard, attempts, cfg, queue, failed, str(e).splitlines()[-1][:500])
+                reason = _last_line(e)
+                if isinstance(getattr(e, "cause", None), UploadError) or isinstance(e, UploadError):
+                    upload_failures += 1
+                    if upload_failures >= cfg.max_upload_failures:
+                        raise StoreError(f"{upload_failures} shard uploads in a row failed, none succeeded between "
+                                         f"them; stopping rather than generate the rest for nothing. Last: "
+                                         f"{reason}") from e
+                log.warning("shard %d failed on worker %d: %s", shard, k, reason[:300])
+                actor_failed.setdefault(actor, set()).add(shard)
+                retry(shard, reason[:500], actor)
             except RayError as e:  # lost objects, unserialisable errors, system errors: retry the shard
                 log.warning("shard %d: %s", shard, e)
-                _retry(shard, attempts, cfg, queue, failed, f"{type(e).__name__}: {str(e)[:400]}")
+                retry(shard, f"{type(e).__name__}: {str(e)[:400]}", actor)
             idle.append(k)
+        _blame(actors, actor_failed, succeeded, attempts, failed, queue, cfg)
+        now = time.monotonic()
+        for fut, (k, shard, handle, actor, start) in list(inflight.items()):
+            if now - start > limit and handle is actors.handles[k]:
+                log.warning("shard %d passed its %.0f s deadline on worker %d; killing the worker and requeueing",
+                            shard, limit, k)
+                inflight.pop(fut)
+                retry(shard, f"timed out after {limit:.0f} s", actor)
+                actors.replace(k, f"shard {shard} passed its {limit:.0f} s deadline")
+                idle.append(k)
         if done:  # drawn at tqdm's own pace (refresh=False), not once a shard
             rate = samples / max(time.time() - t0, 1e-9)
             bar.set_postfix(img_s=f"{rate:.2f}", failed_samples=failures, failed_shards=len(failed), refresh=False)
+        keeper.check()  # index writes happen only under a lease known to be held
         index.maybe_write(time.time() - t_job)  # before the next dispatch: a task started now sees it
-        keeper.check()
     bar.close()
     return failed
+
+
+def _blame(actors: _Actors, actor_failed: dict, succeeded: set, attempts: dict, failed: dict, queue: deque,
+           cfg: GenerateConfig) -> None:
+    """Replace each actor that failed ``actor_fail_limit`` distinct shards in a row while another
+    actor has committed one: the actor is at fault, not the shards, so their attempts there are
+    given back (a shard given up on because of it goes back in the queue)."""
+    for k in range(len(actors.handles)):
+        actor = actors.actor_id(k)
+        shards = actor_failed.get(actor, set())
+        if k in actors.down or len(shards) < cfg.actor_fail_limit or not succeeded - {actor}:
+            continue
+        for s in shards:
+            attempts[s] = max(0, attempts[s] - 1)
+            if s in failed and attempts[s] <= cfg.max_shard_retries:
+                del failed[s]
+                queue.append(s)
+        del actor_failed[actor]
+        actors.replace(k, f"failed {len(shards)} shards in a row while other workers succeed")
+
+
+def _pick(queue: deque, tried: dict[int, set], actor: tuple[int, int], live: set, scan: int = 64) -> int | None:
+    """The first shard near the front of ``queue`` (removed from it) that has not failed on
+    ``actor``, or has failed on every live actor (then any may retry it); None if there is none."""
+    for j, shard in enumerate(queue):
+        if j >= scan:
+            return None
+        failed_on = tried.get(shard, ())
+        if actor not in failed_on or live <= failed_on:
+            del queue[j]
+            return shard
+    return None
+
+
+def _shard_deadline(cfg: GenerateConfig, durations: list[float]) -> float:
+    """``shard_timeout``, or 10 times the median shard time so far, at least 60 s; 1800 s before a
+    shard has ended (a first shard includes warm-up)."""
+    if cfg.shard_timeout is not None:
+        return cfg.shard_timeout
+    if not durations:
+        return 1800.0
+    return max(60.0, 10 * statistics.median(durations[-1000:]))
 
 
 def _retry(shard: int, attempts: dict, cfg: GenerateConfig, queue: deque, failed: dict, reason: str) -> None:

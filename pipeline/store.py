@@ -33,6 +33,22 @@ class StoreError(RuntimeError):
     """The store cannot be used as asked (locked, made with other settings, corrupt)."""
 
 
+class UploadError(StoreError):
+    """Writing a shard to the store failed (credentials, a bucket policy, a full disk): the job's
+    circuit breaker counts these (docs/generation.md, Faults)."""
+
+
+def is_conflict(e: BaseException) -> bool:
+    """An S3 409 (``ConditionalRequestConflict``: another conditional write to the same key was in
+    flight), which S3 asks the client to retry."""
+    cause = getattr(e, "__cause__", None)
+    resp = getattr(cause, "response", None) or {}
+    status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    code = (resp.get("Error") or {}).get("Code")
+    return status == 409 or code in ("ConditionalRequestConflict", "OperationAborted") \
+        or "ConditionalRequestConflict" in str(e)
+
+
 def _holder_gone(owner: str) -> bool:
     """True when ``owner`` (host:pid:nonce) is a process of this host that is not running."""
     host, _, rest = owner.partition(":")
@@ -101,6 +117,33 @@ class Store:
     def put_file(self, rel: str, local_path: str) -> None:
         with open(local_path, "rb") as f:
             self.put_bytes(rel, f.read())
+
+    def clean_incomplete(self) -> dict[str, int]:
+        """Remove what writers that died left half-done (call it holding the lease): local temporary
+        files of :meth:`put_bytes` under ``shards/`` and beside the index, and on S3 the multipart
+        uploads under the store's prefix that were never completed (a shard over s3fs's multipart
+        threshold, 100 MiB by default, is uploaded in parts). Returns what was removed."""
+        out = {"tmp_files": 0, "multipart_uploads": 0}
+        if self.local:
+            for folder in (self.root, f"{self.root}/shards"):
+                try:
+                    names = os.listdir(folder)
+                except FileNotFoundError:
+                    continue
+                for name in names:  # .<name>.<32 hex>.tmp; the lease's own (.lease.*) are left alone
+                    if re.fullmatch(r"\.(?!lease\.).+\.[0-9a-f]{32}\.tmp", name):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(f"{folder}/{name}")
+                            out["tmp_files"] += 1
+            return out
+        if self.lease_mode == "conditional-put":  # S3
+            bucket, key, _ = self.fs.split_path(self.root)
+            prefix = f"{key}/" if key else ""
+            for upload in fsspec.asyn.sync(self.fs.loop, _multipart_uploads, self.fs, bucket, prefix):
+                fsspec.asyn.sync(self.fs.loop, self.fs._call_s3, "abort_multipart_upload", Bucket=bucket,
+                                 Key=upload["Key"], UploadId=upload["UploadId"])
+                out["multipart_uploads"] += 1
+        return out
 
     def remove_all(self) -> None:
         """Delete everything the store holds (``--overwrite``)."""
@@ -220,17 +263,31 @@ class Store:
         ``read-write-read``.
         """
         record = json.dumps({"owner": owner, "expires": time.time() + ttl, "taken_at": time.time()}).encode()
+        conflicts = 0
         for _ in range(3):
-            held, version = self._read_lease()
-            if held is not None and held.get("owner") != owner:
-                expires = held.get("expires", 0)
-                if expires > time.time() and not _holder_gone(str(held.get("owner"))):
-                    raise StoreError(f"{self.url} is being written by {held.get('owner')} (lease until "
-                                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(expires))}); "
-                                     "wait for it, or remove lease.json if that driver is gone")
-            if self._swap_lease(record, None if held is None else version):
+            while True:  # S3's 409 on a conditional write: retried with back-off, then as one more try
+                try:
+                    held, version = self._read_lease()
+                    swapped = self._try_lease(owner, held, version, record)
+                    break
+                except OSError as e:
+                    conflicts += 1
+                    if not is_conflict(e) or conflicts > 6:
+                        raise
+                    time.sleep(min(8.0, 0.25 * 2 ** conflicts))
+            if swapped:
                 return
         raise StoreError(f"{self.url}: another driver took the lease at the same time")
+
+    def _try_lease(self, owner: str, held: dict | None, version: Any, record: bytes) -> bool:
+        """Raise if a live driver holds the lease; else try to swap ``record`` in."""
+        if held is not None and held.get("owner") != owner:
+            expires = held.get("expires", 0)
+            if expires > time.time() and not _holder_gone(str(held.get("owner"))):
+                raise StoreError(f"{self.url} is being written by {held.get('owner')} (lease until "
+                                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(expires))}); "
+                                 "wait for it, or remove lease.json if that driver is gone")
+        return self._swap_lease(record, None if held is None else version)
 
     def _read_lease(self) -> tuple[dict[str, Any] | None, Any]:
         """(lease record or None, the version a swap compares against: inode, ETag or None)."""
@@ -313,6 +370,17 @@ class Store:
         held = self.read_json("lease.json")
         if held and held.get("owner") == owner:
             self.fs.rm(self.path("lease.json"))
+
+
+async def _multipart_uploads(fs, bucket: str, prefix: str) -> list[dict[str, Any]]:
+    """Every multipart upload in progress under ``prefix`` (paginated)."""
+    out, kw = [], {"Bucket": bucket, "Prefix": prefix}
+    while True:
+        resp = await fs._call_s3("list_multipart_uploads", **kw)
+        out += resp.get("Uploads", [])
+        if not resp.get("IsTruncated"):
+            return out
+        kw.update(KeyMarker=resp["NextKeyMarker"], UploadIdMarker=resp["NextUploadIdMarker"])
 
 
 async def _get_with_etag(fs, bucket: str, key: str) -> tuple[bytes, str]:

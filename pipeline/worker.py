@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .shardformat import encode_sample, tar_bytes
-from .store import Store
+from .store import Store, UploadError
 from .teacher import Teacher, noise_fingerprint
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,18 @@ class ShardWorker:
     def describe(self) -> dict[str, Any]:
         return {**self.facts, "worker": self.name}
 
-    def run(self, shard: int, fingerprint: str) -> dict[str, Any]:
+    def run(self, shard: int, fingerprint: str, check_committed: bool = False) -> dict[str, Any]:
         """Generate manifest rows ``[shard·N, (shard+1)·N)`` and commit them; returns the stats.
 
         ``fingerprint`` (the job's settings hash) goes into the stats, so a rerun recognises the shard.
+        ``check_committed`` (the driver sets it on a retried shard, whose earlier attempt may have
+        committed before its result was lost): a shard already committed with this fingerprint is
+        returned as it is, never generated or written again.
         """
+        if check_committed:
+            stats = self.store.committed(shard, fingerprint)
+            if stats is not None:
+                return {**stats, "reused": True}
         t0 = time.perf_counter()
         # One shard generates at a time. The teacher is released as soon as the shard's last batch is
         # generated: its encodes drain, and the tar is packed and uploaded, while the actor's other
@@ -94,7 +101,10 @@ class ShardWorker:
         tar = tar_bytes(samples)
         stats = {"samples": len(samples), "failures": failures, "rows": nrows, "worker": self.name,
                  "seconds": round(time.perf_counter() - t0, 3), "fingerprint": fingerprint}
-        return self.store.commit_shard(shard, tar, stats)
+        try:
+            return self.store.commit_shard(shard, tar, stats)
+        except Exception as e:  # the driver's circuit breaker counts these (docs/generation.md, Faults)
+            raise UploadError(f"shard {shard}: writing to {self.cfg.store_url} failed: {type(e).__name__}: {e}") from e
 
     def rows(self, shard: int) -> list[dict[str, Any]]:
         """The shard's manifest rows, read from the row groups that hold them."""

@@ -169,9 +169,9 @@ def _failing_shard_worker(shard: int, log_path) -> type[ShardWorker]:
     """A ShardWorker whose task for ``shard`` always raises; every attempt appends a line to ``log_path``."""
 
     class FailsOneShard(ShardWorker):
-        def run(self, i: int, fingerprint: str) -> dict:
+        def run(self, i: int, fingerprint: str, **kw) -> dict:
             if i != shard:
-                return super().run(i, fingerprint)
+                return super().run(i, fingerprint, **kw)
             with open(log_path, "a") as f:
                 f.write(f"{i}\n")
             raise RuntimeError(f"shard {i} fails (injected)")
