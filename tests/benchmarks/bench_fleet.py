@@ -147,9 +147,9 @@ def sleeping_worker(sleep: float, pid_dir: str, commit: bool = True):
             self.cpu0 = time.process_time()  # after start-up: the shards' CPU is counted from here
             Path(pid_dir, str(os.getpid())).write_text("0")
 
-        def run(self, shard, fp):
+        def run(self, shard, fp, **kw):
             if commit:
-                out = super().run(shard, fp)
+                out = super().run(shard, fp, **kw)
             else:
                 rows = self.cfg.shard_size
                 time.sleep(sleep * rows)
