@@ -161,7 +161,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 0
     _check_generate(args)
     index = run_generation(cfg)
-    print(f"{index['status']}: {index['samples']} samples in {len(index['shards'])}/{index['num_shards']} shards, "
+    print(f"{index['status']}: {index['samples']} samples in {index['committed_shards']}/{index['num_shards']} shards, "
           f"{index['failed_samples']} failed samples, {index['seconds']:.0f}s; store: {args.out}")
     return 0 if index["status"] == "complete" else 1
 

@@ -29,6 +29,8 @@ from typing import Any
 import fsspec
 import fsspec.implementations.local
 
+from .shardformat import index_entries
+
 _UNSIGNED = ("file", "local", "http", "https")
 
 
@@ -42,7 +44,7 @@ def shard_urls(store_url: str, storage_options: dict[str, Any] | None = None) ->
     except FileNotFoundError:
         raise FileNotFoundError(f"{store_url}: no index.json (not a twostep store, or generation "
                                 "has not finished a pass yet)") from None
-    shards = sorted(index.get("shards", []), key=lambda s: s["shard"])
+    shards = index_entries(lambda rel: fs.cat_file(f"{root}/{rel}"), index)
     if not shards:
         raise ValueError(f"{store_url}: index.json lists no committed shards")
     local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)

@@ -34,18 +34,29 @@ import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from twostep.prompts.manifest import read_meta
 
-from .shardformat import IMAGE_FORMATS, OPTIONAL_ARRAYS, STORE_FORMAT, members_text
-from .store import INDEX_ENTRY, Store, StoreError, UploadError
+from .shardformat import (
+    IMAGE_FORMATS,
+    INDEX_PART,
+    INDEX_PART_SHARDS,
+    INDEX_VERSION,
+    OPTIONAL_ARRAYS,
+    SHARD_TAR,
+    STORE_FORMAT,
+    members_text,
+)
+from .store import Store, StoreError, UploadError
 from .teacher import check_teacher_spec
 from .worker import ShardWorker, WorkerConfig
 
@@ -177,16 +188,18 @@ def _run(cfg: GenerateConfig, t0: float, source: str, worker_cls: type[ShardWork
         old = _check_store(store, fp, ident, cfg)
         # One listing plus the last index, not two round trips per shard (docs/store.md, Commit marker).
         committed = {i: s for i, s in store.committed_shards(fp, old).items() if i < num_shards}
-        index = _IndexWriter(store, fp, ident, num_shards, facts, committed, cfg, guard=keeper.check)
+        # parts are rewritten only where the old index lacks shards (or was of the inline version)
+        known = {e["shard"] for e in store.index_entries(old)} if old and old.get("index_version") else set()
+        index = _IndexWriter(store, fp, ident, num_shards, facts, committed, cfg, guard=keeper.check, known=known)
+        del committed  # the writer keeps the entries compact
         if old is None:  # records the settings at once, for a rerun after a crash
             index.write(time.time() - t0)
-        todo = [i for i in range(num_shards) if i not in committed]
+        todo = np.flatnonzero(~index.stats.present).tolist()
         log.info("%d shards of %d rows; %d committed already, %d to do; store %s",
                  num_shards, cfg.shard_size, num_shards - len(todo), len(todo), cfg.out)
         failed_shards = _dispatch(actors, todo, cfg, keeper, fp, index, t0)
         keeper.check()
-        summary = write_index(store, fp, ident, num_shards, facts, time.time() - t0, failed_shards,
-                              stats=index.stats)
+        summary = write_index(store, fp, ident, num_shards, facts, time.time() - t0, failed_shards, stats=index)
     finally:
         keeper.stop()
         store.release_lease(owner)
@@ -370,50 +383,136 @@ def _check_store(store: Store, fp: str, ident: dict, cfg: GenerateConfig) -> dic
     return index
 
 
+class _Records:
+    """The committed shards' index entries, compact: a few numpy arrays indexed by shard (45 bytes a
+    shard; 45 MB at a million) and the recorded sample failures of the shards that have any. Reads
+    like a dict of shard → entry (:data:`INDEX_ENTRY`)."""
+
+    def __init__(self, num_shards: int, stats: dict[int, dict[str, Any]] | None = None):
+        self.present = np.zeros(num_shards, bool)
+        self.samples = np.zeros(num_shards, np.int32)
+        self.nbytes = np.zeros(num_shards, np.int64)
+        self.sha = np.zeros((num_shards, 32), np.uint8)
+        self.failures: dict[int, list[dict[str, Any]]] = {}
+        for st in (stats or {}).values():
+            self.add(st)
+
+    def add(self, stats: dict[str, Any]) -> int:
+        i = stats["shard"]
+        self.present[i], self.samples[i], self.nbytes[i] = True, stats["samples"], stats["bytes"]
+        self.sha[i] = np.frombuffer(bytes.fromhex(stats["sha256"]), np.uint8)
+        if stats["failures"]:
+            self.failures[i] = list(stats["failures"])
+        else:
+            self.failures.pop(i, None)
+        return i
+
+    def __contains__(self, i: int) -> bool:
+        return 0 <= i < len(self.present) and bool(self.present[i])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i not in self:
+            raise KeyError(i)
+        return {"shard": i, "url": SHARD_TAR.format(i), "samples": int(self.samples[i]),
+                "bytes": int(self.nbytes[i]), "sha256": self.sha[i].tobytes().hex(),
+                "failures": self.failures.get(i, [])}
+
+    def __len__(self) -> int:
+        return int(self.present.sum())
+
+    def __iter__(self):
+        return iter(np.flatnonzero(self.present).tolist())
+
+    def total_samples(self) -> int:
+        return int(self.samples[self.present].sum())
+
+    def part(self, k: int) -> list[dict[str, Any]]:
+        """The entries of index part k (docs/store.md, Commit marker, index and lease)."""
+        lo, hi = k * INDEX_PART_SHARDS, min(len(self.present), (k + 1) * INDEX_PART_SHARDS)
+        return [self[i] for i in (lo + np.flatnonzero(self.present[lo:hi])).tolist()]
+
+
 class _IndexWriter:
-    """The committed shards' stats as the driver learns them (start-up scan, then each task's
+    """The committed shards' entries as the driver learns them (start-up scan, then each task's
     result), and ``index.json`` written from them every ``index_every_shards`` new shards or
     ``index_every_s`` seconds, so a driver killed mid-job leaves an index the next run starts from.
 
-    A write costs time in proportion to the shards committed (every entry is serialised and
-    uploaded), so both intervals stretch as the store grows: at least a twentieth of the committed
-    shards between writes, and at least 100 times the last write's duration, which keeps the
-    writes under 1% of the driver's time and their total cost O(N log N), not O(N²)."""
+    The entries are kept compact (:class:`_Records`), and ``index.json`` holds them in parts of
+    4,096 shards: a write uploads only the parts with new shards, plus the small head, on a
+    background thread, so the dispatch loop only gathers those parts' entries and a write's cost
+    does not grow with the store. Both intervals still stretch as the store grows (at least a
+    twentieth of the committed shards between writes, and 100 times the last write's duration).
+    Every write is fenced by ``guard`` (the lease)."""
 
     def __init__(self, store: Store, fp: str, ident: dict, num_shards: int, facts: dict,
-                 stats: dict[int, dict[str, Any]], cfg: GenerateConfig, guard=lambda: None):
+                 stats: dict[int, dict[str, Any]], cfg: GenerateConfig, guard=lambda: None,
+                 known: set[int] | None = None):
         self.store, self.fp, self.ident, self.num_shards, self.facts = store, fp, ident, num_shards, facts
         self.guard = guard  # raises unless the lease is known to be held: every write is fenced by it
-        self.stats = stats
+        self.stats = _Records(num_shards, stats)
+        # parts to upload: those with shards the store's index.json does not hold already (``known``)
+        self.dirty = {i // INDEX_PART_SHARDS for i in stats if known is None or i not in known}
         self.every_shards, self.every_s = cfg.index_every_shards, cfg.index_every_s
         self.new, self.last, self.took = 0, time.monotonic(), 0.0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="index")
+        self._pending: Future | None = None
 
     def add(self, stats: dict[str, Any]) -> None:
-        self.stats[stats["shard"]] = stats
+        self.dirty.add(self.stats.add(stats) // INDEX_PART_SHARDS)
         self.new += 1
 
     def maybe_write(self, seconds: float) -> None:
+        if self._pending is not None:
+            if not self._pending.done():
+                return  # the last write is still uploading: its parts stay dirty for the next
+            self._finish()
         if not self.new:
             return
         if (self.new >= max(self.every_shards, len(self.stats) // 20)
                 or time.monotonic() - self.last >= max(self.every_s, 100 * self.took)):
-            self.write(seconds)
+            self.write(seconds, wait=False)
 
-    def write(self, seconds: float) -> None:
-        """An ``in progress`` index of the shards committed so far (the final one is :func:`write_index`)."""
-        t0 = time.monotonic()
-        shards = [_entry(self.stats[i]) for i in sorted(self.stats)]
-        self.guard()
-        self.store.put_json("index.json", {
-            "status": "in progress", "fingerprint": self.fp, "identity": self.ident,
-            "num_shards": self.num_shards, "shards": shards, "samples": sum(s["samples"] for s in shards),
-            "teacher": self.facts, "seconds": round(seconds, 1)}, indent=None)
+    def write(self, seconds: float, wait: bool = True, final: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Upload the changed parts and then the head: ``in progress``, or ``final`` (the completed
+        head fields) at the end. ``wait``: return after the upload; else it runs on the background
+        thread (its failure is raised at the next call)."""
+        if self._pending is not None:
+            self._finish()
+        parts = {k: self.stats.part(k) for k in sorted(self.dirty)}
+        self.dirty = set()
+        head = {"index_version": INDEX_VERSION, "fingerprint": self.fp, "identity": self.ident,
+                "num_shards": self.num_shards, "committed_shards": len(self.stats),
+                "samples": self.stats.total_samples(), "teacher": self.facts, "seconds": round(seconds, 1),
+                "index_parts": {"shards_per_part": INDEX_PART_SHARDS,
+                                "parts": sorted({i // INDEX_PART_SHARDS for i in self.stats})}}
+        head.update(final or {"status": "in progress"})
         self.new, self.last = 0, time.monotonic()
-        self.took = self.last - t0
+        self._pending = self._pool.submit(self._upload, parts, head)
+        if wait:
+            self._finish()
+        return head
 
+    def _upload(self, parts: dict[int, list[dict[str, Any]]], head: dict[str, Any]) -> None:
+        t0 = time.monotonic()
+        for k, entries in parts.items():
+            self.guard()
+            self.store.put_json(INDEX_PART.format(k), entries, indent=None)
+        self.guard()
+        self.store.put_json("index.json", head, indent=None)
+        self.took = time.monotonic() - t0
 
-def _entry(stats: dict[str, Any]) -> dict[str, Any]:
-    return {k: stats[k] for k in INDEX_ENTRY}
+    def flush(self) -> None:
+        """Wait for a write in flight (raising its error)."""
+        if self._pending is not None:
+            self._finish()
+
+    def _finish(self) -> None:
+        pending, self._pending = self._pending, None
+        try:
+            pending.result()
+        except Exception:
+            self.dirty |= set(range(math.ceil(self.num_shards / INDEX_PART_SHARDS)))  # rewrite all next time
+            raise
 
 
 def _dispatch(actors: _Actors, todo: list[int], cfg: GenerateConfig, keeper: _LeaseKeeper, fp: str,
@@ -595,24 +694,21 @@ def _retry(shard: int, attempts: dict, cfg: GenerateConfig, queue: deque, failed
 
 
 def write_index(store: Store, fp: str, ident: dict, num_shards: int, facts: dict, seconds: float,
-                failed_shards: dict[int, str], stats: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """index.json, failed.parquet and README.md from the committed shards' stats: ``stats`` (shard →
-    stats, as the driver collected them), or when None, what :meth:`Store.committed_shards` finds."""
+                failed_shards: dict[int, str], stats: _IndexWriter | None = None) -> dict[str, Any]:
+    """index.json (with its parts), failed.parquet and README.md from the committed shards: those
+    ``stats`` (the job's index writer) holds, or when None, what :meth:`Store.committed_shards` finds."""
     if stats is None:
-        stats = store.committed_shards(fp, store.read_json("index.json"))
-    shards, failed_rows, missing = [], [], []
-    for i in range(num_shards):
-        if i not in stats:
-            missing.append(i)
-            continue
-        shards.append(_entry(stats[i]))
-        failed_rows += [{**f, "shard": i} for f in stats[i]["failures"]]
-    samples = sum(s["samples"] for s in shards)
-    index = {"status": "complete" if not missing else "incomplete", "fingerprint": fp, "identity": ident,
-             "num_shards": num_shards, "shards": shards, "missing_shards": missing,
-             "failed_shards": {str(k): v for k, v in failed_shards.items()}, "samples": samples,
-             "failed_samples": len(failed_rows), "teacher": facts, "seconds": round(seconds, 1)}
-    store.put_json("index.json", index, indent=None)  # one entry a shard: 100k shards is ~20 MB
+        old = store.read_json("index.json")
+        found = store.committed_shards(fp, old)
+        stats = _IndexWriter(store, fp, ident, num_shards, facts, {i: s for i, s in found.items() if i < num_shards},
+                             GenerateConfig(manifest="-", out=store.url))
+        stats.dirty = set(range(math.ceil(num_shards / INDEX_PART_SHARDS)))  # this layout, whatever was there
+    records = stats.stats
+    missing = np.flatnonzero(~records.present).tolist()
+    failed_rows = [{**f, "shard": i} for i in sorted(records.failures) for f in records.failures[i]]
+    final = {"status": "complete" if not missing else "incomplete", "missing_shards": missing,
+             "failed_shards": {str(k): v for k, v in failed_shards.items()}, "failed_samples": len(failed_rows)}
+    index = stats.write(seconds, wait=True, final=final)
     table = pa.Table.from_pylist(failed_rows, schema=pa.schema(
         [("prompt_id", pa.string()), ("row", pa.int64()), ("reason", pa.string()), ("shard", pa.int64())]))
     buf = pa.BufferOutputStream()
@@ -629,11 +725,11 @@ def _card(index: dict) -> str:
 Generated by `twostep generate` from a prompt manifest (`manifest.parquet`, hash `{ident['manifest_hash']}`).
 
 - teacher: `{t['teacher']}` (revision {t['revision']}), {t['sampler']['num_steps']} steps, guidance {t['sampler']['guidance_scale']}, sigmas {t['sampler']['sigmas']}, sampler hash `{t['sampler_hash']}`
-- {index['samples']} samples in {len(index['shards'])} of {index['num_shards']} shards ({ident['shard_size']} rows each); {index['failed_samples']} failed samples (`failed.parquet`); status: {index['status']}
+- {index['samples']} samples in {index['committed_shards']} of {index['num_shards']} shards ({ident['shard_size']} rows each); {index['failed_samples']} failed samples (`failed.parquet`); status: {index['status']}
 - members per sample: {members_text(ident['save'], ident['image_format'], t['sampler']['mid_sigma'])}
 - versions: {json.dumps(t['versions'])}; dtype {t['dtype']} on {t['device']}
 
-Read it with `webdataset.WebDataset("shards/{{000000..{len(index['shards']) - 1:06d}}}.tar")`,
+Read it with `webdataset.WebDataset("shards/{{000000..{index['num_shards'] - 1:06d}}}.tar")`,
 `datasets.load_dataset("webdataset", data_files=...)` or `ray.data.read_webdataset`.
 Check it with `twostep verify STORE`.
 """

@@ -62,6 +62,13 @@ import numpy as np
 STORE_FORMAT = 1
 SHARD_TAR = "shards/{:06d}.tar"
 SHARD_STATS = "shards/{:06d}.json"
+INDEX_VERSION = 2
+"""``index.json`` version 2 keeps the shard entries in parts (:data:`INDEX_PART`), so that a rewrite
+while the job runs costs the parts that changed, not the whole store; version 1 (no
+``index_version``) lists them inline under ``shards`` and is still read (docs/store.md)."""
+INDEX_PART = "index/{:05d}.json"
+INDEX_PART_SHARDS = 4096
+"""Shards per index part: part k holds the entries of shards [k·4096, (k+1)·4096) that are committed."""
 
 ARRAYS = {"latent": np.dtype(np.float16), "mid": np.dtype(np.float16), "noise": np.dtype(np.float32)}
 """Array name → dtype; the member is ``<name>.npy``."""
@@ -100,6 +107,20 @@ class Sample:
     @property
     def seed(self) -> int:
         return int(self.meta["seed"])
+
+
+def index_entries(read_bytes, index: dict[str, Any]) -> list[dict[str, Any]]:
+    """The shard entries of an ``index.json`` of either version, in shard order. ``read_bytes``
+    reads a store member by its relative name (``index/00000.json``)."""
+    if "index_version" not in index:  # version 1: inline
+        return sorted(index.get("shards") or [], key=lambda e: e["shard"])
+    if index["index_version"] > INDEX_VERSION:
+        raise ValueError(f"index.json version {index['index_version']}: this twostep reads up to {INDEX_VERSION}; "
+                         "upgrade twostep")
+    out: list[dict[str, Any]] = []
+    for k in index["index_parts"]["parts"]:
+        out += json.loads(read_bytes(INDEX_PART.format(k)))
+    return out
 
 
 def key_problem(key: object) -> str | None:

@@ -20,7 +20,7 @@ from typing import Any
 import fsspec
 import fsspec.asyn
 
-from .shardformat import SHARD_STATS, SHARD_TAR
+from .shardformat import SHARD_STATS, SHARD_TAR, index_entries
 
 INDEX_ENTRY = ("url", "samples", "sha256", "bytes", "shard", "failures")
 """What ``index.json`` keeps of each committed shard's stats: enough for a rerun to trust the entry
@@ -95,6 +95,10 @@ class Store:
         except FileNotFoundError:
             return None
 
+    def index_entries(self, index: dict[str, Any]) -> list[dict[str, Any]]:
+        """The shard entries of ``index`` (an ``index.json`` of either version), in shard order."""
+        return index_entries(self.read_bytes, index)
+
     def put_bytes(self, rel: str, data: bytes) -> None:
         """Atomic write: a temporary name then a rename locally; one PUT (atomic) on object stores."""
         path = self.path(rel)
@@ -147,7 +151,7 @@ class Store:
 
     def remove_all(self) -> None:
         """Delete everything the store holds (``--overwrite``)."""
-        for rel in ("shards", "index.json", "manifest.parquet", "failed.parquet", "README.md"):
+        for rel in ("shards", "index", "index.json", "manifest.parquet", "failed.parquet", "README.md"):
             if self.exists(rel):
                 self.fs.rm(self.path(rel), recursive=True)
 
@@ -202,7 +206,7 @@ class Store:
         listing = self.list_shards()
         known = {}
         if index and index.get("fingerprint") == fingerprint:
-            known = {e["shard"]: e for e in index.get("shards", []) if all(k in e for k in INDEX_ENTRY)}
+            known = {e["shard"]: e for e in self.index_entries(index) if all(k in e for k in INDEX_ENTRY)}
         out: dict[int, dict[str, Any]] = {}
         unknown = []
         for i, sizes in sorted(listing.items()):
@@ -219,6 +223,7 @@ class Store:
                     if (stats is not None and stats.get("fingerprint") == fingerprint
                             and stats.get("bytes") == listing[i]["tar"]):
                         out[i] = stats
+        self.fs.invalidate_cache(self.path("shards"))  # not kept: 1.4 GB at a million shards on s3fs
         return out
 
     def _stats_or_none(self, shard: int) -> dict[str, Any] | None:

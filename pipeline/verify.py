@@ -82,7 +82,7 @@ def verify_store(url: str, storage_options: dict | None = None, regenerate: int 
     with store.fs.open(store.path("manifest.parquet"), "rb") as f:
         rows = pq.read_metadata(f).num_rows
     plan = math.ceil(rows / n)
-    listed = {s["shard"]: s for s in index["shards"]}
+    listed = {s["shard"]: s for s in store.index_entries(index)}
     bad = _fast_checks(store, listed, plan, rows, n)
     problems = list(bad.values())
     report: dict[str, Any] = {"shards": len(listed), "samples": sum(s["samples"] for s in listed.values()),

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from twostep.pipeline.shardformat import Sample, ShardFormatError, iter_samples
+from twostep.pipeline.shardformat import Sample, ShardFormatError, index_entries, iter_samples
 from twostep.pipeline.teacher import noise_fingerprint, seed_noise
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,8 @@ def _store_shards(root: str, fs: Any, index_path: str) -> tuple[list[ShardInfo],
     """A store's shards from its index.json; relative shard urls are joined to the store's URL."""
     with fs.open(index_path, "rb") as f:
         index = json.load(f)
-    entries = index.get("shards") or []
+    base = index_path.rsplit("/", 1)[0]
+    entries = index_entries(lambda rel: fs.cat_file(f"{base}/{rel}"), index)
     if not entries:
         raise FileNotFoundError(f"store {root!r} lists no committed shards in index.json (status "
                                 f"{index.get('status')!r}); finish the generation job first")

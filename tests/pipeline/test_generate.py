@@ -64,7 +64,8 @@ def clean_store(ray_cluster, manifest, tmp_path_factory):
 
 def test_clean_run_writes_the_documented_store(clean_store, manifest):
     out, index = clean_store
-    assert index["status"] == "complete" and index["samples"] == ROWS and len(index["shards"]) == 3
+    assert index["status"] == "complete" and index["samples"] == ROWS and index["committed_shards"] == 3
+    assert [e["shard"] for e in Store(str(out)).index_entries(index)] == [0, 1, 2]
     for rel in ("index.json", "manifest.parquet", "failed.parquet", "README.md", "shards/000002.json"):
         assert os.path.exists(f"{out}/{rel}"), rel
     assert not os.path.exists(f"{out}/lease.json")
@@ -300,8 +301,10 @@ def test_bucket_store_on_s3_protocol_server(ray_cluster, manifest, s3_server, cl
     assert report["ok"] and report["samples"] == ROWS, report["problems"]
     store = Store(url, s3_server)
     assert store.exists("shards/000002.json") and store.exists("README.md") and not store.exists("lease.json")
-    local = json.load(open(f"{clean_store[0]}/index.json"))
-    assert [s["sha256"] for s in index["shards"]] and len(index["shards"]) == len(local["shards"])
+    local = Store(str(clean_store[0]))
+    local_entries = local.index_entries(local.read_json("index.json"))
+    entries = store.index_entries(index)
+    assert [s["sha256"] for s in entries] and [s["shard"] for s in entries] == [s["shard"] for s in local_entries]
 
 
 def test_store_of_another_manifest_is_refused(ray_cluster, clean_store, tmp_path):

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -186,8 +187,9 @@ def test_killed_driver_store_then_no_op_rerun_on_s3(ray_cluster, counted_s3, tmp
 
     index = run_generation(cfg)
     first = log.take()
-    assert index["status"] == "complete" and index["samples"] == SHARDS and len(index["shards"]) == SHARDS
-    assert [s["sha256"] for s in index["shards"]] == [stats[i]["sha256"] for i in range(SHARDS)]
+    entries = store.index_entries(index)
+    assert index["status"] == "complete" and index["samples"] == SHARDS and len(entries) == SHARDS
+    assert [s["sha256"] for s in entries] == [stats[i]["sha256"] for i in range(SHARDS)]
     assert not [p for m, p, _ in first if m == "PUT" and "/shards/" in p]  # nothing regenerated
     assert sum(1 for m, p, _ in first if m == "GET" and p.endswith(".json") and "/shards/" in p) == SHARDS
 
@@ -200,14 +202,22 @@ def test_killed_driver_store_then_no_op_rerun_on_s3(ray_cluster, counted_s3, tmp
 
 
 def _index_peeking_worker(shard: int, out_path: str) -> type[ShardWorker]:
-    """A ShardWorker that, when it starts ``shard``, copies the store's index.json to ``out_path``."""
+    """A ShardWorker that, when it starts ``shard``, copies the store's index (its head with the
+    entries its parts hold) to ``out_path``. Index writes run on the driver's background thread, so
+    it waits (10 s at most) for one that lists a shard."""
 
     class Peeks(ShardWorker):
-        def run(self, i: int, fp: str) -> dict:
+        def run(self, i: int, fp: str, **kw) -> dict:
             if i == shard:
-                with open(out_path, "wb") as f:
-                    f.write(self.store.read_bytes("index.json"))
-            return super().run(i, fp)
+                for _ in range(100):
+                    head = self.store.read_json("index.json")
+                    entries = self.store.index_entries(head) if head else []
+                    if entries:
+                        break
+                    time.sleep(0.1)
+                with open(out_path, "w") as f:
+                    json.dump({**head, "shards": entries}, f)
+            return super().run(i, fp, **kw)
 
     return Peeks
 
@@ -225,8 +235,9 @@ def test_index_is_written_while_the_job_runs(ray_cluster, tmp_path):
     assert mid["status"] == "in progress" and mid["fingerprint"] == final["fingerprint"]
     listed = [s["shard"] for s in mid["shards"]]
     assert listed in ([0], [1], [0, 1])
-    assert all(s == final["shards"][s["shard"]] for s in mid["shards"])
-    assert final["status"] == "complete" and [s["shard"] for s in final["shards"]] == [0, 1, 2]
+    final_entries = Store(str(out)).index_entries(final)
+    assert all(s == final_entries[s["shard"]] for s in mid["shards"])
+    assert final["status"] == "complete" and [s["shard"] for s in final_entries] == [0, 1, 2]
 
 
 def test_index_writes_stretch_as_the_store_grows(tmp_path):
@@ -246,16 +257,19 @@ def test_index_writes_stretch_as_the_store_grows(tmp_path):
     assert not store.exists("index.json")
     writer.add({**entry, "shard": 1051})
     writer.maybe_write(1.0)
+    writer.flush()
     raw = store.read_bytes("index.json")
-    assert b"\n" not in raw and len(json.loads(raw)["shards"]) == 1052
+    assert b"\n" not in raw and len(store.index_entries(json.loads(raw))) == 1052
     assert writer.took > 0
     writer.every_s, writer.took, writer.last = 1e-9, 10.0, writer.last - 500  # 500 s since: < 100 x 10 s
     writer.add({**entry, "shard": 1052})
     writer.maybe_write(1.0)
-    assert len(json.loads(store.read_bytes("index.json"))["shards"]) == 1052
+    writer.flush()
+    assert len(store.index_entries(store.read_json("index.json"))) == 1052
     writer.last -= 600  # now 1,100 s since the last write
     writer.maybe_write(1.0)
-    assert len(json.loads(store.read_bytes("index.json"))["shards"]) == 1053
+    writer.flush()
+    assert len(store.index_entries(store.read_json("index.json"))) == 1053
 
 
 # --- workers read only their rows --------------------------------------------------------------------
@@ -447,7 +461,7 @@ def test_verify_as_ray_tasks_keeps_a_bounded_window(ray_cluster, tmp_path, monke
     drawn, results = [], []
 
     def jobs():
-        for entry in index["shards"]:
+        for entry in Store(url).index_entries(index):
             drawn.append(entry["shard"])
             yield entry["shard"], entry, [f"k{entry['shard']}"]
 
@@ -607,7 +621,7 @@ def test_verify_keeps_a_bounded_window_of_checks_in_flight(tmp_path):
     drawn, results = [], []
 
     def jobs():
-        for entry in index["shards"]:
+        for entry in store.index_entries(index):
             drawn.append(entry["shard"])
             yield entry["shard"], entry, [f"k{entry['shard']}"]
 
