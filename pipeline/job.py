@@ -360,8 +360,16 @@ def _last_line(e: BaseException) -> str:
     return (lines[-1] if lines else repr(e))[:400]
 
 
+ROW_GROUP_ROWS = 16_384
+"""Rows a manifest row group may hold in the store's copy (after re-chunking a manifest written with
+larger ones): each worker decodes the row groups that hold its shard's rows."""
+
+
 def _copy_manifest(store: Store, cfg: GenerateConfig, manifest_hash: str) -> None:
-    """Put the manifest into the store, or check that the copy there is the same manifest."""
+    """Put the manifest into the store, or check that the copy there is the same manifest. A
+    manifest whose row groups are over 4 × :data:`ROW_GROUP_ROWS` rows (one huge group, say: every
+    shard would decode all of it) is re-chunked into groups of whole shards, about that size; the
+    rows, their order and the footer's hash stay as they are."""
     if store.exists("manifest.parquet"):
         with store.fs.open(store.path("manifest.parquet"), "rb") as f:
             stored = (pq.read_metadata(f).metadata or {}).get(b"twostep.manifest_hash", b"").decode()
@@ -369,7 +377,22 @@ def _copy_manifest(store: Store, cfg: GenerateConfig, manifest_hash: str) -> Non
             return
         raise StoreError(f"{cfg.out} holds another manifest (hash {stored[:12]}…, yours {manifest_hash[:12]}…); "
                          "use another --out, or --overwrite to replace it")
-    store.put_file("manifest.parquet", cfg.manifest)
+    meta = pq.read_metadata(cfg.manifest)
+    largest = max((meta.row_group(i).num_rows for i in range(meta.num_row_groups)), default=0)
+    if largest <= 4 * ROW_GROUP_ROWS:
+        store.put_file("manifest.parquet", cfg.manifest)
+        return
+    size = cfg.shard_size * max(1, ROW_GROUP_ROWS // cfg.shard_size)
+    log.info("the manifest has row groups of up to %d rows; the store's copy is re-chunked into groups of %d "
+             "(whole shards), so each worker decodes only those that hold its rows", largest, size)
+    with tempfile.TemporaryDirectory(prefix="twostep-manifest-") as tmp:
+        out = os.path.join(tmp, "manifest.parquet")
+        source = pq.ParquetFile(cfg.manifest)
+        with pq.ParquetWriter(out, source.schema_arrow, compression="zstd") as writer:
+            for batch in source.iter_batches(batch_size=size):
+                writer.write_table(pa.Table.from_batches([batch]), row_group_size=size)
+            writer.add_key_value_metadata({k: v for k, v in (meta.metadata or {}).items() if k.startswith(b"twostep.")})
+        store.put_file("manifest.parquet", out)
 
 
 def _check_store(store: Store, fp: str, ident: dict, cfg: GenerateConfig) -> dict[str, Any] | None:

@@ -335,3 +335,32 @@ def test_a_409_on_acquire_is_retried(free_port):
         assert json.loads(store.read_bytes("lease.json"))["owner"] == "me:1:a"
     finally:
         server.stop()
+
+
+# --- a manifest written as one huge row group ------------------------------------------------------
+
+
+def test_a_manifest_of_one_huge_row_group_is_rechunked_in_the_stores_copy(ray_cluster, manifest, tmp_path,
+                                                                         monkeypatch):
+    """Every row in one row group: the store's copy gets groups of whole shards (here 1 shard of 4
+    rows, the threshold scaled down), with the same rows and the same manifest hash, and the job
+    completes from it."""
+    import pyarrow.parquet as pq
+
+    from twostep.pipeline import job
+    from twostep.prompts.manifest import read_meta
+
+    one = tmp_path / "one_group.parquet"
+    source = pq.ParquetFile(manifest)
+    with pq.ParquetWriter(one, source.schema_arrow) as w:
+        w.write_table(source.read(), row_group_size=ROWS)
+        w.add_key_value_metadata({k: v for k, v in source.metadata.metadata.items() if k.startswith(b"twostep.")})
+    assert pq.read_metadata(one).num_row_groups == 1
+    monkeypatch.setattr(job, "ROW_GROUP_ROWS", 4)  # 24 rows > 4 × 4
+    out = tmp_path / "store"
+    index = run_generation(_cfg(str(one), out))
+    _complete(index, out)
+    copy = pq.ParquetFile(out / "manifest.parquet")
+    assert [copy.metadata.row_group(i).num_rows for i in range(copy.num_row_groups)] == [SHARD] * (ROWS // SHARD)
+    assert read_meta(out / "manifest.parquet")[0] == read_meta(one)[0] == read_meta(manifest)[0]
+    assert copy.read().equals(pq.read_table(one))
