@@ -9,8 +9,11 @@ Each is timed on one batch, latents only (``output_type="latent"`` / ``decode=Fa
 images (``output_type="np"`` / ``decode=True``), after a warm-up call, in the order A B B A per repeat
 (A = teacher, B = student); with ``--stock`` the same student forced onto the stock per-sample forward
 (C, the exported pipeline as it was before it used the batched forward) joins as A B C C B A.
-Reported: medians of images/s and the ratio student / teacher, plus the largest latent difference
-between the paths (a check that they compute the same thing).
+Reported: medians of images/s and the ratios to the teacher, plus the largest latent difference
+between the paths (a check that they compute the same thing). Each timing is also counted per CPU
+second of this process (all its threads): with ``--threads 1`` that figure hardly moves when other
+processes share the cores, which the wall clock does (``cpu_share_min_median`` in the results shows
+how much of its cores the process got).
 
     python tests/benchmarks/bench_student_pipeline.py [--batch 100] [--repeats 5] [--stock] [--device cpu]
 """
@@ -115,16 +118,17 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu_shares: list[float] = []
 
-    def timed(fn, decode: bool) -> float:
+    def timed(fn, decode: bool) -> tuple[float, float]:
+        """images/s by the wall clock and per CPU second of this process (all its threads)."""
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
         fn(decode)
         sync()
-        seconds = time.perf_counter() - t0
-        # This process's CPU seconds per wall second and torch thread: near 1 when the cores were ours
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        # CPU seconds per wall second and torch thread: near 1 when the cores were this process's
         # alone, lower when other processes took them (meaningful on CPU runs).
-        cpu_shares.append((time.process_time() - c0) / seconds / torch.get_num_threads())
-        return args.batch / seconds
+        cpu_shares.append(cpu / seconds / torch.get_num_threads())
+        return args.batch / seconds, args.batch / cpu
 
     # Same computation on both paths, and the student on the batched forward.
     ref = run_teacher(False).latent
@@ -145,20 +149,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.stock:
         order = ["teacher", "student", "student_stock", "student_stock", "student", "teacher"]
     load_before = os.getloadavg()  # other processes on the machine would show here
-    rates: dict[str, dict[str, list[float]]] = {m: {n: [] for n in fns} for m in ("latent", "decoded")}
+    rates = {m: {n: [] for n in fns} for m in ("latent", "decoded")}  # wall clock
+    cpu_rates = {m: {n: [] for n in fns} for m in ("latent", "decoded")}  # per CPU second
     for _ in range(args.repeats):
         for mode, decode in (("latent", False), ("decoded", True)):
             for name in order:
-                rates[mode][name].append(round(timed(fns[name], decode), 2))
+                wall, cpu = timed(fns[name], decode)
+                rates[mode][name].append(round(wall, 2))
+                cpu_rates[mode][name].append(round(cpu, 2))
 
     figures = {}
-    for mode, r in rates.items():
-        med = {n: statistics.median(v) for n, v in r.items()}
-        figures[mode] = {f"{n}_images_per_s": round(v, 2) for n, v in med.items()}
-        figures[mode]["ratio_student_over_teacher"] = round(med["student"] / med["teacher"], 3)
-        if args.stock:
-            figures[mode]["ratio_student_stock_over_teacher"] = round(med["student_stock"] / med["teacher"], 3)
-        figures[mode]["runs"] = r
+    for mode in rates:
+        fig = figures[mode] = {}
+        for unit, r in (("images_per_s", rates[mode]), ("images_per_cpu_s", cpu_rates[mode])):
+            med = {n: statistics.median(v) for n, v in r.items()}
+            fig.update({f"{n}_{unit}": round(v, 2) for n, v in med.items()})
+            for n in med:
+                if n != "teacher":
+                    fig[f"ratio_{n}_over_teacher_{unit}"] = round(med[n] / med["teacher"], 3)
+        fig["runs_images_per_s"], fig["runs_images_per_cpu_s"] = rates[mode], cpu_rates[mode]
     result = {
         "benchmark": "exported 2-step student pipeline vs the teacher's 2-step path, toy teacher",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
