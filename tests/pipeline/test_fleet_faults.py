@@ -115,14 +115,14 @@ def test_a_stopped_actor_passes_the_shard_deadline_and_is_replaced(ray_cluster, 
     out = tmp_path / "store"
     marker = tmp_path / "marker"
     with caplog.at_level(logging.WARNING, logger="twostep.generate"):
-        index = run_generation(_cfg(manifest, out, shard_timeout=20), worker_cls=_stopping_worker(marker))
+        index = run_generation(_cfg(manifest, out, shard_timeout=12), worker_cls=_stopping_worker(marker))
     _complete(index, out)
     stopped = int(marker.read_text())
     with pytest.raises(ProcessLookupError):  # killed, not left stopped
         for _ in range(50):
             os.kill(stopped, 0)
             time.sleep(0.2)
-    assert "passed its 20 s deadline" in caplog.text
+    assert "passed its 12 s deadline" in caplog.text
 
 
 def _failing_constructor(marker, always: bool = False):
