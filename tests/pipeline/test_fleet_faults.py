@@ -15,7 +15,6 @@ import signal
 import time
 
 import pytest
-from test_scale import counted_s3  # noqa: F401  (a fixture: the S3-protocol server with its requests counted)
 
 from twostep.pipeline.job import GenerateConfig, _IndexWriter, _LeaseKeeper, run_generation
 from twostep.pipeline.store import Store, StoreError
@@ -24,15 +23,6 @@ from twostep.pipeline.worker import ShardWorker
 from twostep.prompts.toy import build_toy_manifest
 
 ROWS, SHARD = 24, 4  # 6 shards
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +186,7 @@ def _dies_after_commit(marker):
     return DiesAfterCommit
 
 
-def test_a_retried_shard_that_is_committed_is_not_rewritten(ray_cluster, manifest, counted_s3, tmp_path):  # noqa: F811
+def test_a_retried_shard_that_is_committed_is_not_rewritten(ray_cluster, manifest, counted_s3, tmp_path):
     """Counted at the server: shard 0's tar is PUT once, though its shard ran twice. And a multipart
     upload a dead writer left under the store's prefix is aborted at start-up."""
     import s3fs

@@ -26,15 +26,6 @@ ROWS, SHARD = 20, 8  # 3 shards: 8 + 8 + 4
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     path = tmp_path_factory.mktemp("m") / "toy.parquet"
     build_toy_manifest(ROWS, path, seed=11)
