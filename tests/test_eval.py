@@ -260,8 +260,9 @@ def test_teacher_as_student_scores_one_and_naive_scores_zero(tmp_path):
     kw = {"n": 120, "batch": 60, "diversity_prompts": 0, "references": 2, "cache": tmp_path / "cache"}
     m, _ = evaluate(None, teacher, student=other, **kw)
     gaps = [r["gap_closed"] for r in m["references"]]
+    # the spread is rounded from the unrounded gaps, each gap rounded on its own: 4 decimals, three roundings
     assert len(gaps) == 2 and m["gap_closed"] == gaps[0] and m["gap_closed_spread"] == pytest.approx(
-        abs(gaps[0] - gaps[1]), abs=1e-4)
+        abs(gaps[0] - gaps[1]), abs=1.5e-4 + 1e-9)
     assert all(abs(g - 1) < 0.15 for g in gaps), gaps  # 120 prompts: measured spread in docs/evaluation.md
     assert m["student2"]["paired_fd_to_teacher8"] > m["teacher8"]["fd_to_reference"] / 2  # other noise: unpaired
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
