@@ -187,19 +187,20 @@ def _run(cfg: GenerateConfig, t0: float, source: str, worker_cls: type[ShardWork
         fp, ident = fingerprint(manifest_hash, cfg, facts)
         old = _check_store(store, fp, ident, cfg)
         # One listing plus the last index, not two round trips per shard (docs/store.md, Commit marker).
-        committed = {i: s for i, s in store.committed_shards(fp, old).items() if i < num_shards}
+        old_entries = store.index_entries(old) if old else []  # _check_store: of this fingerprint
+        committed = {i: s for i, s in store.committed_shards(fp, old, entries=old_entries).items() if i < num_shards}
         # parts are rewritten only where the old index lacks shards (or was of the inline version)
-        known = {e["shard"] for e in store.index_entries(old)} if old and old.get("index_version") else set()
+        known = {e["shard"] for e in old_entries} if old and old.get("index_version") else set()
         index = _IndexWriter(store, fp, ident, num_shards, facts, committed, cfg, guard=keeper.check, known=known)
         del committed  # the writer keeps the entries compact
         if old is None:  # records the settings at once, for a rerun after a crash
             index.write(time.time() - t0)
-        todo = np.flatnonzero(~index.stats.present).tolist()
+        todo = np.flatnonzero(~index.records.present).tolist()
         log.info("%d shards of %d rows; %d committed already, %d to do; store %s",
                  num_shards, cfg.shard_size, num_shards - len(todo), len(todo), cfg.out)
         failed_shards = _dispatch(actors, todo, cfg, keeper, fp, index, t0)
         keeper.check()
-        summary = write_index(store, fp, ident, num_shards, facts, time.time() - t0, failed_shards, stats=index)
+        summary = write_index(store, fp, ident, num_shards, facts, time.time() - t0, failed_shards, writer=index)
     finally:
         keeper.stop()
         store.release_lease(owner)
@@ -407,9 +408,9 @@ def _check_store(store: Store, fp: str, ident: dict, cfg: GenerateConfig) -> dic
 
 
 class _Records:
-    """The committed shards' index entries, compact: a few numpy arrays indexed by shard (45 bytes a
-    shard; 45 MB at a million) and the recorded sample failures of the shards that have any. Reads
-    like a dict of shard → entry (:data:`INDEX_ENTRY`)."""
+    """The committed shards' index entries (:data:`INDEX_ENTRY`), compact: a few numpy arrays indexed
+    by shard (49 bytes a shard; 49 MB at a million) and the recorded sample failures of the shards
+    that have any."""
 
     def __init__(self, num_shards: int, stats: dict[int, dict[str, Any]] | None = None):
         self.present = np.zeros(num_shards, bool)
@@ -430,21 +431,8 @@ class _Records:
             self.failures.pop(i, None)
         return i
 
-    def __contains__(self, i: int) -> bool:
-        return 0 <= i < len(self.present) and bool(self.present[i])
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if i not in self:
-            raise KeyError(i)
-        return {"shard": i, "url": SHARD_TAR.format(i), "samples": int(self.samples[i]),
-                "bytes": int(self.nbytes[i]), "sha256": self.sha[i].tobytes().hex(),
-                "failures": self.failures.get(i, [])}
-
     def __len__(self) -> int:
         return int(self.present.sum())
-
-    def __iter__(self):
-        return iter(np.flatnonzero(self.present).tolist())
 
     def total_samples(self) -> int:
         return int(self.samples[self.present].sum())
@@ -497,7 +485,7 @@ class _IndexWriter:
                  known: set[int] | None = None):
         self.store, self.fp, self.ident, self.num_shards, self.facts = store, fp, ident, num_shards, facts
         self.guard = guard  # raises unless the lease is known to be held: every write is fenced by it
-        self.stats = _Records(num_shards, stats)
+        self.records = _Records(num_shards, stats)
         # parts to upload: those with shards the store's index.json does not hold already (``known``)
         self.dirty = {i // INDEX_PART_SHARDS for i in stats if known is None or i not in known}
         self.every_shards, self.every_s = cfg.index_every_shards, cfg.index_every_s
@@ -506,7 +494,7 @@ class _IndexWriter:
         self._pending: Future | None = None
 
     def add(self, stats: dict[str, Any]) -> None:
-        self.dirty.add(self.stats.add(stats) // INDEX_PART_SHARDS)
+        self.dirty.add(self.records.add(stats) // INDEX_PART_SHARDS)
         self.new += 1
 
     def maybe_write(self, seconds: float) -> None:
@@ -516,7 +504,7 @@ class _IndexWriter:
             self._finish()
         if not self.new:
             return
-        if (self.new >= max(self.every_shards, len(self.stats) // 20)
+        if (self.new >= max(self.every_shards, len(self.records) // 20)
                 or time.monotonic() - self.last >= max(self.every_s, 100 * self.took)):
             self.write(seconds, wait=False)
 
@@ -526,13 +514,13 @@ class _IndexWriter:
         thread (its failure is raised at the next call)."""
         if self._pending is not None:
             self._finish()
-        parts = self.stats.snapshot(self.dirty)  # their files are made on the background thread
+        parts = self.records.snapshot(self.dirty)  # their files are made on the background thread
         self.dirty = set()
         head = {"index_version": INDEX_VERSION, "fingerprint": self.fp, "identity": self.ident,
-                "num_shards": self.num_shards, "committed_shards": len(self.stats),
-                "samples": self.stats.total_samples(), "teacher": self.facts, "seconds": round(seconds, 1),
+                "num_shards": self.num_shards, "committed_shards": len(self.records),
+                "samples": self.records.total_samples(), "teacher": self.facts, "seconds": round(seconds, 1),
                 "index_parts": {"shards_per_part": INDEX_PART_SHARDS,
-                                "parts": self.stats.parts()}}
+                                "parts": self.records.parts()}}
         head.update(final or {"status": "in progress"})
         self.new, self.last = 0, time.monotonic()
         self._pending = self._pool.submit(self._upload, parts, head)
@@ -684,8 +672,7 @@ def _dispatch(actors: _Actors, todo: list[int], cfg: GenerateConfig, keeper: _Le
         if done:  # drawn at tqdm's own pace (refresh=False), not once a shard
             rate = samples / max(time.time() - t0, 1e-9)
             bar.set_postfix(img_s=f"{rate:.2f}", failed_samples=failures, failed_shards=len(failed), refresh=False)
-        keeper.check()  # index writes happen only under a lease known to be held
-        index.maybe_write(time.time() - t_job)  # before the next dispatch: a task started now sees it
+        index.maybe_write(time.time() - t_job)  # fenced by the lease (guard); the loop's top checks it too
     bar.close()
     return failed
 
@@ -742,21 +729,20 @@ def _retry(shard: int, attempts: dict, cfg: GenerateConfig, queue: deque, failed
 
 
 def write_index(store: Store, fp: str, ident: dict, num_shards: int, facts: dict, seconds: float,
-                failed_shards: dict[int, str], stats: _IndexWriter | None = None) -> dict[str, Any]:
+                failed_shards: dict[int, str], writer: _IndexWriter | None = None) -> dict[str, Any]:
     """index.json (with its parts), failed.parquet and README.md from the committed shards: those
-    ``stats`` (the job's index writer) holds, or when None, what :meth:`Store.committed_shards` finds."""
-    if stats is None:
+    ``writer`` (the job's index writer) holds, or when None, what :meth:`Store.committed_shards` finds."""
+    if writer is None:
         old = store.read_json("index.json")
         found = store.committed_shards(fp, old)
-        stats = _IndexWriter(store, fp, ident, num_shards, facts, {i: s for i, s in found.items() if i < num_shards},
-                             GenerateConfig(manifest="-", out=store.url))
-        stats.dirty = set(range(math.ceil(num_shards / INDEX_PART_SHARDS)))  # this layout, whatever was there
-    records = stats.stats
+        writer = _IndexWriter(store, fp, ident, num_shards, facts, {i: s for i, s in found.items() if i < num_shards},
+                              GenerateConfig(manifest="-", out=store.url))  # known=None: every part written
+    records = writer.records
     missing = np.flatnonzero(~records.present).tolist()
     failed_rows = [{**f, "shard": i} for i in sorted(records.failures) for f in records.failures[i]]
     final = {"status": "complete" if not missing else "incomplete", "missing_shards": missing,
              "failed_shards": {str(k): v for k, v in failed_shards.items()}, "failed_samples": len(failed_rows)}
-    index = stats.write(seconds, wait=True, final=final)
+    index = writer.write(seconds, wait=True, final=final)
     table = pa.Table.from_pylist(failed_rows, schema=pa.schema(
         [("prompt_id", pa.string()), ("row", pa.int64()), ("reason", pa.string()), ("shard", pa.int64())]))
     buf = pa.BufferOutputStream()

@@ -194,8 +194,9 @@ class Store:
         return out
 
     def committed_shards(self, fingerprint: str, index: dict[str, Any] | None = None,
-                         threads: int = 32) -> dict[int, dict[str, Any]]:
-        """Every committed shard's stats, from one listing plus ``index`` (the last ``index.json``).
+                         threads: int = 32, entries: list[dict[str, Any]] | None = None) -> dict[int, dict[str, Any]]:
+        """Every committed shard's stats, from one listing plus ``index`` (the last ``index.json``;
+        ``entries``: its shard entries when the caller has read them already).
 
         The commit rule of :meth:`committed`: the stats file is there, carries ``fingerprint``, and
         the tar has the size it records. A shard the index lists (same fingerprint, all of
@@ -206,7 +207,9 @@ class Store:
         listing = self.list_shards()
         known = {}
         if index and index.get("fingerprint") == fingerprint:
-            known = {e["shard"]: e for e in self.index_entries(index) if all(k in e for k in INDEX_ENTRY)}
+            if entries is None:
+                entries = self.index_entries(index)
+            known = {e["shard"]: e for e in entries if all(k in e for k in INDEX_ENTRY)}
         out: dict[int, dict[str, Any]] = {}
         unknown = []
         for i, sizes in sorted(listing.items()):

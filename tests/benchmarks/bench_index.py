@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     base = tracemalloc.get_traced_memory()[0]
     writer = _IndexWriter(store, "fp", {"shard_size": 256}, n, {"teacher": "sim"}, {}, cfg)
     for i in range(n):
-        writer.stats.add(stats_of(i))
+        writer.records.add(stats_of(i))
     held = tracemalloc.get_traced_memory()[0] - base
     writer = None
     base = tracemalloc.get_traced_memory()[0]
