@@ -131,8 +131,7 @@ def _local(url: str) -> bool:
 def _check_generate(args: argparse.Namespace) -> None:
     """What can be checked on this machine before Ray starts or the store is touched."""
     from twostep.prompts.manifest import check_manifest
-
-    from .teacher import check_teacher_spec
+    from twostep.teacher.core import check_teacher_spec
 
     if "://" not in args.manifest:  # a URL is fetched (and its errors named) by the job
         _named("--manifest", check_manifest, args.manifest)

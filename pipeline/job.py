@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from twostep.prompts.manifest import read_meta
+from twostep.teacher.core import check_teacher_spec
 
 from .shardformat import (
     IMAGE_FORMATS,
@@ -57,7 +58,6 @@ from .shardformat import (
     members_text,
 )
 from .store import Store, StoreError, UploadError
-from .teacher import check_teacher_spec
 from .worker import ShardWorker, WorkerConfig
 
 log = logging.getLogger("twostep.generate")

@@ -245,7 +245,7 @@ def _windowed(jobs: Iterable, submit: Callable[[Any], Future], window: int, bar)
 
 def _regenerate(store: Store, index: dict, checked: dict, k: int, seed: int, device: str | None,
                 teacher_spec: str | None) -> dict[str, Any]:
-    from .teacher import Teacher, noise_fingerprint
+    from twostep.teacher.core import Teacher, noise_fingerprint
 
     facts = index["teacher"]
     s = facts["sampler"]

@@ -28,9 +28,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from twostep.teacher.core import Teacher, noise_fingerprint
+
 from .shardformat import encode_sample, tar_bytes
 from .store import Store, UploadError
-from .teacher import Teacher, noise_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -80,7 +80,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _toy(args: argparse.Namespace) -> int:
-    from .toy import build_toy_manifest
+    from twostep.toy.world import build_toy_manifest
 
     s = build_toy_manifest(args.num_prompts, args.output, seed=args.seed, height=args.size, width=args.size,
                            omit_prob=args.omit_prob)

@@ -1,6 +1,6 @@
 """The prompts an evaluation samples: the first rows of a manifest, or fresh toy prompts.
 
-Shared by ``twostep eval`` (student against teacher) and ``twostep.pipeline.toy.evaluate`` (the toy
+Shared by ``twostep eval`` (student against teacher) and ``twostep.toy.evaluate`` (the toy
 teacher's quality bar), so both read manifests, seeds and sizes the same way.
 """
 
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twostep.toy.world import ATTRIBUTES, sample_toy_prompts
+
 from .manifest import derive_seed, parquet_metadata
-from .toy import ATTRIBUTES, sample_toy_prompts
 
 
 @dataclass

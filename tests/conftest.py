@@ -10,7 +10,7 @@ def toy_latent_shape() -> tuple[int, int, int]:
     """(C, h, w) of the shipped toy teacher's 64×64 latents, read from its VAE config (not assumed)."""
     import json
 
-    from twostep.pipeline.teacher import TOY_TEACHER_DIR
+    from twostep.teacher.core import TOY_TEACHER_DIR
 
     cfg = json.loads((TOY_TEACHER_DIR / "vae" / "config.json").read_text())
     down = 2 ** (len(cfg["block_out_channels"]) - 1)
@@ -20,7 +20,7 @@ def toy_latent_shape() -> tuple[int, int, int]:
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> str:
     """A random-weight ZImagePipeline folder (tiny sizes, byte-level tokenizer), built locally."""
-    from twostep.pipeline.zimage import build_pipeline
+    from twostep.teacher.random_zimage import build_pipeline
 
     path = tmp_path_factory.mktemp("tiny-zimage")
     build_pipeline(seed=0, model_max_length=128).save_pretrained(path)

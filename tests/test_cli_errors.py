@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from twostep.cli import main
-from twostep.prompts.toy import build_toy_manifest
+from twostep.toy.world import build_toy_manifest
 
 
 @pytest.fixture(autouse=True)

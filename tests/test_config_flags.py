@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from twostep.config_flags import add_dataclass_flags, field_docs
+from twostep.common.config_flags import add_dataclass_flags, field_docs
 
 
 @dataclass

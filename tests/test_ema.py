@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from twostep.ema import EMA
+from twostep.common.ema import EMA
 
 
 def _module(seed: int) -> nn.Module:
@@ -17,7 +17,7 @@ def _module(seed: int) -> nn.Module:
 
 
 def test_trainer_and_toy_teacher_use_the_same_ema():
-    from twostep.pipeline.toy import train_transformer
+    from twostep.toy import train_transformer
     from twostep.trainer.checkpoint import EMA as TrainerEMA
 
     assert TrainerEMA is EMA and train_transformer.EMA is EMA

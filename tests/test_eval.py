@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from twostep.eval import gap_closed, omitted_tv
-from twostep.pipeline.metrics import (
+from twostep.eval.metrics import (
     ClipModel,
     DinoModel,
     mean_pairwise_distance,
@@ -138,7 +138,7 @@ def _eval(args, tmp_path, timeout=900):
 def test_naive_student_scores_like_the_naive_teacher(tmp_path):
     """A "student" that is the teacher's own transformer in both steps must score exactly like the
     teacher's naive 2 steps (gap closed 0) on every metric."""
-    from twostep.pipeline.teacher import Teacher
+    from twostep.teacher.core import Teacher
     from twostep.trainer.export import export_student
 
     teacher = Teacher.load("toy", device="cpu")
@@ -168,7 +168,7 @@ def test_naive_student_scores_like_the_naive_teacher(tmp_path):
 def test_eval_on_the_tiny_zimage_pipeline_with_open_clip(tiny_pipeline_dir, tiny_clip_dir, tiny_dino_dir, tmp_path):
     """The real-teacher path: a non-toy manifest, open_clip features for FD and CLIP score; then
     DINOv2 features (FD_DINOv2) instead."""
-    from twostep.pipeline.teacher import Teacher
+    from twostep.teacher.core import Teacher
     from twostep.trainer.export import export_student
 
     prompts = tmp_path / "p.txt"
@@ -202,8 +202,8 @@ def test_eval_prompts_reads_manifests_and_names_what_is_wrong(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from twostep.pipeline.toy.evaluate import evaluate_teacher
     from twostep.prompts.evalset import eval_prompts
+    from twostep.toy.evaluate import evaluate_teacher
 
     plain = tmp_path / "plain.parquet"
     pq.write_table(pa.table({"prompt": ["a cat", "a dog", "a fox"], "seed": [1, 2, 3],
@@ -252,7 +252,7 @@ def test_teacher_as_student_scores_one_and_naive_scores_zero(tmp_path):
     (exactly 1); the naive 2 steps as the "student" score exactly 0. The teacher-side sets are made
     once and read from the cache afterwards."""
     from twostep.eval import evaluate, teacher_sampler
-    from twostep.pipeline.teacher import Teacher
+    from twostep.teacher.core import Teacher
 
     teacher = Teacher.load("toy", device="cpu")
     t8 = teacher_sampler(teacher, 64, 64)

@@ -1,5 +1,5 @@
 """Checkpoints: accelerate's ``save_state`` plus our own state (EMA, data position, progress). The EMA
-class is ``twostep.ema.EMA``, re-exported here.
+class is ``twostep.common.ema.EMA``, re-exported here.
 
 Layout: ``RUN_DIR/checkpoints/step-00000200/`` holds accelerate's files (models, optimisers; sharded
 under FSDP), ``ema.safetensors`` (``ema-rank{r}.safetensors`` under FSDP, where each rank keeps the EMA
@@ -17,7 +17,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from twostep.ema import EMA, local
+from twostep.common.ema import EMA, local
 
 __all__ = ["EMA", "Checkpoints", "local"]
 

@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
 def _check_inputs(cfg, args: argparse.Namespace) -> None:
     """The teacher, the data and the run directory, checked before anything loads or is written."""
     from twostep.cli import reworded
-    from twostep.pipeline.teacher import check_teacher_spec
+    from twostep.teacher.core import check_teacher_spec
 
     from .data import resolve_shards
 

@@ -271,9 +271,10 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def resolve_path(name_or_path: str) -> Path:
-    """A config path, or the name of a file under trainer/configs/ (``toy`` → configs/toy.yaml)."""
+    """A config file, or the name of a file under trainer/configs/ (``toy`` → configs/toy.yaml). A
+    folder of that name (``toy/`` at the repository root) is not a config, so the name wins."""
     p = Path(name_or_path)
-    if p.exists():
+    if p.is_file():
         return p
     bundled = CONFIG_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
     if bundled.exists():

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from twostep.pipeline.shardformat import Sample, ShardFormatError, index_entries, iter_samples
-from twostep.pipeline.teacher import noise_fingerprint, seed_noise
+from twostep.teacher.core import noise_fingerprint, seed_noise
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from twostep.pipeline.zimage_batched import batched_forward, supports_batched
+from twostep.teacher.zimage_batched import batched_forward, supports_batched
 
 HEAD_KINDS = ("mlp", "conv")
 

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from twostep.images import grid
-from twostep.pipeline.teacher import Teacher, transformer_velocity
+from twostep.common.images import grid
+from twostep.teacher.core import Teacher, transformer_velocity
 
 from .checkpoint import EMA
 from .pipeline_twostep import two_step

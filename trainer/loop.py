@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from twostep import __version__
-from twostep.pipeline.teacher import Teacher
+from twostep.teacher.core import Teacher
 
 from . import losses as L
 from .checkpoint import EMA, Checkpoints

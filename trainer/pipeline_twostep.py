@@ -6,7 +6,7 @@ student folder (``model_index.json`` names this one as ``["pipeline_twostep", "T
 and diffusers copies relatively imported files along with it), so people without ``twostep``
 installed can load the student with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
 Inside the package, ``.zimage_batched`` is ``twostep.trainer.zimage_batched``, a re-export of the one
-implementation, ``twostep.pipeline.zimage_batched``. With ``twostep`` installed,
+implementation, ``twostep.teacher.zimage_batched``. With ``twostep`` installed,
 ``TwoStepZImagePipeline.from_pretrained(folder)`` loads the same folder with the installed class and
 needs no ``trust_remote_code``.
 
@@ -26,7 +26,7 @@ Sampling (exactly 2 transformer calls, no guidance, sigmas ``[1, boundary_sigma,
 
 These are the stock pipeline's conventions (it negates the model output and the Euler scheduler
 steps ``x + (σ' - σ)·model_output``), i.e. the same arithmetic as ``Teacher.generate`` in
-``twostep.pipeline.teacher``. The scheduler component is carried for the folder layout only: the
+``twostep.teacher.core``. The scheduler component is carried for the folder layout only: the
 student never calls ``scheduler.set_timesteps``, whose shift (3.0 for Z-Image-Turbo) would move the
 boundary if it were given the sigmas above (``set_timesteps(sigmas=[1, .5])`` is what yields
 ``[1, .75, 0]`` with shift 3). The sigmas are exact and independent of the scheduler's config.
@@ -167,7 +167,7 @@ class TwoStepZImagePipeline(ZImagePipeline):
                              "the pipeline file is added after diffusers' own save")
         super().save_pretrained(save_directory, **kwargs)
         shutil.copyfile(os.path.abspath(__file__), os.path.join(save_directory, PIPELINE_FILE + ".py"))
-        # The module that defines batched_forward: twostep/pipeline/zimage_batched.py in the package,
+        # The module that defines batched_forward: twostep/teacher/zimage_batched.py in the package,
         # the folder's copy when this class was itself loaded from an exported folder.
         shutil.copyfile(inspect.getsourcefile(batched_forward), os.path.join(save_directory, BATCHED_FILE + ".py"))
         index_path = os.path.join(save_directory, "model_index.json")

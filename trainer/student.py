@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from twostep.pipeline.teacher import transformer_velocity
+from twostep.teacher.core import transformer_velocity
 
 from .pipeline_twostep import two_step
 

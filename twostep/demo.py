@@ -34,8 +34,8 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from twostep.pipeline.job import GenerateConfig, run_generation
-    from twostep.pipeline.teacher import Teacher
-    from twostep.prompts.toy import build_toy_manifest
+    from twostep.teacher.core import Teacher
+    from twostep.toy.world import build_toy_manifest
     from twostep.trainer.config import load_config
     from twostep.trainer.loop import train
 

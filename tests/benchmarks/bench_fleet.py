@@ -125,8 +125,8 @@ def sleeping_worker(sleep: float, pid_dir: str, commit: bool = True):
     the store and the driver's own cost shows alone. Built in a function: Ray ships it by value."""
     import torch
 
-    from twostep.pipeline.teacher import TeacherOutput, seed_noise
     from twostep.pipeline.worker import ShardWorker
+    from twostep.teacher.core import TeacherOutput, seed_noise
 
     class SleepTeacher:
         default_size = 8
@@ -210,7 +210,7 @@ class DispatchMeter:
 def job_config(args, server: S3Server, tmp: Path, name: str):
     """A toy manifest of ``args.shards`` shards and the job's settings for ``s3://fleet-bench/NAME``."""
     from twostep.pipeline.job import GenerateConfig
-    from twostep.prompts.toy import build_toy_manifest
+    from twostep.toy.world import build_toy_manifest
 
     build_toy_manifest(args.shards * args.shard_size, tmp / f"{name}.parquet", seed=1)
     (tmp / f"pids-{name}").mkdir()

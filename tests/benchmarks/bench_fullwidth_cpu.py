@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_train_gpu import make_store
 
-    from twostep.pipeline.teacher import Teacher
+    from twostep.teacher.core import Teacher
 
     cfg = gc.arch_config("tiny", args.layers, args.dim, args.heads)
     cfg["transformer"]["n_refiner_layers"] = args.refiners

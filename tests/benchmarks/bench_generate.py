@@ -65,7 +65,7 @@ def bare_loop(manifest: str, batch: int) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from twostep.pipeline.teacher import Teacher
+    from twostep.teacher.core import Teacher
 
     torch.set_num_threads(1)
     rows = pq.read_table(manifest).to_pylist()
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=96, help="manifest rows per run")
     ap.add_argument("--repeats", type=int, default=2, help="A/B repetitions")
     args = ap.parse_args()
-    from twostep.prompts.toy import build_toy_manifest
+    from twostep.toy.world import build_toy_manifest
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from diffusers import DiffusionPipeline
 
-    from twostep.pipeline.teacher import Teacher
-    from twostep.prompts.toy import sample_toy_prompts
+    from twostep.teacher.core import Teacher
+    from twostep.toy.world import sample_toy_prompts
     from twostep.trainer.export import export_student
 
     if args.threads:

@@ -89,7 +89,7 @@ def measure(teacher, config: str, overrides: list[str], warmup: int, steps: int)
     model state between steps, through the trainer's own setup and step functions."""
     from accelerate.state import AcceleratorState
 
-    from twostep.pipeline.teacher import Teacher
+    from twostep.teacher.core import Teacher
     from twostep.trainer.config import load_config
     from twostep.trainer.loop import discriminator_step, generator_step, setup
 
@@ -131,7 +131,7 @@ def measure(teacher, config: str, overrides: list[str], warmup: int, steps: int)
 
 def with_depth(c: SimpleNamespace, layers: int):
     """The shared pipeline with a fresh random transformer of ``layers`` blocks, as a Teacher."""
-    from twostep.pipeline.teacher import Teacher
+    from twostep.teacher.core import Teacher
 
     c.pipe.transformer = None
     pygc.collect()
@@ -306,7 +306,7 @@ def section_fsdp(c: SimpleNamespace) -> None:
     then the exported student loaded and sampled: the full-size FSDP path on a small model."""
     import json
 
-    from twostep.pipeline.teacher import Teacher
+    from twostep.teacher.core import Teacher
     from twostep.trainer.pipeline_twostep import TwoStepZImagePipeline
 
     a = c.args

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     from twostep.pipeline.worker import ShardWorker, encode_threads
-    from twostep.prompts.toy import build_toy_manifest
+    from twostep.toy.world import build_toy_manifest
 
     threads = encode_threads(args.encode_threads)
     teacher = SleepTeacher(args.sleep)

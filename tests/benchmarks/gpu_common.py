@@ -105,7 +105,7 @@ def build_pipeline(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
     from transformers import Qwen3Config, Qwen3Model
 
-    from twostep.pipeline.zimage import build_tokenizer
+    from twostep.teacher.random_zimage import build_tokenizer
 
     transformer = build_transformer(cfg, device, dtype, seed)
     with _default_dtype(dtype), torch.device(device):

@@ -20,7 +20,7 @@ from twostep.pipeline.job import GenerateConfig, _IndexWriter, _LeaseKeeper, run
 from twostep.pipeline.store import Store, StoreError
 from twostep.pipeline.verify import verify_store
 from twostep.pipeline.worker import ShardWorker
-from twostep.prompts.toy import build_toy_manifest
+from twostep.toy.world import build_toy_manifest
 
 ROWS, SHARD = 24, 4  # 6 shards
 

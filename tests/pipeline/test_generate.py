@@ -20,7 +20,7 @@ from twostep.pipeline.job import GenerateConfig, run_generation
 from twostep.pipeline.store import Store, StoreError
 from twostep.pipeline.verify import verify_store
 from twostep.pipeline.worker import ShardWorker
-from twostep.prompts.toy import build_toy_manifest
+from twostep.toy.world import build_toy_manifest
 
 ROWS, SHARD = 20, 8  # 3 shards: 8 + 8 + 4
 

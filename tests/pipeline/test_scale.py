@@ -20,7 +20,7 @@ from twostep.pipeline.shardformat import SHARD_STATS, SHARD_TAR, encode_sample, 
 from twostep.pipeline.store import Store
 from twostep.pipeline.worker import ShardWorker, read_rows
 from twostep.prompts.manifest import read_meta
-from twostep.prompts.toy import build_toy_manifest
+from twostep.toy.world import build_toy_manifest
 
 SHARDS = 200  # shards of one sample: enough for listing pagination to matter, quick to write
 
@@ -105,7 +105,7 @@ def test_listing_with_foreign_files(tmp_path):
 # --- the real job on the S3-protocol server ----------------------------------------------------------
 
 def _toy_fingerprint(cfg: GenerateConfig) -> str:
-    from twostep.pipeline.teacher import Teacher
+    from twostep.teacher.core import Teacher
 
     facts = Teacher.load("toy", device="cpu").describe()
     return fingerprint(read_meta(cfg.manifest)[0], cfg, facts)[0]

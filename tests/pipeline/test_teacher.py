@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from twostep.pipeline.teacher import Teacher, noise_fingerprint
+from twostep.teacher.core import Teacher, noise_fingerprint
 
 PROMPTS = ["a red circle", "a large blue square at the top", "something green"]
 SEEDS = [11, 22, 33]

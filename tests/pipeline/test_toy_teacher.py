@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from twostep.pipeline.metrics import frechet_distance
-from twostep.pipeline.teacher import TOY_TEACHER_DIR, Teacher
+from twostep.eval.metrics import frechet_distance
+from twostep.teacher.core import TOY_TEACHER_DIR, Teacher
 
 PROMPTS = ["a small red circle in the top left", "a large blue square", "something green on a black background"]
 
@@ -56,7 +56,7 @@ def test_toy_teacher_through_the_interface(toy, toy_latent_shape):
 
 
 def test_train_teacher_script_end_to_end_and_resume(tmp_path):
-    from twostep.pipeline.toy.train_teacher import main
+    from twostep.toy.train_teacher import main
 
     args = ["--out", str(tmp_path), "--preset", "cpu", "--steps", "3", "--vae-steps", "2", "--num-scenes", "64",
             "--batch", "4", "--workers", "0", "--threads", "1", "--object-weight", "4", "--vae-object-weight", "4", "--train-shift", "0.5",
@@ -89,7 +89,7 @@ def test_train_teacher_script_end_to_end_and_resume(tmp_path):
 
 
 def test_training_sigma_shift_moves_the_median_noise_level():
-    from twostep.pipeline.toy.train_transformer import sample_sigma
+    from twostep.toy.train_transformer import sample_sigma
 
     g = torch.Generator().manual_seed(0)
     # σ = s·u / (1 + (s - 1)·u) at u = 1/2 is s / (1 + s): 0.75 for the scheduler's 3, 1/3 for 0.5
@@ -110,8 +110,8 @@ def test_frechet_distance_known_values():
 
 
 def test_evaluate_on_a_toy_manifest(tmp_path, toy):
-    from twostep.pipeline.toy.evaluate import evaluate_teacher
-    from twostep.prompts.toy import build_toy_manifest
+    from twostep.toy.evaluate import evaluate_teacher
+    from twostep.toy.world import build_toy_manifest
 
     build_toy_manifest(12, tmp_path / "toy.parquet", seed=5)
     metrics, img8, img2, rows = evaluate_teacher(toy, n=8, batch=4, manifest=str(tmp_path / "toy.parquet"))
@@ -122,9 +122,9 @@ def test_evaluate_on_a_toy_manifest(tmp_path, toy):
 
 
 def test_object_weights_cover_the_object_and_nothing_far_from_it():
-    from twostep.pipeline.toy.render import object_centre, render_batch
-    from twostep.pipeline.toy.train_transformer import object_weights
-    from twostep.prompts.toy import ToyScene
+    from twostep.toy.render import object_centre, render_batch
+    from twostep.toy.train_transformer import object_weights
+    from twostep.toy.world import ToyScene
 
     scenes = [ToyScene(shape="square", colour="red", size="small", position="top left", background="white"),
               ToyScene(shape="circle", colour="blue", size="large", position="bottom right", background="black")]
@@ -138,7 +138,7 @@ def test_object_weights_cover_the_object_and_nothing_far_from_it():
 
 
 def test_diagnose_denoises_from_every_noise_level(toy):
-    from twostep.pipeline.toy.diagnose import diagnose
+    from twostep.toy.diagnose import diagnose
 
     result = diagnose(toy, n=4, batch=4)
     rows = result["rows"]
@@ -155,10 +155,10 @@ def test_diagnose_denoises_from_every_noise_level(toy):
 
 
 def test_shape_confusion_counts_named_against_read():
-    from twostep.pipeline.toy.checker import load_checker
-    from twostep.pipeline.toy.diagnose import shape_confusion
-    from twostep.pipeline.toy.render import render_batch
-    from twostep.prompts.toy import ToyScene
+    from twostep.toy.checker import load_checker
+    from twostep.toy.diagnose import shape_confusion
+    from twostep.toy.render import render_batch
+    from twostep.toy.world import ToyScene
 
     scenes = [ToyScene(shape=s, colour="red", size="large", position="center", background="white")
               for s in ("circle", "square", "square", "triangle")]
@@ -170,9 +170,9 @@ def test_shape_confusion_counts_named_against_read():
 
 
 def test_shape_code_target_marks_the_object_in_its_shape_channel():
-    from twostep.pipeline.toy.render import coverage, render_batch
-    from twostep.pipeline.toy.train_vae import background_colours, shape_code_loss, shape_code_target
-    from twostep.prompts.toy import BACKGROUNDS, COLOURS, SHAPES, ToyScene
+    from twostep.toy.render import coverage, render_batch
+    from twostep.toy.train_vae import background_colours, shape_code_loss, shape_code_target
+    from twostep.toy.world import BACKGROUNDS, COLOURS, SHAPES, ToyScene
 
     scenes = [ToyScene(shape="triangle", colour="red", size="large", position="top left", background="white"),
               ToyScene(shape="circle", colour="blue", size="small", position="bottom right", background="gray")]
@@ -197,11 +197,11 @@ def test_shape_code_target_marks_the_object_in_its_shape_channel():
 
 
 def test_decoder_stage_trains_the_decoder_and_leaves_the_encoder_alone():
-    from twostep.pipeline.toy.render import render_batch
-    from twostep.pipeline.toy.teacher_config import ToyTeacherConfig
-    from twostep.pipeline.toy.train_vae import background_colours, finetune_decoder
-    from twostep.pipeline.zimage import build_pipeline
-    from twostep.prompts.toy import sample_scene
+    from twostep.teacher.random_zimage import build_pipeline
+    from twostep.toy.render import render_batch
+    from twostep.toy.teacher_config import ToyTeacherConfig
+    from twostep.toy.train_vae import background_colours, finetune_decoder
+    from twostep.toy.world import sample_scene
 
     rng = np.random.default_rng(0)
     scenes = [sample_scene(rng) for _ in range(8)]
@@ -224,8 +224,8 @@ def test_every_train_teacher_flag_shows_the_default_it_gets():
     import re
     from dataclasses import MISSING, fields
 
-    from twostep.config_flags import field_default, format_value
-    from twostep.pipeline.toy.train_teacher import (
+    from twostep.common.config_flags import field_default, format_value
+    from twostep.toy.train_teacher import (
         CONFIG_FLAGS,
         ToyRunOptions,
         ToyTeacherConfig,
@@ -264,7 +264,7 @@ def test_every_train_teacher_flag_shows_the_default_it_gets():
 def test_train_teacher_flags_override_the_preset_and_nothing_else():
     from dataclasses import replace
 
-    from twostep.pipeline.toy.train_teacher import ToyTeacherConfig, parse_args
+    from twostep.toy.train_teacher import ToyTeacherConfig, parse_args
 
     cfg, opts = parse_args(["--out", "o", "--preset", "cpu", "--train-shift", "0.5", "--vae-channels", "32,64",
                             "--steps", "7", "--vae-only", "--init", "runs/x", "--workers", "3"])
@@ -276,8 +276,8 @@ def test_train_teacher_flags_override_the_preset_and_nothing_else():
 
 
 def test_transformer_lr_warms_up_linearly_then_follows_the_cosine():
-    from twostep.pipeline.toy.teacher_config import ToyTeacherConfig
-    from twostep.pipeline.toy.train_transformer import transformer_lr
+    from twostep.toy.teacher_config import ToyTeacherConfig
+    from twostep.toy.train_transformer import transformer_lr
 
     cfg = ToyTeacherConfig(lr=1.0, warmup=4)
     assert [transformer_lr(cfg, s, 0.0) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from twostep.pipeline.toy.checker import load_checker
-from twostep.pipeline.toy.render import cell_centre, object_centre, render, render_batch
 from twostep.prompts import compute_hash, derive_seed, read_meta
-from twostep.prompts.toy import (
+from twostep.toy.checker import load_checker
+from twostep.toy.render import cell_centre, object_centre, render, render_batch
+from twostep.toy.world import (
     ATTRIBUTES,
     BACKGROUNDS,
     CLASSES,
@@ -208,8 +208,8 @@ def test_toy_tokenizer_gives_every_word_one_token():
     """BPE applies merges by rank, so merges made word by word can split later words ('square' →
     'squa' 're' once 're' is a merge); the builder must give each word, with or without its leading
     space, exactly one token, and the bytes must still round-trip."""
-    from twostep.pipeline.zimage import build_tokenizer
-    from twostep.prompts.toy import TOY_WORDS, caption
+    from twostep.teacher.random_zimage import build_tokenizer
+    from twostep.toy.world import TOY_WORDS, caption
 
     tok = build_tokenizer((*TOY_WORDS, "user", "assistant"))
     split = {f: tok.tokenize(f) for w in TOY_WORDS for f in (w, " " + w) if len(tok.tokenize(f)) != 1}

@@ -8,7 +8,7 @@ import pytest
 from twostep.pipeline.job import write_index
 from twostep.pipeline.store import Store
 from twostep.pipeline.worker import ShardWorker, WorkerConfig
-from twostep.prompts.toy import build_toy_manifest
+from twostep.toy.world import build_toy_manifest
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from twostep.pipeline.teacher import transformer_velocity
-from twostep.pipeline.zimage import build_pipeline
+from twostep.teacher.core import transformer_velocity
+from twostep.teacher.random_zimage import build_pipeline
 
 
 def test_batched_forward_matches_stock_with_mixed_caption_lengths():

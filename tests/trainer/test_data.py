@@ -20,7 +20,7 @@ import torch
 from twostep.pipeline.job import write_index
 from twostep.pipeline.shardformat import encode_sample, tar_bytes
 from twostep.pipeline.store import Store
-from twostep.pipeline.teacher import noise_fingerprint, seed_noise
+from twostep.teacher.core import noise_fingerprint, seed_noise
 from twostep.trainer.data import ShardInfo, ShardStream, StreamLoader, resolve_shards
 
 SIZES = [5, 4, 5, 3, 5, 4]  # 26 samples in 6 shards of uneven size
@@ -307,7 +307,7 @@ def test_read_a_store_over_http(tmp_path):
 
 def test_store_written_by_the_generation_worker(tmp_path, tiny_pipeline_dir):
     from twostep.pipeline.worker import ShardWorker, WorkerConfig
-    from twostep.prompts.toy import build_toy_manifest
+    from twostep.toy.world import build_toy_manifest
 
     build_toy_manifest(8, tmp_path / "m.parquet", height=32, width=32)  # small: fast on CPU
     url = str(tmp_path / "store")

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from twostep.pipeline import zimage_batched
-from twostep.pipeline.teacher import Teacher, seed_noise
-from twostep.pipeline.zimage import build_pipeline
+from twostep.teacher.core import Teacher, seed_noise
+from twostep.teacher.random_zimage import build_pipeline
 from twostep.trainer import pipeline_twostep, sample
 from twostep.trainer.export import STUDENT_JSON, export_student, load_student, read_student_info
 from twostep.trainer.pipeline_twostep import TwoStepZImagePipeline, two_step, zimage_velocity

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from twostep.pipeline.teacher import Teacher
+from twostep.teacher.core import Teacher
 from twostep.trainer.checkpoint import EMA
 from twostep.trainer.grids import TrainingGrid
 from twostep.trainer.student import TwoStepStudent

@@ -22,7 +22,7 @@ def tiny_store(tmp_path_factory, tiny_pipeline_dir) -> str:
     """16 toy prompts through the tiny teacher: 4 shards of 4 (latent, mid), with index.json."""
     from twostep.pipeline.job import write_index
     from twostep.pipeline.worker import ShardWorker, WorkerConfig
-    from twostep.prompts.toy import build_toy_manifest
+    from twostep.toy.world import build_toy_manifest
 
     tmp = tmp_path_factory.mktemp("store")
     build_toy_manifest(16, tmp / "m.parquet", height=32, width=32)
@@ -286,7 +286,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_store, tiny_pipeli
 
 def test_external_real_images_feed_the_discriminator(tiny_store, tiny_pipeline_dir, tmp_path):
     """loss.real_source=external: ground-truth renders (WebDataset png + txt) are D's real samples."""
-    from twostep.pipeline.toy.render import write_render_shards
+    from twostep.toy.render import write_render_shards
 
     paths = write_render_shards(tmp_path / "renders", n=6, shard_size=3)
     assert len(paths) == 2
@@ -303,7 +303,7 @@ def test_external_real_images_feed_the_discriminator(tiny_store, tiny_pipeline_d
 
 @pytest.mark.parametrize("head", ["mlp", "conv"])
 def test_heads_give_one_logit_per_image_token(tiny_pipeline_dir, head):
-    from twostep.pipeline.teacher import Teacher
+    from twostep.teacher.core import Teacher
     from twostep.trainer.discriminator import Discriminator
 
     teacher = Teacher.load(tiny_pipeline_dir, device="cpu")
@@ -490,7 +490,7 @@ def test_frozen_heads_receive_no_update(tiny_store, tiny_pipeline_dir, tmp_path)
 def test_real_renders_replace_both_real_inputs(tiny_store, tiny_pipeline_dir, tmp_path):
     """loss.real_source=external: the final term's real input is the render re-noised, and the step-1
     term's is the render at σ_mid with the step-1 state's noise, never the store's mid."""
-    from twostep.pipeline.toy.render import write_render_shards
+    from twostep.toy.render import write_render_shards
     from twostep.trainer import losses as L
     from twostep.trainer.loop import discriminator_step, generator_step
 
@@ -556,7 +556,7 @@ def test_discriminator_options_train_and_report_heldout(tiny_store, tiny_pipelin
 
 
 def test_text_conditioned_heads_depend_on_the_caption(tiny_pipeline_dir):
-    from twostep.pipeline.teacher import Teacher
+    from twostep.teacher.core import Teacher
     from twostep.trainer.discriminator import Discriminator
 
     teacher = Teacher.load(tiny_pipeline_dir, device="cpu")

@@ -1,6 +1,6 @@
 """Where does a toy teacher lose an attribute? Measured on ground-truth scenes.
 
-    python -m twostep.pipeline.toy.diagnose [--teacher toy] [-n 300] [--out runs/diagnose]
+    python -m twostep.toy.diagnose [--teacher toy] [-n 300] [--out runs/diagnose]
 
 For ``n`` random scenes, each with a caption that names every attribute:
 
@@ -29,9 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from twostep.prompts.manifest import derive_seed
-from twostep.prompts.toy import ATTRIBUTES, SHAPES, caption, sample_scene
+from twostep.teacher.core import Teacher
+from twostep.toy.world import ATTRIBUTES, SHAPES, caption, sample_scene
 
-from ..teacher import Teacher
 from .checker import load_checker
 from .evaluate import add_teacher_args
 from .render import render_batch

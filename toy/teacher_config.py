@@ -1,6 +1,6 @@
 """The toy teacher's training config (written to training_record.json) and its presets.
 
-Each field's docstring is also the help text of its ``train_teacher`` flag (``twostep.config_flags``).
+Each field's docstring is also the help text of its ``train_teacher`` flag (``twostep.common.config_flags``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The pre-registered alignment runs' bookkeeping (tests/benchmarks/alignment.py) on made-up records:
+"""The pre-registered alignment runs' bookkeeping (experiments/alignment.py) on made-up records:
 trained − frozen paired by seed with its t interval, and the adversarial-only criteria per seed. No
 training here; the runs themselves are the experiment."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import alignment
 
 

@@ -18,7 +18,7 @@ _TEACHER = {}
 
 
 def _teacher():
-    from twostep.pipeline.teacher import Teacher
+    from twostep.teacher.core import Teacher
 
     if "toy" not in _TEACHER:
         _TEACHER["toy"] = Teacher.load("toy", device="cpu")

@@ -1,5 +1,5 @@
 """Exponential moving average of a module's weights, shared by the student trainer and the toy teacher's
-training script (``twostep.pipeline.toy``). It lives outside both packages because the trainer imports
+training script (``twostep.toy``). It lives outside both packages because the trainer imports
 the pipeline and nothing may import the trainer."""
 
 from __future__ import annotations

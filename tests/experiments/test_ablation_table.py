@@ -1,4 +1,4 @@
-"""The ablation's bookkeeping (tests/benchmarks/ablation.py, toyruns.py) on made-up run records: the
+"""The ablation's bookkeeping (experiments/ablation.py, toyruns.py) on made-up run records: the
 overrides each variant trains with, the per-variant spread over seeds, and which differences from
 ``full`` it calls larger than the spread. No training here; the runs themselves are the benchmark."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 import ablation
 from toyruns import summarise
 

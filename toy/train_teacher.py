@@ -1,6 +1,6 @@
 """Train the toy teacher: a real ``ZImagePipeline`` folder for the shapes world.
 
-    python -m twostep.pipeline.toy.train_teacher --out runs/toy-teacher [--preset cpu|gpu] [...]
+    python -m twostep.toy.train_teacher --out runs/toy-teacher [--preset cpu|gpu] [...]
 
 Stages, each resumable (running the same command again continues where it stopped):
 1. render a fixed set of scenes (64×64) from a seed;
@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from twostep.config_flags import add_dataclass_flags
-from twostep.prompts.toy import SHAPES, TOY_WORDS, sample_scene
+from twostep.common.config_flags import add_dataclass_flags
+from twostep.teacher.random_zimage import build_pipeline
+from twostep.toy.world import SHAPES, TOY_WORDS, sample_scene
 
-from ..zimage import build_pipeline
 from .render import render_batch
 from .teacher_config import ToyTeacherConfig
 from .train_transformer import object_weights, train_transformer

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from twostep.prompts.toy import BACKGROUNDS, COLOURS, POSITIONS, RADIUS, ToyScene
+from twostep.toy.world import BACKGROUNDS, COLOURS, POSITIONS, RADIUS, ToyScene
 
 SUPERSAMPLE = 8
 # Square half-side = r·√π/2 (same area as the circle of radius r); triangle circumradius 1.3·r
@@ -126,7 +126,7 @@ def write_render_shards(out, n: int = 2048, seed: int = 7, shard_size: int = 512
     import webdataset as wds
     from PIL import Image
 
-    from twostep.prompts.toy import caption, sample_scene
+    from twostep.toy.world import caption, sample_scene
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Measure the toy teacher against the quality bar (docs/toy_world.md, "Quality").
 
-    python -m twostep.pipeline.toy.evaluate [--teacher toy] [-n 500] [--out docs/toy_teacher]
+    python -m twostep.toy.evaluate [--teacher toy] [-n 500] [--out docs/results/toy_teacher]
 
 On ``n`` toy eval prompts (fixed seed, disjoint from training's), the teacher samples at 8 steps
 and naively at 2 steps from the same noise. Reported: the checker's accuracy on the attributes each
@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from twostep.images import grid
+from twostep.common.images import grid
+from twostep.eval.metrics import frechet_distance
 from twostep.prompts.evalset import eval_prompts
-from twostep.prompts.toy import sample_scene
+from twostep.teacher.core import Teacher
+from twostep.toy.world import sample_scene
 
-from ..metrics import frechet_distance
-from ..teacher import Teacher
 from .checker import load_checker
 from .render import render_batch
 
@@ -85,7 +85,7 @@ def add_teacher_args(ap: argparse.ArgumentParser, n: int, what: str, seed: int, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_teacher_args(ap, n=500, what="eval prompts", seed=20261122, out="docs/toy_teacher")
+    add_teacher_args(ap, n=500, what="eval prompts", seed=20261122, out="docs/results/toy_teacher")
     ap.add_argument("--manifest", default=None,
                     help="take prompts, named attributes and seeds from the first N rows of a toy manifest "
                          "(twostep prompts toy) instead of sampling them")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if args.record:
-        from ..teacher import TOY_TEACHER_DIR
+        from twostep.teacher.core import TOY_TEACHER_DIR
 
         path = (TOY_TEACHER_DIR if args.teacher == "toy" else Path(args.teacher)) / "training_record.json"
         record = json.loads(path.read_text())

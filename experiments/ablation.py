@@ -21,7 +21,7 @@ and FD, each variant minus ``full``, paired by seed, with its 95% t interval. Th
 ``OUT/ablation.md``, the numbers to ``OUT/ablation.json``, one grid per variant beside them.
 Finished runs are skipped, so the command resumes.
 
-    python tests/benchmarks/ablation.py --store out/demo/store --lora-rank 1 --lr-scale 10 [--steps 250] [--seeds 0 1 2]
+    python experiments/ablation.py --store out/demo/store --lora-rank 1 --lr-scale 10 [--steps 250] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    from twostep.pipeline.toy.render import write_render_shards
+    from twostep.toy.render import write_render_shards
 
     renders = str(out / "renders" / "renders-*.tar")
     if not (out / "renders").exists():

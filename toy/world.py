@@ -5,7 +5,7 @@ are *named* (shape, colour, size, position, background); captions leave each one
 probability ``omit_prob``, and every image also carries unnamed continuous variation (jitter
 inside the cell, size inside its class, a small rotation), so an image is not a function of its caption
 and a few-step sampler has modes to average (docs/toy_world.md, "Why captions leave attributes
-out"). Rendering lives in ``twostep.pipeline.toy.render``; this module is pure Python + numpy so
+out"). Rendering lives in ``twostep.toy.render``; this module is pure Python + numpy so
 the prompts stage can build toy manifests without the pipeline.
 """
 
@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .build import BuildSummary
-from .manifest import BATCH_ROWS, FORMAT_VERSION, ManifestWriter, derive_seed
-from .normalize import InvalidPrompt, check_size
+from twostep.prompts.build import BuildSummary
+from twostep.prompts.manifest import BATCH_ROWS, FORMAT_VERSION, ManifestWriter, derive_seed
+from twostep.prompts.normalize import InvalidPrompt, check_size
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # RGB values picked so every object colour is ≥ 110 away (Euclidean RGB) from every background

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from twostep.images import grid
-from twostep.pipeline.metrics import (
+from twostep.common.images import grid
+from twostep.eval.metrics import (
     ClipModel,
     DinoModel,
     frechet_distance,
@@ -55,10 +55,10 @@ from twostep.pipeline.metrics import (
     precision_recall,
     total_variation,
 )
-from twostep.pipeline.teacher import Teacher
 from twostep.prompts.evalset import eval_prompts
 from twostep.prompts.manifest import derive_seed
-from twostep.prompts.toy import ATTRIBUTES, CLASSES, sample_scene
+from twostep.teacher.core import Teacher
+from twostep.toy.world import ATTRIBUTES, CLASSES, sample_scene
 
 log = logging.getLogger("twostep.eval")
 
@@ -200,7 +200,7 @@ def evaluate(student_dir: str | None, teacher: Teacher, n: int = 500, seed: int 
         raise ValueError(f"references must be ≥ 1, not {references}")
     checker = None
     if features == "toy" or ep.named is not None:
-        from twostep.pipeline.toy.checker import load_checker
+        from twostep.toy.checker import load_checker
 
         checker = load_checker()
     featurize = {"toy": checker, "clip": clip, "dino": dino}[features].features
@@ -264,7 +264,7 @@ def evaluate(student_dir: str | None, teacher: Teacher, n: int = 500, seed: int 
         if clip is not None:
             metrics[key]["clip_score"] = round(clip.score(images[key], ep.prompts), 3)
     if ep.named is not None:  # toy world: named-attribute accuracy, omitted-attribute TV, FD to renders
-        from twostep.pipeline.toy.render import render_batch
+        from twostep.toy.render import render_batch
 
         rng = np.random.default_rng(seed + 1)  # the same render set as the teacher's own evaluation
         f_truth = checker.features(render_batch([sample_scene(rng) for _ in range(n)], h))

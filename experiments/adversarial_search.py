@@ -6,7 +6,7 @@ The table (``OUT/search.md``, ``OUT/search.json``) gives for each: gap closed, F
 reference, all named right, recall, omitted-attribute TV, and the discriminator's held-out accuracy
 and the adversarial terms' gradient share over the last logged steps. Finished runs are skipped.
 
-    python tests/benchmarks/adversarial_search.py --store out/demo/store [--settings gan_only conv_heads ...]
+    python experiments/adversarial_search.py --store out/demo/store [--settings gan_only conv_heads ...]
 """
 
 from __future__ import annotations

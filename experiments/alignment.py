@@ -14,7 +14,7 @@ run's record goes to ``--records`` as ``ARM-seedS.json``; the report (``--record
 every arm on every seed, the paired differences ``trained − frozen`` with 95% t intervals, and the
 adversarial-only criteria per seed. Finished runs are read back, not redone.
 
-    python tests/benchmarks/alignment.py --store out/demo/store --arms trained frozen
+    python experiments/alignment.py --store out/demo/store --arms trained frozen
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ An analytic shape rule is unreliable on small renders (0.79 at 32×32; docs/toy_
 checker"), so the checker is learned from renders with known labels. Train (about 4 minutes on
 one CPU core)::
 
-    python -m twostep.pipeline.toy.checker --out-dir pipeline/toy
+    python -m twostep.toy.checker --out-dir pipeline/toy
 
 The weights and their config live in one ``checker.safetensors`` (config in its metadata, no
 pickles); ``checker.json`` beside it records the training run and held-out accuracy.
@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from twostep.prompts.toy import ATTRIBUTES, CLASSES, sample_scene
+from twostep.toy.world import ATTRIBUTES, CLASSES, sample_scene
 
 from .render import render_batch
 
@@ -161,7 +161,7 @@ def load_checker(path: str | os.PathLike | None = None, device: str | torch.devi
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if json.loads(meta.get("classes", "null")) != {a: list(v) for a, v in CLASSES.items()}:
-        raise ValueError(f"{path}: its classes do not match twostep.prompts.toy's attribute space")
+        raise ValueError(f"{path}: its classes do not match twostep.toy.world's attribute space")
     net = CheckerNet(**json.loads(meta["arch"]))
     net.load_state_dict(load_file(str(path)))
     return AttributeChecker(net.to(device))
@@ -242,7 +242,7 @@ def train_checker(steps: int = 1200, batch_size: int = 64, seed: int = 0, out_di
 
 def main(argv: Sequence[str] | None = None) -> None:
     """CLI: train the checker and print its record."""
-    p = argparse.ArgumentParser(prog="python -m twostep.pipeline.toy.checker", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m twostep.toy.checker", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=1200, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=64, help="fresh renders per step")

@@ -3,7 +3,7 @@
 Flow matching on the VAE's latents: ``x_σ = (1-σ)x0 + σε``, target ``v = x0 - ε``, σ drawn with a
 shift (``shift``; 3 is the scheduler's), the loss weighted up on latent positions the object covers
 (``object_weight``). Captions are drawn afresh for every sample of every step and encoded by the
-pipeline's frozen text encoder. The weights' EMA (``twostep.ema.EMA``, the trainer's) is what the
+pipeline's frozen text encoder. The weights' EMA (``twostep.common.ema.EMA``, the trainer's) is what the
 stage leaves in the model. ``checkpoint.pt`` in the output folder is written every 500 steps and on
 stopping; the same command resumes from it.
 """
@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from twostep.ema import EMA
-from twostep.prompts.toy import caption
+from twostep.common.ema import EMA
+from twostep.teacher.core import transformer_velocity
+from twostep.toy.world import caption
 
-from ..teacher import transformer_velocity
 from .teacher_config import ToyTeacherConfig
 from .train_vae import background_colours, object_mask, weighted_mean
 

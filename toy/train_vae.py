@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from twostep.prompts.toy import ATTRIBUTES, BACKGROUNDS, SHAPES, sample_scene
+from twostep.toy.world import ATTRIBUTES, BACKGROUNDS, SHAPES, sample_scene
 
 from .render import render_batch
 from .teacher_config import ToyTeacherConfig

@@ -8,7 +8,7 @@ noise). The table gives the last and best held-out AUC and accuracy of the final
 term, and the seconds each probe took (their costs differ; the steps are equal). Finished probes are
 read back, not redone.
 
-    python tests/benchmarks/probe_search.py --store out/demo/store [--settings toy low_noise ...] [--seeds 0]
+    python experiments/probe_search.py --store out/demo/store [--settings toy low_noise ...] [--seeds 0]
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from .zimage_batched import batched_forward, supports_batched
 
 log = logging.getLogger(__name__)
 
-TOY_TEACHER_DIR = Path(__file__).parent / "toy" / "teacher"
+TOY_TEACHER_DIR = Path(__file__).parent.parent / "toy" / "teacher"
 DEFAULT_STEPS = 8
 DEFAULT_MID_SIGMA = 0.75
 
@@ -149,7 +149,7 @@ def check_teacher_spec(spec: str, what: str = "teacher") -> None:
     if spec == "toy":
         if not (TOY_TEACHER_DIR / "model_index.json").exists():
             raise FileNotFoundError(f"the toy teacher is not in {TOY_TEACHER_DIR}; train it with "
-                                    "python -m twostep.pipeline.toy.train_teacher")
+                                    "python -m twostep.toy.train_teacher")
     elif os.path.isdir(spec):
         if not os.path.exists(os.path.join(spec, "model_index.json")):
             raise FileNotFoundError(f"{what} {spec}: not a diffusers pipeline folder (no model_index.json)")
