@@ -7,7 +7,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from twostep.common.config_flags import add_dataclass_flags, field_docs
+from twostep.common.config_flags import (
+    FieldError,
+    add_dataclass_flags,
+    config_from_args,
+    field_docs,
+    flag_errors,
+)
 
 
 @dataclass
@@ -79,3 +85,57 @@ def test_a_field_without_a_docstring_or_default_is_handled():
     with pytest.raises(SystemExit):
         ap.parse_args([])
     assert ap.parse_args(["--out", "x"]).out == "x"
+
+
+def _size(text: str) -> tuple[int, int]:
+    h, _, w = text.partition("x")
+    return int(h), int(w or h)
+
+
+@dataclass
+class _Command:
+    data: str
+    """Input folder."""
+    size: tuple[int, int] | None = field(default=None, metadata={"parse": _size, "metavar": "H[xW]"})
+    """Image size; default: the input's."""
+    device: str | None = None
+    """Torch device; default: cuda if available."""
+    count: int = 5
+    """How many."""
+    prompt: list[str] = field(default_factory=list, metadata={"metavar": "TEXT"})
+    """A prompt; repeat the flag for several."""
+    overrides: list[str] = field(default_factory=list)
+    """Config overrides."""
+
+    def __post_init__(self):
+        if self.count < 1:
+            raise FieldError("count", f"must be ≥ 1 (or give {{data}} less), not {self.count}")
+
+
+def test_optional_list_positional_and_custom_parser_fields():
+    ap = argparse.ArgumentParser()
+    add_dataclass_flags(ap, _Command, flags={"count": ("-n", "--count"), "overrides": "KEY=VALUE"})
+    text = " ".join(ap.format_help().split())
+    assert "--size H[xW] Image size; default: the input's." in text and "(default: None)" not in text
+    assert "--prompt TEXT A prompt; repeat the flag for several." in text and "(default: [])" not in text
+    assert "-n COUNT, --count COUNT How many. (default: 5)" in text and "KEY=VALUE Config overrides." in text
+    args = ap.parse_args(["--data", "d"])
+    assert (args.size, args.device, args.count, args.prompt, args.overrides) == (None, None, 5, [], [])
+    args = ap.parse_args(["--data", "d", "--size", "32x48", "-n", "2", "--prompt", "a", "--prompt", "b", "x=1", "y=2"])
+    assert (args.size, args.count, args.prompt, args.overrides) == ((32, 48), 2, ["a", "b"], ["x=1", "y=2"])
+    assert ap.parse_args(["--data", "d", "--size", "16"]).size == (16, 16)
+
+
+def test_field_errors_name_the_field_and_on_the_command_line_the_flag():
+    with pytest.raises(FieldError, match=r"^count must be ≥ 1 \(or give data less\), not 0$") as e:
+        _Command("d", count=0)
+    assert e.value.field == "count" and isinstance(e.value, ValueError)
+    flags = {"count": ("-n", "--count")}
+    ap = argparse.ArgumentParser()
+    add_dataclass_flags(ap, _Command, flags=flags)
+    with pytest.raises(FieldError, match=r"^--count must be ≥ 1 \(or give --data less\), not 0$"):
+        config_from_args(_Command, ap.parse_args(["--data", "d", "-n", "0"]), flags)
+    cfg = config_from_args(_Command, ap.parse_args(["--data", "d"]), flags, count=3)
+    assert (cfg.data, cfg.count) == ("d", 3)
+    with pytest.raises(FieldError, match="^--count must"), flag_errors(flags):
+        _Command("d", count=-1)
