@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toyruns import reference_row, run_one, summarise, t_interval, table
+
+from twostep.common.logs import configure_logging
 
 # name: (config, overrides); "{r}" and "{r2}" are the LoRA rank and twice it
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(quiet=True)
     if args.threads:
         import torch
 

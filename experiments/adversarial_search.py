@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toyruns import reference_row, run_one, summarise, table
+
+from twostep.common.logs import configure_logging
 
 # The discriminator of the default toy config: conv heads, per-token hinge, misaligned caption pairs.
 CONV = ["model.disc_head=conv", "loss.gan_reduce=token", "loss.misaligned_fakes=true"]
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="extra", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides applied to every setting (e.g. log_with=none)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(quiet=True)
     if args.threads:
         import torch
 

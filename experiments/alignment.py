@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toyruns import run_one, t_interval
+
+from twostep.common.logs import configure_logging
 
 # The pre-registration (docs/results/preregistration.md): arms, seeds, eval seed, references.
 # arm: (config, overrides, training steps: None = the config's own length)
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=SEEDS, help="default: the pre-registered seeds")
     ap.add_argument("--eval-samples", type=int, default=1000, help="eval prompts (default: 1000)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(quiet=True)
     out, recs_dir = Path(args.out), Path(args.records)
     recs_dir.mkdir(parents=True, exist_ok=True)
     recs = on_disk(recs_dir, args.seeds)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
+
+from twostep.common.logs import configure_logging
 
 # The discriminator of the toy config before the probe (re-noising logit-normal(−0.6, 1), untied heads, lr 1e-3):
 # every "toy" setting below starts from it, so the rows stay what they were when the toy config moves on.
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="probe seeds (default: 0)")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(quiet=True)
     from twostep.trainer.probe import probe, probe_config
 
     out = Path(args.out)

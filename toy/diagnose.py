@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from twostep.common.logs import configure_logging
 from twostep.prompts.manifest import derive_seed
 from twostep.teacher.core import Teacher
 from twostep.toy.world import ATTRIBUTES, SHAPES, caption, sample_scene
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_teacher_args(ap, n=300, what="ground-truth scenes", seed=20261123, out="runs/diagnose")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     teacher = Teacher.load(args.teacher, device=args.device)
     result = diagnose(teacher, args.num_samples, args.seed, args.batch_size)
     out = Path(args.out)

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from twostep.common.images import grid
+from twostep.common.logs import configure_logging
 from twostep.eval.metrics import frechet_distance
 from twostep.prompts.evalset import eval_prompts
 from twostep.teacher.core import Teacher
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also write the metrics as final_metrics into the teacher folder's training_record.json "
                          "(what the shipped teacher's record holds)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     teacher = Teacher.load(args.teacher, device=args.device)
     metrics, img8, img2, _ = evaluate_teacher(teacher, args.num_samples, args.seed, args.batch_size,
                                               manifest=args.manifest)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from twostep.common.config_flags import add_dataclass_flags
+from twostep.common.logs import configure_logging
 from twostep.teacher.random_zimage import build_pipeline
 from twostep.toy.world import SHAPES, TOY_WORDS, sample_scene
 
@@ -195,7 +196,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ToyTeacherConfig, ToyRunO
 
 def main(argv: list[str] | None = None) -> int:
     cfg, opts = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)

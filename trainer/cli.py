@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
 
 def _check_inputs(cfg, args: argparse.Namespace) -> None:
     """The teacher, the data and the run directory, checked before anything loads or is written."""
-    from twostep.cli import reworded
+    from twostep.common.errors import reworded
     from twostep.teacher.core import check_teacher_spec
 
     from .data import resolve_shards

@@ -8,12 +8,11 @@ argparse's own usage errors; ``--debug`` or ``-v`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from . import __version__
+from twostep.common.logs import configure_logging
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+from . import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,27 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cli.add_parser(sub)
     demo_cli.add_parser(sub)
     return parser
-
-
-def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """twostep's INFO lines and everyone's warnings by default; ``verbose``: the libraries' INFO lines
-    (accelerate's checkpoint messages, Ray's, which also makes the generation job forward its workers'
-    output) and twostep's DEBUG lines; ``quiet``: warnings and errors only."""
-    root_level = logging.INFO if verbose else logging.WARNING
-    own_level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=root_level, format=LOG_FORMAT, datefmt="%H:%M:%S")
-    logging.getLogger().setLevel(root_level)  # basicConfig leaves the level alone when handlers exist
-    logging.getLogger("twostep").setLevel(own_level)
-
-
-def reworded(e: Exception, message: str) -> Exception:
-    """A new error of ``e``'s broad kind (FileNotFoundError, NotADirectoryError, another OSError, or
-    ValueError) with ``message``: for a command that puts the flag's name in front of a library's
-    message (library error classes may not take a plain message)."""
-    for kind in (FileNotFoundError, NotADirectoryError, IsADirectoryError, OSError):
-        if isinstance(e, kind):
-            return kind(message)
-    return ValueError(message)
 
 
 def _expected(e: BaseException) -> bool:

@@ -1,0 +1,115 @@
+"""Fingerprint what twostep writes, to show that a change of code leaves the bytes alone.
+
+    python experiments/bit_identity.py run --out /tmp/fp-new.json [--work DIR]
+    python experiments/bit_identity.py compare /tmp/fp-old.json /tmp/fp-new.json
+
+``run`` drives the ``twostep`` command on ``PATH`` (so the same script fingerprints an older checkout
+installed elsewhere): 96 toy prompts, a store generated on a local Ray cluster (2 workers, shards of
+32), a 6-step toy training run with a checkpoint at step 3 and 6 and its export, and the exported
+student's 2-step samples for 4 prompts; it records the sha256 of each file. ``compare`` lists every
+key whose hash differs or that only one side has, and exits 1 if any.
+
+Every file of the store, of the run's ``checkpoints/`` (weights, optimiser and RNG states, data
+position) and of the exported ``student/`` is fingerprinted, and ``config.yaml``. Left out, as they
+hold wall times by design: the logs, ``run.json``/``result.json`` and the store's dataset card
+(``README.md``, which states the job's duration). JSON files are compared after dropping the keys
+that record wall times or the code version (:data:`TIME_KEYS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+TIME_KEYS = {"created", "updated", "created_at", "updated_at", "finished_at", "started_at", "wall_s",
+             "elapsed_s", "seconds", "duration_s", "durations", "timing", "code_version", "twostep_version"}
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in TIME_KEYS}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _file_hash(path: Path) -> str:
+    if path.suffix == ".json":
+        try:
+            return _sha(json.dumps(_strip(json.loads(path.read_text())), sort_keys=True).encode())
+        except ValueError:
+            pass
+    return _sha(path.read_bytes())
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=cwd, check=True)
+
+
+def fingerprint(work: Path) -> dict[str, str]:
+    work.mkdir(parents=True, exist_ok=True)
+    manifest, store, run = work / "train.parquet", work / "store", work / "run"
+    for p in (store, run):
+        shutil.rmtree(p, ignore_errors=True)
+    _run(["twostep", "-q", "prompts", "toy", "-n", "96", "-o", str(manifest), "--seed", "0"], work)
+    _run(["twostep", "-q", "generate", "--manifest", str(manifest), "--out", str(store), "--num-workers", "2",
+          "--shard-size", "32", "--batch-size", "8"], work)
+    _run(["twostep", "-q", "train", "--config", "toy", "--data", str(store), "--out", str(run),
+          "max_steps=6", "checkpoint_every=3", "keep_checkpoints=2", "log_with=none", "sample_every=0",
+          "data.batch_size=8", "data.heldout_fraction=0.0", "optim.warmup_steps=2", "loss.adv_warmup_steps=2"], work)
+    out: dict[str, str] = {}
+    for f in sorted(store.rglob("*")):
+        if f.is_file() and f.name != "README.md":
+            out[f"store/{f.relative_to(store)}"] = _file_hash(f)
+    for f in sorted(run.rglob("*")):
+        rel = f.relative_to(run)
+        if f.is_file() and (rel.parts[0] in {"checkpoints", "student"} or f.name == "config.yaml"):
+            out[f"run/{rel}"] = _file_hash(f)
+    samples = work / "samples"
+    shutil.rmtree(samples, ignore_errors=True)
+    prompts = ["a red circle", "two blue squares", "a green triangle on a yellow background", "a small purple star"]
+    _run(["twostep", "-q", "sample", "--student", str(run / "student"), "--out", str(samples), "--seed", "7",
+          *[a for p in prompts for a in ("--prompt", p)]], work)
+    for f in sorted(samples.rglob("*.png")):
+        out[f"samples/{f.relative_to(samples)}"] = _file_hash(f)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="fingerprint the twostep on PATH")
+    r.add_argument("--out", required=True, help="JSON file for the fingerprints")
+    r.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    c = sub.add_parser("compare", help="compare two fingerprint files; exit 1 on any difference")
+    c.add_argument("old")
+    c.add_argument("new")
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="twostep-fp-"))
+        fp = fingerprint(work)
+        Path(args.out).write_text(json.dumps(fp, indent=1, sort_keys=True) + "\n")
+        print(f"{len(fp)} files fingerprinted into {args.out} (work folder {work})")
+        return 0
+    old, new = (json.loads(Path(p).read_text()) for p in (args.old, args.new))
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    for k in diff:
+        print(f"{'differs' if k in old and k in new else 'only in ' + ('old' if k in old else 'new')}: {k}")
+    print(f"{len(old.keys() & new.keys()) - len([k for k in diff if k in old and k in new])} identical, "
+          f"{len(diff)} different or one-sided")
+    return 1 if diff else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
