@@ -23,13 +23,12 @@ credentials end with those credentials): build the dataset again for a longer pa
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import fsspec
 import fsspec.implementations.local
 
-from .shardformat import index_entries
+from .layout import INDEX, index_entries, read_index
 
 _UNSIGNED = ("file", "local", "http", "https")
 
@@ -38,15 +37,17 @@ def shard_urls(store_url: str, storage_options: dict[str, Any] | None = None) ->
     """Absolute URLs of the store's committed shards, in shard order, from its ``index.json``."""
     fs, root = fsspec.core.url_to_fs(store_url, **(storage_options or {}))
     root = root.rstrip("/")
+    def read_bytes(rel: str) -> bytes:
+        return fs.cat_file(f"{root}/{rel}")
+
     try:
-        with fs.open(f"{root}/index.json", "rb") as f:
-            index = json.load(f)
+        index = read_index(read_bytes)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{store_url}: no index.json (not a twostep store, or generation "
+        raise FileNotFoundError(f"{store_url}: no {INDEX} (not a twostep store, or generation "
                                 "has not finished a pass yet)") from None
-    shards = index_entries(lambda rel: fs.cat_file(f"{root}/{rel}"), index)
+    shards = index_entries(read_bytes, index)
     if not shards:
-        raise ValueError(f"{store_url}: index.json lists no committed shards")
+        raise ValueError(f"{store_url}: {INDEX} lists no committed shards")
     local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
     return [f"{root}/{s['url']}" if local else fs.unstrip_protocol(f"{root}/{s['url']}") for s in shards]
 

@@ -35,7 +35,6 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -47,85 +46,25 @@ from tqdm.auto import tqdm
 from twostep.prompts.manifest import read_meta
 from twostep.teacher.core import check_teacher_spec
 
-from .shardformat import (
-    IMAGE_FORMATS,
+from .config import GenerateConfig, WorkerConfig
+from .layout import (
+    CARD,
+    FAILED,
+    INDEX,
     INDEX_PART,
     INDEX_PART_SHARDS,
-    INDEX_VERSION,
-    OPTIONAL_ARRAYS,
-    SHARD_TAR,
+    MANIFEST,
     STORE_FORMAT,
-    members_text,
+    index_head,
+    index_part,
+    num_shards,
+    shard_pattern,
 )
+from .shardformat import members_text
 from .store import Store, StoreError, UploadError
-from .worker import ShardWorker, WorkerConfig
+from .worker import ShardWorker
 
 log = logging.getLogger("twostep.generate")
-
-
-@dataclass
-class GenerateConfig:
-    """Settings of ``twostep generate``."""
-
-    manifest: str
-    out: str
-    teacher: str = "toy"
-    shard_size: int = 256
-    batch_size: int = 16
-    num_workers: int = 1
-    gpus_per_worker: float = 0.0
-    image_format: str = "webp"
-    save: tuple[str, ...] = ("mid",)
-    ray_address: str | None = None
-    max_shard_retries: int = 2
-    on_sample_error: str = "skip"
-    overwrite: bool = False
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    sampler_overrides: dict[str, Any] = field(default_factory=dict)
-    index_every_shards: int = 500
-    """While the job runs, ``index.json`` is rewritten after this many newly committed shards, or
-    after ``index_every_s`` seconds with at least one, so a killed driver leaves a useful index.
-    Each write serialises every entry (about 200 bytes a shard)."""
-    index_every_s: float = 300.0
-    encode_threads: int = 0
-    """Each worker's encode threads (``WorkerConfig.encode_threads``)."""
-    shard_timeout: float | None = None
-    """Seconds a shard may take on an actor before the actor is killed and replaced and the shard
-    requeued; None: 10 times the median shard time so far, at least 60 s, and 1800 s before the
-    first shard ends."""
-    startup_timeout: float = 1800.0
-    """Seconds the actors have to start (teacher loading included); those not up by then are left out."""
-    max_actor_restarts: int = 3
-    """Replacements of one worker slot in a row without a shard done there, before the slot is left out."""
-    actor_fail_limit: int = 2
-    """Distinct shards an actor may fail while other actors succeed, before it is replaced (those
-    failures do not count against the shards' retries)."""
-    max_upload_failures: int = 8
-    """Failed shard uploads in a row (no upload succeeding between them) that stop the job."""
-    lease_ttl: float = 300.0
-    """Seconds the store's lease lasts unless renewed; renewed every ``lease_ttl / 5``."""
-
-    def __post_init__(self) -> None:
-        if self.image_format not in (*IMAGE_FORMATS, "none"):
-            raise ValueError(f"--image-format must be {', '.join(IMAGE_FORMATS)} or none, "
-                             f"not {self.image_format!r}")
-        bad = set(self.save) - set(OPTIONAL_ARRAYS)
-        if bad:
-            raise ValueError(f"--save accepts {' and '.join(OPTIONAL_ARRAYS)}, not {sorted(bad)}")
-        if self.on_sample_error not in ("skip", "fail"):
-            raise ValueError("--on-sample-error must be skip or fail")
-        if self.shard_size < 1 or self.batch_size < 1 or self.num_workers < 1:
-            raise ValueError("--shard-size, --batch-size and --num-workers must be >= 1")
-        if self.index_every_shards < 1 or self.index_every_s <= 0:
-            raise ValueError("index_every_shards must be >= 1 and index_every_s > 0")
-        if self.encode_threads < 0:
-            raise ValueError("--encode-threads must be >= 0")
-        if self.shard_timeout is not None and self.shard_timeout <= 0:
-            raise ValueError("--shard-timeout must be > 0")
-        if self.startup_timeout <= 0 or self.lease_ttl <= 0:
-            raise ValueError("--startup-timeout and lease_ttl must be > 0")
-        if self.max_actor_restarts < 0 or self.actor_fail_limit < 1 or self.max_upload_failures < 1:
-            raise ValueError("max_actor_restarts must be >= 0, actor_fail_limit and max_upload_failures >= 1")
 
 
 def fingerprint(manifest_hash: str, cfg: GenerateConfig, facts: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -149,7 +88,7 @@ def run_generation(cfg: GenerateConfig, worker_cls: type[ShardWorker] = ShardWor
         return _run(cfg, t0, cfg.manifest, worker_cls)
     # a manifest in a bucket (the usual case on a cluster): the driver works on a local copy
     with tempfile.TemporaryDirectory(prefix="twostep-manifest-") as tmp:
-        local = os.path.join(tmp, "manifest.parquet")
+        local = os.path.join(tmp, MANIFEST)
         log.info("fetching the manifest %s", cfg.manifest)
         try:
             fsspec.core.url_to_fs(cfg.manifest, **cfg.storage_options)[0].get(cfg.manifest, local)
@@ -168,7 +107,7 @@ def _run(cfg: GenerateConfig, t0: float, source: str, worker_cls: type[ShardWork
         raise StoreError(f"{source}: no manifest hash in its footer; build it with twostep prompts "
                          "build")
     rows = pq.read_metadata(cfg.manifest).num_rows
-    num_shards = math.ceil(rows / cfg.shard_size)
+    shards = num_shards(rows, cfg.shard_size)
     store = Store(cfg.out, cfg.storage_options or None)
     owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     store.acquire_lease(owner, cfg.lease_ttl)
@@ -185,22 +124,22 @@ def _run(cfg: GenerateConfig, t0: float, source: str, worker_cls: type[ShardWork
         actors = _Actors(ray, cfg, store, worker_cls)
         facts = actors.start()
         fp, ident = fingerprint(manifest_hash, cfg, facts)
-        old = _check_store(store, fp, ident, cfg)
+        old = _index_of_these_settings(store, fp, ident, cfg)
         # One listing plus the last index, not two round trips per shard (docs/store.md, Commit marker).
-        old_entries = store.index_entries(old) if old else []  # _check_store: of this fingerprint
-        committed = {i: s for i, s in store.committed_shards(fp, old, entries=old_entries).items() if i < num_shards}
+        old_entries = store.index_entries(old) if old else []
+        committed = {i: s for i, s in store.committed_shards(fp, old, entries=old_entries).items() if i < shards}
         # parts are rewritten only where the old index lacks shards (or was of the inline version)
         known = {e["shard"] for e in old_entries} if old and old.get("index_version") else set()
-        index = _IndexWriter(store, fp, ident, num_shards, facts, committed, cfg, guard=keeper.check, known=known)
+        index = _IndexWriter(store, fp, ident, shards, facts, committed, cfg, guard=keeper.check, known=known)
         del committed  # the writer keeps the entries compact
         if old is None:  # records the settings at once, for a rerun after a crash
             index.write(time.time() - t0)
         todo = np.flatnonzero(~index.records.present).tolist()
         log.info("%d shards of %d rows; %d committed already, %d to do; store %s",
-                 num_shards, cfg.shard_size, num_shards - len(todo), len(todo), cfg.out)
+                 shards, cfg.shard_size, shards - len(todo), len(todo), cfg.out)
         failed_shards = _dispatch(actors, todo, cfg, keeper, fp, index, t0)
         keeper.check()
-        summary = write_index(store, fp, ident, num_shards, facts, time.time() - t0, failed_shards, writer=index)
+        summary = write_index(store, fp, ident, shards, facts, time.time() - t0, failed_shards, writer=index)
     finally:
         keeper.stop()
         store.release_lease(owner)
@@ -283,14 +222,8 @@ class _Actors:
                              f"{cpus:g}")
         self.cpus = 1 if cfg.gpus_per_worker else max(1, int(cpus // cfg.num_workers))
         # Workers read the store's copy of the manifest, which every node of a cluster can reach.
-        self.wcfg = WorkerConfig(store_url=store.url_of(""), manifest=store.url_of("manifest.parquet"),
-                                 teacher=cfg.teacher,
-                                 shard_size=cfg.shard_size, batch_size=cfg.batch_size,
-                                 image_format=cfg.image_format, save=tuple(cfg.save),
-                                 on_sample_error=cfg.on_sample_error, sampler_overrides=cfg.sampler_overrides,
-                                 storage_options=cfg.storage_options or None,
-                                 threads=0 if cfg.gpus_per_worker else self.cpus,
-                                 encode_threads=cfg.encode_threads)
+        self.wcfg = WorkerConfig(**cfg.shard_settings(), store_url=store.url_of(""), manifest=store.url_of(MANIFEST),
+                                 threads=0 if cfg.gpus_per_worker else self.cpus)
         remote = ray.remote(worker_cls).options(num_cpus=self.cpus, num_gpus=cfg.gpus_per_worker,
                                                 max_restarts=0, max_task_retries=0, max_concurrency=2)
         self.remote = remote
@@ -371,8 +304,8 @@ def _copy_manifest(store: Store, cfg: GenerateConfig, manifest_hash: str) -> Non
     manifest whose row groups are over 4 × :data:`ROW_GROUP_ROWS` rows (one huge group, say: every
     shard would decode all of it) is re-chunked into groups of whole shards, about that size; the
     rows, their order and the footer's hash stay as they are."""
-    if store.exists("manifest.parquet"):
-        with store.fs.open(store.path("manifest.parquet"), "rb") as f:
+    if store.exists(MANIFEST):
+        with store.fs.open(store.path(MANIFEST), "rb") as f:
             stored = (pq.read_metadata(f).metadata or {}).get(b"twostep.manifest_hash", b"").decode()
         if stored == manifest_hash:
             return
@@ -381,24 +314,25 @@ def _copy_manifest(store: Store, cfg: GenerateConfig, manifest_hash: str) -> Non
     meta = pq.read_metadata(cfg.manifest)
     largest = max((meta.row_group(i).num_rows for i in range(meta.num_row_groups)), default=0)
     if largest <= 4 * ROW_GROUP_ROWS:
-        store.put_file("manifest.parquet", cfg.manifest)
+        store.put_file(MANIFEST, cfg.manifest)
         return
     size = cfg.shard_size * max(1, ROW_GROUP_ROWS // cfg.shard_size)
     log.info("the manifest has row groups of up to %d rows; the store's copy is re-chunked into groups of %d "
              "(whole shards), so each worker decodes only those that hold its rows", largest, size)
     with tempfile.TemporaryDirectory(prefix="twostep-manifest-") as tmp:
-        out = os.path.join(tmp, "manifest.parquet")
+        out = os.path.join(tmp, MANIFEST)
         source = pq.ParquetFile(cfg.manifest)
         with pq.ParquetWriter(out, source.schema_arrow, compression="zstd") as writer:
             for batch in source.iter_batches(batch_size=size):
                 writer.write_table(pa.Table.from_batches([batch]), row_group_size=size)
             writer.add_key_value_metadata({k: v for k, v in (meta.metadata or {}).items() if k.startswith(b"twostep.")})
-        store.put_file("manifest.parquet", out)
+        store.put_file(MANIFEST, out)
 
 
-def _check_store(store: Store, fp: str, ident: dict, cfg: GenerateConfig) -> dict[str, Any] | None:
-    """The store's index.json (None when there is none), after checking it records these settings."""
-    index = store.read_json("index.json")
+def _index_of_these_settings(store: Store, fp: str, ident: dict, cfg: GenerateConfig) -> dict[str, Any] | None:
+    """The store's index.json (None when there is none), after checking that it records these
+    settings (fingerprint ``fp``): a store made with others is refused."""
+    index = store.read_index()
     if index and index.get("fingerprint") != fp:
         old = index.get("identity", {})
         diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
@@ -442,7 +376,7 @@ class _Records:
         return np.unique(np.flatnonzero(self.present) // INDEX_PART_SHARDS).tolist()
 
     def snapshot(self, parts: set[int]) -> dict[int, tuple]:
-        """Copies of these parts' records (a few arrays' slices): what :func:`_part_json` turns into
+        """Copies of these parts' records (a few arrays' slices): what :func:`.layout.index_part` turns into
         each part's file, on another thread, while this one goes on adding."""
         fails: dict[int, dict] = {k: {} for k in parts}
         for i, f in self.failures.items():  # one pass, whatever the parts
@@ -454,18 +388,6 @@ class _Records:
             out[k] = (lo, self.present[lo:hi].copy(), self.samples[lo:hi].copy(), self.nbytes[lo:hi].copy(),
                       self.sha[lo:hi].copy(), fails[k])
         return out
-
-
-def _part_json(lo: int, present, samples, nbytes, sha, failures: dict) -> bytes:
-    """An index part's file: the JSON list of its shards' entries (:data:`INDEX_ENTRY`, keys sorted),
-    made from the arrays with one string a shard (3 ms for 4,096 shards; building dicts for
-    ``json.dumps`` took three times as long and held the GIL for stretches of 100 ms)."""
-    idx = np.flatnonzero(present)
-    hexes = sha[idx].tobytes().hex()
-    items = [f'{{"bytes":{b},"failures":{json.dumps(failures[s]) if s in failures else "[]"},"samples":{n},'
-             f'"sha256":"{hexes[64 * k:64 * k + 64]}","shard":{s},"url":"{SHARD_TAR.format(s)}"}}'
-             for k, (s, n, b) in enumerate(zip((lo + idx).tolist(), samples[idx].tolist(), nbytes[idx].tolist()))]
-    return ("[" + ",".join(items) + "]").encode()
 
 
 class _IndexWriter:
@@ -508,20 +430,18 @@ class _IndexWriter:
                 or time.monotonic() - self.last >= max(self.every_s, 100 * self.took)):
             self.write(seconds, wait=False)
 
-    def write(self, seconds: float, wait: bool = True, final: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Upload the changed parts and then the head: ``in progress``, or ``final`` (the completed
-        head fields) at the end. ``wait``: return after the upload; else it runs on the background
-        thread (its failure is raised at the next call)."""
+    def write(self, seconds: float, wait: bool = True, **final: Any) -> dict[str, Any]:
+        """Upload the changed parts and then the head: ``in progress``, or at the end the final head
+        (``final``: :func:`.layout.index_head`'s ``missing``, ``failed_shards`` and ``failed_samples``).
+        ``wait``: return after the upload; else it runs on the background thread (its failure is
+        raised at the next call)."""
         if self._pending is not None:
             self._finish()
         parts = self.records.snapshot(self.dirty)  # their files are made on the background thread
         self.dirty = set()
-        head = {"index_version": INDEX_VERSION, "fingerprint": self.fp, "identity": self.ident,
-                "num_shards": self.num_shards, "committed_shards": len(self.records),
-                "samples": self.records.total_samples(), "teacher": self.facts, "seconds": round(seconds, 1),
-                "index_parts": {"shards_per_part": INDEX_PART_SHARDS,
-                                "parts": self.records.parts()}}
-        head.update(final or {"status": "in progress"})
+        head = index_head(fingerprint=self.fp, identity=self.ident, num_shards=self.num_shards,
+                          committed=len(self.records), samples=self.records.total_samples(), teacher=self.facts,
+                          seconds=seconds, parts=self.records.parts(), **final)
         self.new, self.last = 0, time.monotonic()
         self._pending = self._pool.submit(self._upload, parts, head)
         if wait:
@@ -532,9 +452,9 @@ class _IndexWriter:
         t0 = time.monotonic()
         for k, snapshot in parts.items():
             self.guard()
-            self.store.put_bytes(INDEX_PART.format(k), _part_json(*snapshot))
+            self.store.put_bytes(INDEX_PART.format(k), index_part(*snapshot))
         self.guard()
-        self.store.put_json("index.json", head, indent=None)
+        self.store.put_json(INDEX, head, indent=None)
         self.took = time.monotonic() - t0
 
     def flush(self) -> None:
@@ -733,22 +653,21 @@ def write_index(store: Store, fp: str, ident: dict, num_shards: int, facts: dict
     """index.json (with its parts), failed.parquet and README.md from the committed shards: those
     ``writer`` (the job's index writer) holds, or when None, what :meth:`Store.committed_shards` finds."""
     if writer is None:
-        old = store.read_json("index.json")
+        old = store.read_index()
         found = store.committed_shards(fp, old)
         writer = _IndexWriter(store, fp, ident, num_shards, facts, {i: s for i, s in found.items() if i < num_shards},
                               GenerateConfig(manifest="-", out=store.url))  # known=None: every part written
     records = writer.records
     missing = np.flatnonzero(~records.present).tolist()
     failed_rows = [{**f, "shard": i} for i in sorted(records.failures) for f in records.failures[i]]
-    final = {"status": "complete" if not missing else "incomplete", "missing_shards": missing,
-             "failed_shards": {str(k): v for k, v in failed_shards.items()}, "failed_samples": len(failed_rows)}
-    index = writer.write(seconds, wait=True, final=final)
+    index = writer.write(seconds, wait=True, missing=missing, failed_shards=failed_shards,
+                         failed_samples=len(failed_rows))
     table = pa.Table.from_pylist(failed_rows, schema=pa.schema(
         [("prompt_id", pa.string()), ("row", pa.int64()), ("reason", pa.string()), ("shard", pa.int64())]))
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
-    store.put_bytes("failed.parquet", buf.getvalue().to_pybytes())
-    store.put_bytes("README.md", _card(index).encode())
+    store.put_bytes(FAILED, buf.getvalue().to_pybytes())
+    store.put_bytes(CARD, _card(index).encode())
     return index
 
 
@@ -756,14 +675,14 @@ def _card(index: dict) -> str:
     ident, t = index["identity"], index["teacher"]
     return f"""# twostep teacher samples
 
-Generated by `twostep generate` from a prompt manifest (`manifest.parquet`, hash `{ident['manifest_hash']}`).
+Generated by `twostep generate` from a prompt manifest (`{MANIFEST}`, hash `{ident['manifest_hash']}`).
 
 - teacher: `{t['teacher']}` (revision {t['revision']}), {t['sampler']['num_steps']} steps, guidance {t['sampler']['guidance_scale']}, sigmas {t['sampler']['sigmas']}, sampler hash `{t['sampler_hash']}`
-- {index['samples']} samples in {index['committed_shards']} of {index['num_shards']} shards ({ident['shard_size']} rows each); {index['failed_samples']} failed samples (`failed.parquet`); status: {index['status']}
+- {index['samples']} samples in {index['committed_shards']} of {index['num_shards']} shards ({ident['shard_size']} rows each); {index['failed_samples']} failed samples (`{FAILED}`); status: {index['status']}
 - members per sample: {members_text(ident['save'], ident['image_format'], t['sampler']['mid_sigma'])}
 - versions: {json.dumps(t['versions'])}; dtype {t['dtype']} on {t['device']}
 
-Read it with `webdataset.WebDataset("shards/{{000000..{index['num_shards'] - 1:06d}}}.tar")`,
+Read it with `webdataset.WebDataset("{shard_pattern(index['num_shards'])}")`,
 `datasets.load_dataset("webdataset", data_files=...)` or `ray.data.read_webdataset`.
 Check it with `twostep verify STORE`.
 """

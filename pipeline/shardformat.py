@@ -1,15 +1,6 @@
-"""The shard store format: the one definition that the writer, the trainer's reader, ``twostep verify``
-and the dataset card share. docs/store.md describes it for users; this docstring is the contract.
-
-Store layout, under any fsspec URL (local folder, ``s3://``, ``gs://``)::
-
-    shards/000042.tar     WebDataset shard: manifest rows [42·N, 43·N), minus failed samples
-    shards/000042.json    its stats, written after the tar: the shard's commit marker
-    index.json            every committed shard (url, samples, sha256, bytes) + dataset facts
-    manifest.parquet      the manifest the store was made from
-    failed.parquet        rows whose generation failed, with reasons (for a rerun)
-    README.md             dataset card
-    lease.json            held by the one driver writing the store
+"""The shard format: what a shard's tar holds, the one definition that the writer, the trainer's
+reader, ``twostep verify`` and the dataset card share. docs/store.md describes it for users; this
+docstring is the contract. Where the shards and the other store files go is :mod:`.layout`'s.
 
 Shards are plain tars readable by ``webdataset``, ``datasets`` and ``ray.data``. Each sample is a
 run of adjacent members named ``<key>.<suffix>``:
@@ -59,17 +50,6 @@ from typing import Any
 
 import numpy as np
 
-STORE_FORMAT = 1
-SHARD_TAR = "shards/{:06d}.tar"
-SHARD_STATS = "shards/{:06d}.json"
-INDEX_VERSION = 2
-"""``index.json`` version 2 keeps the shard entries in parts (:data:`INDEX_PART`), so that a rewrite
-while the job runs costs the parts that changed, not the whole store; version 1 (no
-``index_version``) lists them inline under ``shards`` and is still read (docs/store.md)."""
-INDEX_PART = "index/{:05d}.json"
-INDEX_PART_SHARDS = 4096
-"""Shards per index part: part k holds the entries of shards [k·4096, (k+1)·4096) that are committed."""
-
 ARRAYS = {"latent": np.dtype(np.float16), "mid": np.dtype(np.float16), "noise": np.dtype(np.float32)}
 """Array name → dtype; the member is ``<name>.npy``."""
 OPTIONAL_ARRAYS = ("mid", "noise")
@@ -107,20 +87,6 @@ class Sample:
     @property
     def seed(self) -> int:
         return int(self.meta["seed"])
-
-
-def index_entries(read_bytes, index: dict[str, Any]) -> list[dict[str, Any]]:
-    """The shard entries of an ``index.json`` of either version, in shard order. ``read_bytes``
-    reads a store member by its relative name (``index/00000.json``)."""
-    if "index_version" not in index:  # version 1: inline
-        return sorted(index.get("shards") or [], key=lambda e: e["shard"])
-    if index["index_version"] > INDEX_VERSION:
-        raise ValueError(f"index.json version {index['index_version']}: this twostep reads up to {INDEX_VERSION}; "
-                         "upgrade twostep")
-    out: list[dict[str, Any]] = []
-    for k in index["index_parts"]["parts"]:
-        out += json.loads(read_bytes(INDEX_PART.format(k)))
-    return out
 
 
 def key_problem(key: object) -> str | None:
@@ -184,12 +150,12 @@ def tar_bytes(samples: Iterable[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-def members_text(save: Iterable[str], image_format: str, mid_sigma: float) -> str:
+def members_text(save: Iterable[str], image_format: str, sigma_mid: float) -> str:
     """The members of a store's samples in words (markdown), for the dataset card."""
     save = set(save)
     parts = ["`txt`", "`json`", f"`latent.npy` ({ARRAYS['latent'].name})"]
     if "mid" in save:
-        parts.append(f"`mid.npy` (state at σ={mid_sigma}, {ARRAYS['mid'].name})")
+        parts.append(f"`mid.npy` (state at σ={sigma_mid}, {ARRAYS['mid'].name})")
     if "noise" in save:
         parts.append(f"`noise.npy` ({ARRAYS['noise'].name})")
     if image_format != "none":

@@ -1,6 +1,6 @@
 """The shard store's I/O: atomic writes, shard commits (tar, then its stats as the commit marker), the
-index, and the writer's lease. What the files and shards hold is defined in :mod:`.shardformat`
-(docs/store.md).
+index, and the writer's lease. The files' names and the index schema are :mod:`.layout`'s, what a
+shard holds :mod:`.shardformat`'s (docs/store.md).
 """
 
 from __future__ import annotations
@@ -20,13 +20,21 @@ from typing import Any
 import fsspec
 import fsspec.asyn
 
-from .shardformat import SHARD_STATS, SHARD_TAR, index_entries
+from .layout import (
+    INDEX_ENTRY,
+    LEASE,
+    LEASE_TMP_PREFIX,
+    SHARD_STATS,
+    SHARD_TAR,
+    SHARDS,
+    STORE_FILES,
+    index_entries,
+    read_index,
+    shard_file,
+)
 
-INDEX_ENTRY = ("url", "samples", "sha256", "bytes", "shard", "failures")
-"""What ``index.json`` keeps of each committed shard's stats: enough for a rerun to trust the entry
-without reading the stats file, and for ``failed.parquet``."""
-
-_SHARD_FILE = re.compile(r"(\d+)\.(tar|json)")
+_LEFTOVER_TMP = re.compile(rf"(?!{re.escape(LEASE_TMP_PREFIX)})\..+\.[0-9a-f]{{32}}\.tmp")
+"""A temporary file of :meth:`Store.put_bytes` (``.<name>.<32 hex>.tmp``), not one of the lease's."""
 
 
 class StoreError(RuntimeError):
@@ -95,6 +103,13 @@ class Store:
         except FileNotFoundError:
             return None
 
+    def read_index(self) -> dict[str, Any] | None:
+        """The store's ``index.json`` (either version), or None when there is none."""
+        try:
+            return read_index(self.read_bytes)
+        except FileNotFoundError:
+            return None
+
     def index_entries(self, index: dict[str, Any]) -> list[dict[str, Any]]:
         """The shard entries of ``index`` (an ``index.json`` of either version), in shard order."""
         return index_entries(self.read_bytes, index)
@@ -129,13 +144,13 @@ class Store:
         threshold, 100 MiB by default, is uploaded in parts). Returns what was removed."""
         out = {"tmp_files": 0, "multipart_uploads": 0}
         if self.local:
-            for folder in (self.root, f"{self.root}/shards"):
+            for folder in (self.root, self.path(SHARDS)):
                 try:
                     names = os.listdir(folder)
                 except FileNotFoundError:
                     continue
-                for name in names:  # .<name>.<32 hex>.tmp; the lease's own (.lease.*) are left alone
-                    if re.fullmatch(r"\.(?!lease\.).+\.[0-9a-f]{32}\.tmp", name):
+                for name in names:
+                    if _LEFTOVER_TMP.fullmatch(name):
                         with contextlib.suppress(FileNotFoundError):
                             os.remove(f"{folder}/{name}")
                             out["tmp_files"] += 1
@@ -151,7 +166,7 @@ class Store:
 
     def remove_all(self) -> None:
         """Delete everything the store holds (``--overwrite``)."""
-        for rel in ("shards", "index", "index.json", "manifest.parquet", "failed.parquet", "README.md"):
+        for rel in STORE_FILES:
             if self.exists(rel):
                 self.fs.rm(self.path(rel), recursive=True)
 
@@ -175,7 +190,7 @@ class Store:
         two round trips per shard. Names that are not a shard's tar or stats (temporary files, other
         tools' files, sub-folders, ``42.tar`` for ``000042.tar``) are left out.
         """
-        base = self.path("shards")
+        base = self.path(SHARDS)
         self.fs.invalidate_cache(base)  # a cached listing from an earlier run in this process is stale
         try:
             found = self.fs.find(base, detail=True)
@@ -184,13 +199,11 @@ class Store:
         out: dict[int, dict[str, int]] = {}
         for name, info in found.items():
             rel = name[len(self.root) + 1:] if name.startswith(self.root + "/") else ""
-            m = _SHARD_FILE.fullmatch(rel.removeprefix("shards/"))
-            if info.get("type") == "directory" or not m:
+            found_file = shard_file(rel)
+            if info.get("type") == "directory" or found_file is None:
                 continue
-            i = int(m[1])
-            if rel != (SHARD_TAR if m[2] == "tar" else SHARD_STATS).format(i):
-                continue
-            out.setdefault(i, {})[m[2]] = int(info["size"])
+            i, kind = found_file
+            out.setdefault(i, {})[kind] = int(info["size"])
         return out
 
     def committed_shards(self, fingerprint: str, index: dict[str, Any] | None = None,
@@ -226,7 +239,7 @@ class Store:
                     if (stats is not None and stats.get("fingerprint") == fingerprint
                             and stats.get("bytes") == listing[i]["tar"]):
                         out[i] = stats
-        self.fs.invalidate_cache(self.path("shards"))  # not kept: 1.4 GB at a million shards on s3fs
+        self.fs.invalidate_cache(self.path(SHARDS))  # not kept: 1.4 GB at a million shards on s3fs
         return out
 
     def _stats_or_none(self, shard: int) -> dict[str, Any] | None:
@@ -294,12 +307,12 @@ class Store:
             if expires > time.time() and not _holder_gone(str(held.get("owner"))):
                 raise StoreError(f"{self.url} is being written by {held.get('owner')} (lease until "
                                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(expires))}); "
-                                 "wait for it, or remove lease.json if that driver is gone")
+                                 f"wait for it, or remove {LEASE} if that driver is gone")
         return self._swap_lease(record, None if held is None else version)
 
     def _read_lease(self) -> tuple[dict[str, Any] | None, Any]:
         """(lease record or None, the version a swap compares against: inode, ETag or None)."""
-        path = self.path("lease.json")
+        path = self.path(LEASE)
         if self.lease_mode == "link":
             try:
                 with open(path, "rb") as f:
@@ -313,16 +326,16 @@ class Store:
             except FileNotFoundError:
                 return None, None
             return json.loads(out[0]), out[1]
-        return self.read_json("lease.json"), None
+        return self.read_json(LEASE), None
 
     def _swap_lease(self, record: bytes, version: Any) -> bool:
         """Write ``record`` as lease.json if it is still absent (``version`` None) or still the
         version read; False when another driver changed it first."""
-        path = self.path("lease.json")
+        path = self.path(LEASE)
         mode = self.lease_mode
         if mode == "link":
             self.fs.makedirs(self.root, exist_ok=True)
-            tmp = f"{self.root}/.lease.{uuid.uuid4().hex}.tmp"
+            tmp = f"{self.root}/{LEASE_TMP_PREFIX}{uuid.uuid4().hex}.tmp"
             with open(tmp, "wb") as f:
                 f.write(record)
                 f.flush()
@@ -334,7 +347,7 @@ class Store:
                 # A stale lease is replaced in one rename, so the name is never absent (a driver
                 # reading "no lease" in that instant would create its own); the lock file makes
                 # "still the inode that was read, then replace" one step among drivers.
-                with open(f"{self.root}/.lease.lock", "a") as lock:
+                with open(f"{self.root}/{LEASE_TMP_PREFIX}lock", "a") as lock:
                     fcntl.flock(lock, fcntl.LOCK_EX)
                     try:
                         if os.stat(path).st_ino != version:
@@ -358,8 +371,8 @@ class Store:
                         or isinstance(e, FileExistsError):
                     return False
                 raise
-        self.put_bytes("lease.json", record)
-        return (self.read_json("lease.json") or {}).get("owner") == json.loads(record)["owner"]
+        self.put_bytes(LEASE, record)
+        return (self.read_json(LEASE) or {}).get("owner") == json.loads(record)["owner"]
 
     def renew_lease(self, owner: str, ttl: float = 300.0) -> str | None:
         """Extend ``owner``'s lease if it still holds it, as the same compare-and-swap as taking it
@@ -368,16 +381,16 @@ class Store:
         held, version = self._read_lease()
         holder = (held or {}).get("owner")
         if holder != owner:
-            return holder or "nobody (lease.json was removed)"
+            return holder or f"nobody ({LEASE} was removed)"
         record = json.dumps({"owner": owner, "expires": time.time() + ttl, "taken_at": held.get("taken_at")}).encode()
         if self._swap_lease(record, version):
             return None
-        return (self._read_lease()[0] or {}).get("owner") or "nobody (lease.json was removed)"
+        return (self._read_lease()[0] or {}).get("owner") or f"nobody ({LEASE} was removed)"
 
     def release_lease(self, owner: str) -> None:
-        held = self.read_json("lease.json")
+        held = self.read_json(LEASE)
         if held and held.get("owner") == owner:
-            self.fs.rm(self.path("lease.json"))
+            self.fs.rm(self.path(LEASE))
 
 
 async def _multipart_uploads(fs, bucket: str, prefix: str) -> list[dict[str, Any]]:

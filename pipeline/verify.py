@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import math
 import os
 import queue
 import random
@@ -39,49 +38,49 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .shardformat import SHARD_TAR, ShardFormatError, iter_samples
+from .config import DEFAULT_SAMPLE, VerifyConfig
+from .layout import INDEX, MANIFEST, SHARD_TAR, num_shards, rows_of
+from .shardformat import ShardFormatError, iter_samples
 from .store import Store
 
-DEFAULT_SAMPLE = 32
-"""Shards the default mode reads in full (``twostep verify --sample N`` changes it)."""
 RAY_WINDOW = (64, 4096)
 """Ray tasks in flight: twice the cluster's CPUs, within these bounds."""
 
 
-def verify_store(url: str, storage_options: dict | None = None, regenerate: int = 0, seed: int = 0,
-                 device: str | None = None, teacher: str | None = None, *, full: bool | None = None,
-                 sample: int | str | None = None, threads: int = 16, ray_address: str | None = None,
-                 progress: bool = False) -> dict[str, Any]:
+def verify_store(url: str, storage_options: dict | None = None, *, full: bool | None = None,
+                 progress: bool = False, **settings: Any) -> dict[str, Any]:
     """Return a report: ok, problems, shards, samples, mode (fast, sample or full), checked (shards
     read in full) of checked_of (the index's shards), and regeneration differences.
 
     ``full=False`` is the fast mode (no ``sample`` then); ``full=True`` reads every shard, or
     ``sample`` random ones when given; ``full=None`` (the default) reads ``sample`` random shards,
-    ``DEFAULT_SAMPLE`` unless given. ``sample="all"`` reads every shard. ``seed`` picks the shards
-    and the samples ``regenerate`` draws."""
-    if full is False and sample is not None:
-        raise ValueError(f"sample={sample!r}: the fast check reads no shard; leave sample out or ask for full")
+    ``DEFAULT_SAMPLE`` unless given. ``settings``: the other :class:`.config.VerifyConfig` fields
+    (``sample``, ``seed``, ``threads``, ``regenerate``, …; ``sample="all"`` reads every shard,
+    ``seed`` picks the shards and the samples ``regenerate`` draws)."""
+    cfg = VerifyConfig(store=url, storage_options=storage_options or {}, fast=full is False, full=bool(full),
+                       **settings)
+    return verify(cfg, progress=progress)
+
+
+def verify(cfg: VerifyConfig, progress: bool = False) -> dict[str, Any]:
+    """:func:`verify_store` with its settings in ``cfg``."""
+    url, storage_options, sample, seed, regenerate = (cfg.store, cfg.storage_options or None, cfg.sample, cfg.seed,
+                                                      cfg.regenerate)
+    full = False if cfg.fast else True if cfg.full else None
     if sample == "all":
         full, sample = True, None
-    elif sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
-        raise ValueError(f"sample={sample!r}: expected a number of shards >= 1 or 'all'")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads={threads!r}: expected a number >= 1")
-    if regenerate < 0:
-        raise ValueError(f"regenerate={regenerate!r}: expected a number of samples >= 0")
     mode = "fast" if full is False else "full" if full and sample is None else "sample"
     bound = DEFAULT_SAMPLE if full is None and sample is None else sample
-
     store = Store(url, storage_options)
-    index = store.read_json("index.json")
+    index = store.read_index()
     if index is None:
-        return {"ok": False, "problems": [f"{url}: no index.json (not a twostep store, or never finished)"]}
-    if not store.exists("manifest.parquet"):
-        return {"ok": False, "problems": [f"{url}: no manifest.parquet (the job copies it in first)"]}
+        return {"ok": False, "problems": [f"{url}: no {INDEX} (not a twostep store, or never finished)"]}
+    if not store.exists(MANIFEST):
+        return {"ok": False, "problems": [f"{url}: no {MANIFEST} (the job copies it in first)"]}
     n = index["identity"]["shard_size"]
-    with store.fs.open(store.path("manifest.parquet"), "rb") as f:
+    with store.fs.open(store.path(MANIFEST), "rb") as f:
         rows = pq.read_metadata(f).num_rows
-    plan = math.ceil(rows / n)
+    plan = num_shards(rows, n)
     listed = {s["shard"]: s for s in store.index_entries(index)}
     bad = _fast_checks(store, listed, plan, rows, n)
     problems = list(bad.values())
@@ -94,10 +93,10 @@ def verify_store(url: str, storage_options: dict | None = None, regenerate: int 
         shards = sorted(i for i in listed if i < plan and i not in bad)  # a bad size needs no sha256
         if bound is not None and bound < len(shards):
             shards = sorted(random.Random(seed).sample(shards, bound))
-        with store.fs.open(store.path("manifest.parquet"), "rb") as f:
+        with store.fs.open(store.path(MANIFEST), "rb") as f:
             keys_of = ManifestKeys(pq.ParquetFile(f), n)
             jobs = ((i, listed[i], keys_of(i)) for i in shards)  # read as the window moves on
-            for i, found, keys in _run_checks(store, jobs, len(shards), threads, ray_address, progress):
+            for i, found, keys in _run_checks(store, jobs, len(shards), cfg.threads, cfg.ray_address, progress):
                 problems += found
                 if keys is not None and regenerate:
                     checked[i] = keys
@@ -107,7 +106,7 @@ def verify_store(url: str, storage_options: dict | None = None, regenerate: int 
         if not checked:  # fast mode: read the keys of a few random shards
             picks = random.Random(seed).sample(sorted(listed), min(regenerate, len(listed)))
             checked = {i: [s.key for s in iter_samples(store.read_bytes(SHARD_TAR.format(i)))] for i in picks}
-        report["regenerate"] = _regenerate(store, index, checked, regenerate, seed, device, teacher)
+        report["regenerate"] = _regenerate(store, index, checked, regenerate, seed, cfg.device, cfg.teacher)
         report["ok"] = report["ok"] and report["regenerate"]["sampler_hash_matches"]
     return report
 
@@ -128,7 +127,8 @@ class ManifestKeys:
         self.cache: dict[int, list[str]] = {}
 
     def __call__(self, shard: int) -> list[str]:
-        lo, hi = shard * self.n, min((shard + 1) * self.n, self.starts[-1])
+        rows = rows_of(shard, self.n, self.starts[-1])
+        lo, hi = rows.start, rows.stop
         if lo >= hi:
             return []
         first = bisect.bisect_right(self.starts, lo) - 1
@@ -150,19 +150,19 @@ def _fast_checks(store: Store, listed: dict[int, dict], plan: int, rows: int, n:
     listing = store.list_shards()
     problems = {}
     for i in range(plan):
-        rel = SHARD_TAR.format(i)
+        rel, want = SHARD_TAR.format(i), len(rows_of(i, n, rows))
         entry, sizes = listed.get(i), listing.get(i, {})
         if entry is None:
-            problems[i] = f"{rel}: missing from index.json"
+            problems[i] = f"{rel}: missing from {INDEX}"
         elif "tar" not in sizes:
             problems[i] = f"{rel}: missing"
         elif sizes["tar"] != entry["bytes"]:
             problems[i] = f"{rel}: {sizes['tar']} bytes, index says {entry['bytes']}"
         elif "json" not in sizes:
             problems[i] = f"{rel}: its stats file (the commit marker) is missing"
-        elif "failures" in entry and entry["samples"] + len(entry["failures"]) != min(n, rows - i * n):
+        elif "failures" in entry and entry["samples"] + len(entry["failures"]) != want:
             problems[i] = (f"{rel}: {entry['samples']} samples and {len(entry['failures'])} failures in "
-                           f"index.json, the shard has {min(n, rows - i * n)} manifest rows")
+                           f"{INDEX}, the shard has {want} manifest rows")
     return problems
 
 
@@ -176,7 +176,7 @@ def check_shard(store_url: str, storage_options: dict | None, shard: int, entry:
     except FileNotFoundError:
         return shard, [f"{rel}: missing"], None
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        return shard, [f"{rel}: sha256 differs from index.json (corrupt or replaced)"], None
+        return shard, [f"{rel}: sha256 differs from {INDEX} (corrupt or replaced)"], None
     try:
         keys = [s.key for s in iter_samples(data)]
     except ShardFormatError as e:
@@ -251,7 +251,7 @@ def _regenerate(store: Store, index: dict, checked: dict, k: int, seed: int, dev
     s = facts["sampler"]
     spec = teacher_spec or (facts["teacher"] if facts["revision"] is None else f"{facts['teacher']}@{facts['revision']}")
     teacher = Teacher.load(spec, device=device, num_steps=s["num_steps"], guidance_scale=s["guidance_scale"],
-                           mid_sigma=s["mid_sigma"], max_sequence_length=s["max_sequence_length"])
+                           sigma_mid=s["mid_sigma"], max_sequence_length=s["max_sequence_length"])
     pool = [(i, key) for i in sorted(checked) for key in sorted(checked[i])]
     picks = random.Random(seed).sample(pool, min(k, len(pool)))
     wanted = {i for i, _ in picks}

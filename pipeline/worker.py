@@ -19,7 +19,6 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -30,35 +29,12 @@ import torch
 
 from twostep.teacher.core import Teacher, noise_fingerprint
 
+from .config import WorkerConfig
+from .layout import rows_of
 from .shardformat import encode_sample, tar_bytes
 from .store import Store, UploadError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class WorkerConfig:
-    """What every worker needs; the job passes the same one to all."""
-
-    store_url: str
-    manifest: str
-    """Path or URL of the manifest (the store's own copy)."""
-    teacher: str = "toy"
-    shard_size: int = 256
-    batch_size: int = 16
-    image_format: str = "webp"
-    """webp | jpg | png | none (latents only)."""
-    save: tuple[str, ...] = ("mid",)
-    """Extra arrays per sample: any of mid, noise."""
-    on_sample_error: str = "skip"
-    sampler_overrides: dict[str, Any] = field(default_factory=dict)
-    storage_options: dict[str, Any] | None = None
-    threads: int = 0
-    """torch CPU threads (0 = leave torch's default)."""
-    device: str | None = None
-    encode_threads: int = 0
-    """Threads that encode finished samples (image, arrays, json) while the teacher generates the next
-    batches; 0 = one per CPU this process may run on, at most 8."""
 
 
 class ShardWorker:
@@ -69,7 +45,7 @@ class ShardWorker:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
-        self.store = Store(cfg.store_url, cfg.storage_options)
+        self.store = Store(cfg.store_url, cfg.storage_options or None)
         self.teacher = teacher or Teacher.load(cfg.teacher, device=cfg.device, **cfg.sampler_overrides)
         self._manifest: pq.ParquetFile | None = None  # opened at the first shard (footer only)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -115,13 +91,13 @@ class ShardWorker:
             fs, path = fsspec.core.url_to_fs(self.cfg.manifest, **(self.cfg.storage_options or {}))
             f = fs.open(path, "rb", block_size=2**20)
             self._manifest = pq.ParquetFile(f)
-        n = self.cfg.shard_size
-        return read_rows(self._manifest, shard * n, n).to_pylist()
+        rows = rows_of(shard, self.cfg.shard_size)
+        return read_rows(self._manifest, rows.start, len(rows)).to_pylist()
 
     def _generate_shard(self, shard: int) -> tuple[list[Future], list[dict[str, Any]], int]:
         """Generate the shard's rows; returns the samples' encode futures in manifest order, the failed
         rows and the row count. Encoding runs on the pool and is not waited for here."""
-        n = self.cfg.shard_size
+        first = rows_of(shard, self.cfg.shard_size).start
         rows = self.rows(shard)
         default = self.teacher.default_size
         order = sorted(range(len(rows)), key=lambda i: (rows[i].get("height") or default,
@@ -133,7 +109,7 @@ class ShardWorker:
                 if isinstance(result, Exception):
                     if self.cfg.on_sample_error == "fail":
                         raise RuntimeError(f"shard {shard}: sample {rows[i]['prompt_id']} failed: {result!r}") from result
-                    failures.append({"prompt_id": rows[i]["prompt_id"], "row": shard * n + i,
+                    failures.append({"prompt_id": rows[i]["prompt_id"], "row": first + i,
                                      "reason": f"{type(result).__name__}: {result}"})
                 else:
                     encoded[i] = self._pool.submit(self._encode, rows[i], *result)

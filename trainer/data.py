@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from twostep.pipeline.shardformat import Sample, ShardFormatError, index_entries, iter_samples
+from twostep.pipeline.layout import INDEX, index_entries, read_index
+from twostep.pipeline.shardformat import Sample, ShardFormatError, iter_samples
 from twostep.teacher.core import noise_fingerprint, seed_noise
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,10 @@ def _resolve_one(item: str, so: dict) -> tuple[list[ShardInfo], dict]:
         if not fs.exists(path):  # one existence check: a HEAD per shard on a bucket would be slow
             raise FileNotFoundError(f"no shards found for {item!r}: its first expansion {urls[0]} does not exist")
         return [ShardInfo(u) for u in urls], {}
-    root = item[: -len("index.json")].rstrip("/") if item.endswith("index.json") else item.rstrip("/")
+    root = item[: -len(INDEX)].rstrip("/") if item.endswith(INDEX) else item.rstrip("/")
     fs, path = fsspec.core.url_to_fs(root or ".", **so)
-    if fs.exists(f"{path}/index.json"):
-        return _store_shards(root, fs, f"{path}/index.json")
+    if fs.exists(f"{path}/{INDEX}"):
+        return _store_shards(root, fs, path)
     if any(c in item for c in "*?["):
         local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
         hits = sorted(p for p in fs.glob(path) if p.endswith(_TAR_SUFFIXES))
@@ -110,18 +111,21 @@ def _resolve_one(item: str, so: dict) -> tuple[list[ShardInfo], dict]:
         return [ShardInfo(p if local else fs.unstrip_protocol(p)) for p in hits], {}
     if fs.isfile(path):
         return [ShardInfo(item)], {}
-    raise FileNotFoundError(f"no shards found for {item!r}: not a store (no index.json there), "
+    raise FileNotFoundError(f"no shards found for {item!r}: not a store (no {INDEX} there), "
                             "not a shard file, and no glob or {a..b} pattern")
 
 
-def _store_shards(root: str, fs: Any, index_path: str) -> tuple[list[ShardInfo], dict]:
-    """A store's shards from its index.json; relative shard urls are joined to the store's URL."""
-    with fs.open(index_path, "rb") as f:
-        index = json.load(f)
-    base = index_path.rsplit("/", 1)[0]
-    entries = index_entries(lambda rel: fs.cat_file(f"{base}/{rel}"), index)
+def _store_shards(root: str, fs: Any, path: str) -> tuple[list[ShardInfo], dict]:
+    """A store's shards from its index.json (``path``: the store's path on ``fs``); relative shard
+    urls are joined to the store's URL."""
+
+    def read_bytes(rel: str) -> bytes:
+        return fs.cat_file(f"{path}/{rel}")
+
+    index = read_index(read_bytes)
+    entries = index_entries(read_bytes, index)
     if not entries:
-        raise FileNotFoundError(f"store {root!r} lists no committed shards in index.json (status "
+        raise FileNotFoundError(f"store {root!r} lists no committed shards in {INDEX} (status "
                                 f"{index.get('status')!r}); finish the generation job first")
     if index.get("status") not in (None, "complete"):
         log.warning("store %s is %s: %d shards missing", root, index.get("status"),
@@ -165,7 +169,7 @@ def read_shard(info: ShardInfo, storage_options: dict | None = None, load_mid: b
     """
     data = _fetch(info.url, storage_options or {})
     if info.sha256 and hashlib.sha256(data).hexdigest() != info.sha256:
-        raise CorruptShard("sha256 differs from index.json (corrupt, truncated or replaced)")
+        raise CorruptShard(f"sha256 differs from {INDEX} (corrupt, truncated or replaced)")
     try:
         samples = list(iter_samples(data))
     except ShardFormatError as e:
@@ -173,7 +177,7 @@ def read_shard(info: ShardInfo, storage_options: dict | None = None, load_mid: b
     if not load_mid:
         samples = [dataclasses.replace(s, mid=None) for s in samples]
     if info.nsamples is not None and len(samples) != info.nsamples:
-        raise CorruptShard(f"{len(samples)} samples, index.json says {info.nsamples}")
+        raise CorruptShard(f"{len(samples)} samples, {INDEX} says {info.nsamples}")
     return samples
 
 

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from twostep.pipeline.job import GenerateConfig, fingerprint, run_generation
-from twostep.pipeline.shardformat import SHARD_STATS, SHARD_TAR, encode_sample, tar_bytes
+from twostep.pipeline.layout import SHARD_STATS, SHARD_TAR
+from twostep.pipeline.shardformat import encode_sample, tar_bytes
 from twostep.pipeline.store import Store
 from twostep.pipeline.worker import ShardWorker, read_rows
 from twostep.prompts.manifest import read_meta
@@ -41,7 +42,7 @@ def _commit_all(store: Store, keys: list[str], fp: str, shards) -> dict[int, dic
 
 
 def _index(fp: str, stats: dict[int, dict]) -> dict:
-    from twostep.pipeline.store import INDEX_ENTRY
+    from twostep.pipeline.layout import INDEX_ENTRY
 
     return {"fingerprint": fp, "shards": [{k: s[k] for k in INDEX_ENTRY} for _, s in sorted(stats.items())]}
 
@@ -480,17 +481,18 @@ def test_verify_bad_arguments_get_clear_errors(tmp_path, capsys):
             assert e.value.code == 2 and said in capsys.readouterr().err, argv
         for argv, said in ((["--fast", "--sample", "3"], "--fast reads no shard; --sample 3 reads some: give one "
                                                           "of them"),
-                           (["--threads", "0"], "--threads 0: must be >= 1"),
-                           (["--regenerate", "-1"], "--regenerate -1: must be >= 0")):
+                           (["--threads", "0"], "--threads must be ≥ 1, not 0"),
+                           (["--regenerate", "-1"], "--regenerate must be ≥ 0, not -1")):
             assert main(["verify", url, *argv]) == 2
             assert capsys.readouterr().err == f"twostep verify: error: {said}\n", argv
     finally:
         for lg, level in levels:
             lg.setLevel(level)
-    for kwargs, said in (({"full": False, "sample": 3}, "the fast check reads no shard"),
-                         ({"sample": 0}, "expected a number of shards >= 1 or 'all'"),
-                         ({"sample": "half"}, "expected a number of shards >= 1 or 'all'"),
-                         ({"threads": 0}, "threads=0: expected a number >= 1")):
+    # the library names the settings as VerifyConfig's fields
+    for kwargs, said in (({"full": False, "sample": 3}, "fast reads no shard; sample 3 reads some"),
+                         ({"sample": 0}, "sample must be a number of shards ≥ 1 or 'all', not 0"),
+                         ({"sample": "half"}, "sample must be a number of shards ≥ 1 or 'all', not 'half'"),
+                         ({"threads": 0}, "threads must be ≥ 1, not 0")):
         with pytest.raises(ValueError, match=re.escape(said)):
             verify_store(url, **kwargs)
     Store(url).fs.rm(Store(url).path("manifest.parquet"))
