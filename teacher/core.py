@@ -3,7 +3,7 @@
 ``Teacher.load(spec)`` takes ``toy`` (the shipped toy teacher), a local ``ZImagePipeline`` folder, or a
 hub id (``Tongyi-MAI/Z-Image-Turbo``, optionally ``@revision``). ``Teacher.generate`` runs the
 8-step Turbo sampler on a batch of (prompt, seed, height, width) and returns the initial noise, the
-state at the 2-step boundary (``mid``, σ=0.75), the final latent and the decoded image.
+state at the 2-step boundary (``mid``, σ = σ_mid, 0.75 by default), the final latent and the decoded image.
 
 Conventions: latents are ``(B, C, H/f, W/f)`` in the pipeline's normalised space
 (``(z - shift_factor) * scaling_factor``); the transformer takes ``t = 1 - σ`` and predicts
@@ -33,7 +33,22 @@ log = logging.getLogger(__name__)
 
 TOY_TEACHER_DIR = Path(__file__).parent.parent / "toy" / "teacher"
 DEFAULT_STEPS = 8
-DEFAULT_MID_SIGMA = 0.75
+DEFAULT_SIGMA_MID = 0.75
+"""σ_mid, the 2-step boundary: the one default, for the sampler that writes ``mid`` into a store and
+the trainer's ``model.sigma_mid``, which must agree with the store (docs/design.md, "The mid state")."""
+SIGMA_MID_TOL = 1e-4
+"""Two σ values within this of each other are the same σ_mid: a step of the sampler's grid and σ_mid
+(:attr:`SamplerConfig.mid_index`), and the trainer's ``model.sigma_mid`` and a store's."""
+STORE_SIGMA_MID_KEY = "mid_sigma"
+"""σ_mid's key in the sampler record a store keeps (:meth:`SamplerConfig.to_dict`; docs/design.md,
+"The mid state"): the on-disk name, kept so that old stores read and sampler hashes do not change."""
+
+
+def recorded_sigma_mid(sampler: dict[str, Any]) -> float | None:
+    """σ_mid from a sampler record as a store keeps it (:meth:`SamplerConfig.to_dict`, in a store's
+    ``index.json`` under ``teacher.sampler``); None when the record has none."""
+    value = (sampler or {}).get(STORE_SIGMA_MID_KEY)
+    return None if value is None else float(value)
 
 
 @dataclass(frozen=True)
@@ -48,13 +63,15 @@ class SamplerConfig:
     """Timestep shift of the flow-matching scheduler (from its config)."""
     sigmas: tuple[float, ...] = ()
     """The N+1 noise levels actually used, ending at 0 (read back from the scheduler)."""
-    mid_sigma: float = DEFAULT_MID_SIGMA
-    """The 2-step boundary; ``mid`` is the state at this σ."""
+    sigma_mid: float = DEFAULT_SIGMA_MID
+    """The 2-step boundary; ``mid`` is the state at this σ (recorded as ``mid_sigma``, see :meth:`to_dict`)."""
     max_sequence_length: int = 512
     """Prompt tokens after the chat template (longer prompts are truncated)."""
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """The settings as a store records them (the hash's input): ``sigma_mid`` under its on-disk key
+        ``mid_sigma``, in field order, sigmas rounded to 6 decimals."""
+        d = {STORE_SIGMA_MID_KEY if k == "sigma_mid" else k: v for k, v in asdict(self).items()}
         d["sigmas"] = [round(float(s), 6) for s in self.sigmas]
         return d
 
@@ -66,9 +83,9 @@ class SamplerConfig:
 
     @property
     def mid_index(self) -> int | None:
-        """Index into ``sigmas`` of the mid state (None when no step lands on ``mid_sigma``)."""
+        """Index into ``sigmas`` of the mid state (None when no step lands on ``sigma_mid``)."""
         for i, s in enumerate(self.sigmas):
-            if abs(s - self.mid_sigma) < 1e-4:
+            if abs(s - self.sigma_mid) < SIGMA_MID_TOL:
                 return i
         return None
 
@@ -82,7 +99,7 @@ class TeacherOutput:
     latent: torch.Tensor
     """(B, C, h, w) fp32, the final latent at σ=0."""
     mid: torch.Tensor | None = None
-    """(B, C, h, w) fp32, the state at σ=mid_sigma (after 4 of 8 steps), if a step lands there."""
+    """(B, C, h, w) fp32, the state at σ=sigma_mid (after 4 of 8 steps), if a step lands there."""
     images: np.ndarray | None = None
     """(B, H, W, 3) uint8 decoded images (None when decoding was not asked for)."""
     nfe: int = 0
@@ -211,7 +228,7 @@ class Teacher:
     # --- sampler -----------------------------------------------------------------------------
 
     def make_sampler(self, num_steps: int = DEFAULT_STEPS, guidance_scale: float = 0.0,
-                     mid_sigma: float = DEFAULT_MID_SIGMA, max_sequence_length: int | None = None,
+                     sigma_mid: float = DEFAULT_SIGMA_MID, max_sequence_length: int | None = None,
                      sigmas: list[float] | None = None) -> SamplerConfig:
         """Sampler settings from the scheduler's config with Turbo defaults, overridable.
 
@@ -223,7 +240,7 @@ class Teacher:
         used = tuple(float(s) for s in sched.sigmas.cpu())
         msl = max_sequence_length or min(512, int(getattr(self.pipe.tokenizer, "model_max_length", 512)))
         return SamplerConfig(num_steps=len(used) - 1, guidance_scale=float(guidance_scale),
-                             shift=float(sched.config.get("shift", 1.0)), sigmas=used, mid_sigma=mid_sigma,
+                             shift=float(sched.config.get("shift", 1.0)), sigmas=used, sigma_mid=sigma_mid,
                              max_sequence_length=msl)
 
     def with_sampler(self, **overrides: Any) -> Teacher:
@@ -231,7 +248,7 @@ class Teacher:
         guidance included, so a naive 2-step baseline is ``teacher.with_sampler(num_steps=2)``. The σ
         grid is derived again from ``num_steps`` unless ``sigmas`` is given."""
         s = self.sampler
-        kept = {"num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "mid_sigma": s.mid_sigma,
+        kept = {"num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "sigma_mid": s.sigma_mid,
                 "max_sequence_length": s.max_sequence_length}
         other = Teacher(self.pipe, self.name, self.revision, self.device, **{**kept, **overrides})
         other.weights = self.weights
@@ -257,7 +274,8 @@ class Teacher:
 
     @property
     def default_size(self) -> int:
-        """Image side used when a manifest gives none (transformer sample size × VAE factor)."""
+        """Image side used when a manifest gives none: the VAE config's ``sample_size`` (1024 for
+        Z-Image, 64 for the toy teacher), else 1024."""
         size = getattr(self.pipe.vae.config, "sample_size", None)
         return int(size if isinstance(size, int) else 1024)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from twostep.teacher.core import Teacher, noise_fingerprint
+from twostep.teacher.core import SamplerConfig, Teacher, noise_fingerprint, recorded_sigma_mid
 
 PROMPTS = ["a red circle", "a large blue square at the top", "something green"]
 SEEDS = [11, 22, 33]
@@ -27,9 +27,9 @@ def test_turbo_defaults_and_sigmas(teacher):
 
 def test_with_sampler_keeps_guidance_and_shares_the_weights(tiny_pipeline_dir):
     """The naive 2-step baseline of a guided teacher is guided too; only what is overridden changes."""
-    guided = Teacher.load(tiny_pipeline_dir, device="cpu", guidance_scale=1.5, mid_sigma=0.5)
+    guided = Teacher.load(tiny_pipeline_dir, device="cpu", guidance_scale=1.5, sigma_mid=0.5)
     two = guided.with_sampler(num_steps=2)
-    assert (two.sampler.num_steps, two.sampler.guidance_scale, two.sampler.mid_sigma) == (2, 1.5, 0.5)
+    assert (two.sampler.num_steps, two.sampler.guidance_scale, two.sampler.sigma_mid) == (2, 1.5, 0.5)
     assert [round(x, 4) for x in two.sampler.sigmas] == [1.0, 0.75, 0.0]
     assert two.pipe is guided.pipe and two.weights == guided.weights and two.sampler.hash != guided.sampler.hash
     calls = []
@@ -84,7 +84,7 @@ def test_per_seed_outputs_do_not_depend_on_batch(teacher):
 def test_sampler_hash_tracks_every_setting(teacher):
     base = teacher.sampler.hash
     assert teacher.make_sampler().hash == base
-    for kw in ({"num_steps": 4}, {"guidance_scale": 1.5}, {"mid_sigma": 0.5}, {"max_sequence_length": 64}):
+    for kw in ({"num_steps": 4}, {"guidance_scale": 1.5}, {"sigma_mid": 0.5}, {"max_sequence_length": 64}):
         assert teacher.make_sampler(**kw).hash != base, kw
 
 
@@ -123,3 +123,15 @@ def test_hub_id_goes_through_from_pretrained(monkeypatch, tiny_pipeline_dir):
     t = Teacher.load("Tongyi-MAI/Z-Image-Turbo@abc123", device="cpu")
     assert seen["path"] == "Tongyi-MAI/Z-Image-Turbo" and seen["revision"] == "abc123"
     assert seen["dtype"] == torch.float32 and t.describe()["teacher"] == "Tongyi-MAI/Z-Image-Turbo"
+
+
+def test_store_record_keeps_the_mid_sigma_key_and_hash():
+    """σ_mid is ``sigma_mid`` in code and ``mid_sigma`` in the record a store keeps; the record (and so
+    the sampler hash that names a store) is what earlier versions wrote."""
+    s = SamplerConfig(num_steps=8, guidance_scale=0.0, shift=3.0, sigma_mid=0.75, max_sequence_length=48,
+                      sigmas=(1.0, 0.954545, 0.9, 0.833333, 0.75, 0.642857, 0.5, 0.3, 0.0))
+    record = s.to_dict()
+    assert list(record) == ["num_steps", "guidance_scale", "shift", "sigmas", "mid_sigma", "max_sequence_length"]
+    assert record["mid_sigma"] == 0.75 and "sigma_mid" not in record
+    assert s.hash == "f4e90faf95d04f98"  # the toy demo store's sampler_hash
+    assert recorded_sigma_mid(record) == 0.75 and recorded_sigma_mid({}) is None
