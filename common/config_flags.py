@@ -111,7 +111,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGrou
     an instance's value differs from the default. Field metadata ``choices`` limits the values.
     ``bool`` fields become switches (``--x``; ``--x/--no-x`` when the default is true); ``tuple``
     fields take comma-separated values; ``list`` fields repeat the flag (a positional one takes any
-    number of values); ``T | None`` fields parse as ``T``, and a default of None is not shown. Field
+    number of values, at least one when it has no default); ``T | None`` fields parse as ``T``, and a default of None is not shown. Field
     metadata ``parse`` (a function of the flag's text) replaces the parser of the type, ``metavar``
     names the value in the help. Returns ``{field: argparse action}``.
     """
@@ -144,8 +144,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGrou
         else:
             if typing.get_origin(hint) is list:
                 item = typing.get_args(hint)[0]
-                if positional:
-                    kwargs["nargs"] = "*"
+                if positional:  # without a default, one or more
+                    kwargs["nargs"] = "+" if default is dataclasses.MISSING else "*"
                 else:
                     kwargs["action"] = "append"
                 hint = item

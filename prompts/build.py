@@ -28,6 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from twostep.common.config_flags import FieldError
+
 from .manifest import (
     BATCH_ROWS,
     FORMAT_VERSION,
@@ -70,32 +72,35 @@ class BuildOptions:
 
     seed: int = 0
     """Global seed; each row's seed derives from it and the row's prompt_id."""
-    per_prompt: int = 1
+    per_prompt: int = field(default=1, metadata={"metavar": "K"})
     """Samples per unique prompt (variants get ids ``<id>-<k>`` and their own seeds)."""
     max_chars: int = 2000
     """Prompts longer than this (after normalisation) are rejected."""
     case_insensitive: bool = False
-    """Treat prompts that differ only in case as duplicates."""
-    on_invalid: str = "skip"
-    """'skip': reject bad rows into the rejects file and go on; 'fail': stop at the first."""
+    """Treat prompts that differ only in letter case as duplicates."""
+    on_invalid: str = field(default="skip", metadata={"choices": ("skip", "fail")})
+    """skip: write bad rows with reasons to the rejects file and go on; fail: stop at the first bad row
+    and write no manifest."""
     text_column: str | None = None
     """Column holding the prompt; default: the first of prompt, text, caption."""
     hf_split: str = "train"
     """Split to read from Hugging Face datasets."""
     height: int | None = None
-    """Default height for rows that carry none (positive multiple of 16)."""
+    """Height for rows that give none (positive multiple of 16; default: the teacher's)."""
     width: int | None = None
-    """Default width for rows that carry none (positive multiple of 16)."""
+    """Width for rows that give none (positive multiple of 16; default: the teacher's)."""
 
     def __post_init__(self) -> None:
         if self.on_invalid not in ("skip", "fail"):
-            raise ValueError(f"on_invalid must be 'skip' or 'fail', not {self.on_invalid!r}")
-        if self.per_prompt < 1:
-            raise ValueError(f"per_prompt must be >= 1, not {self.per_prompt}")
-        if self.max_chars < 1:
-            raise ValueError(f"max_chars must be >= 1, not {self.max_chars}")
+            raise FieldError("on_invalid", f"must be 'skip' or 'fail', not {self.on_invalid!r}")
+        for name in ("per_prompt", "max_chars"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be ≥ 1, not {getattr(self, name)}")
         for name in ("height", "width"):
-            check_size(name, getattr(self, name))
+            try:
+                check_size(name, getattr(self, name))
+            except InvalidPrompt as e:
+                raise FieldError(name, str(e).removeprefix(f"field {name!r} ")) from None
 
 
 @dataclass
