@@ -118,6 +118,29 @@ def test_generation_job_checks_the_teacher_before_ray_or_the_store(files, tmp_pa
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.parametrize("argv,field,flag", [
+    (["--shard-size", "0"], "shard_size must be ≥ 1, not 0", "--shard-size must be ≥ 1, not 0"),
+    (["--save", "mid,latent"], "save accepts mid and noise, not ['latent']",
+     "--save accepts mid and noise, not ['latent']"),
+    (["--startup-timeout", "0"], "startup_timeout must be > 0, not 0.0", "--startup-timeout must be > 0, not 0.0"),
+])
+def test_generate_bad_values_name_the_field_and_at_the_command_line_the_flag(argv, field, flag, files, tmp_path,
+                                                                             capsys, no_ray):
+    """The config's check names the field; the command line says the flag in its place."""
+    from twostep.common.config_flags import FieldError
+    from twostep.pipeline.config import GenerateConfig
+
+    out = tmp_path / "store"
+    name = argv[0].removeprefix("--").replace("-", "_")
+    value = {"save": ("mid", "latent"), "startup_timeout": 0.0}.get(name, 0)
+    with pytest.raises(FieldError) as e:
+        GenerateConfig(manifest=files["manifest"], out=str(out), **{name: value})
+    assert str(e.value) == field
+    line = _fails(capsys, ["generate", "--manifest", files["manifest"], "--out", str(out), *argv])
+    assert line == f"twostep generate: error: {flag}"
+    assert not out.exists()
+
+
 def test_generate_as_a_program(files, tmp_path):
     """A missing teacher folder, run as a user runs it: one line, and no store folder left behind."""
     out = tmp_path / "store"
@@ -238,6 +261,45 @@ def test_eval_bad_teacher(files, tmp_path, capsys):
     _fails(capsys, ["eval", "--student", files["student"], "--teacher", "/no/such/teacher", "--out",
                     str(tmp_path / "eval")], "twostep eval: error: ", "teacher /no/such/teacher", "no such folder")
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--references", "0"], "--references must be ≥ 1, not 0"),
+    (["-n", "0"], "--num-samples must be ≥ 1, not 0"),
+    (["--diversity-seeds", "-1"], "--diversity-seeds must be ≥ 0, not -1"),
+    (["--features", "dino"], "--dino-model is needed for --features dino"),
+])
+def test_eval_bad_values(argv, needle, files, tmp_path, capsys):
+    """EvalConfig's checks and evaluate's name the field; the command line shows its flag. No model loads."""
+    line = _fails(capsys, ["eval", "--student", files["student"], *argv, "--out", str(tmp_path / "eval")], needle)
+    assert line.startswith("twostep eval: error: ") and not (tmp_path / "eval").exists()
+
+
+def test_eval_no_feature_model_for_real_prompts(files, tmp_path, capsys):
+    """A manifest of non-toy prompts and no --clip-model or --dino-model: said before any model loads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = tmp_path / "photos.parquet"
+    pq.write_table(pa.table({"prompt_id": ["a", "b"], "prompt": ["a cat", "a dog"], "seed": [1, 2],
+                             "height": [32, 32], "width": [32, 32]}), manifest)
+    _fails(capsys, ["eval", "--student", files["student"], "--teacher", "/no/such/teacher", "--prompts",
+                    str(manifest), "--out", str(tmp_path / "eval")],
+           "twostep eval: error: --clip-model is needed for FD outside the toy world", "or --dino-model")
+
+
+# --- probe-disc, demo and sample: their configs' checks name the flag ------------------------------
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["probe-disc", "--data", "store", "--out", "OUT", "--every", "0"], "--every must be ≥ 1, not 0"),
+    (["demo", "--out", "OUT", "--num-workers", "0"], "--num-workers must be ≥ 1, not 0"),
+    (["sample", "--student", "s", "--prompt", "a", "-o", "OUT", "--batch-size", "0"], "--batch-size must be at least 1"),
+])
+def test_config_checks_name_the_flag(argv, needle, tmp_path, capsys, no_ray):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    line = _fails(capsys, argv, needle)
+    assert line.startswith(f"twostep {argv[0]}: error: ") and not (tmp_path / "out").exists()
 
 
 # --- prompts -----------------------------------------------------------------------------------

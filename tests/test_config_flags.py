@@ -139,3 +139,18 @@ def test_field_errors_name_the_field_and_on_the_command_line_the_flag():
     assert (cfg.data, cfg.count) == ("d", 3)
     with pytest.raises(FieldError, match="^--count must"), flag_errors(flags):
         _Command("d", count=-1)
+
+
+def test_a_positional_list_without_a_default_needs_one_value():
+    @dataclass(kw_only=True)
+    class Build:
+        inputs: list[str]
+        """Input files."""
+        names: list[str] = field(default_factory=list)
+        """Names."""
+
+    ap = argparse.ArgumentParser()
+    add_dataclass_flags(ap, Build, flags={"inputs": "INPUT", "names": "NAME"})
+    with pytest.raises(SystemExit):
+        ap.parse_args([])
+    assert ap.parse_args(["a", "b"]).inputs == ["a", "b"]

@@ -249,3 +249,33 @@ def test_twostep_verify_command(tmp_path):
     no = subprocess.run([*cmd, bad], capture_output=True, text=True, timeout=300)
     assert no.returncode == 1 and "shards/000000.tar: member k2.latent.npy appears twice" in no.stdout, no.stdout
     assert len(glob.glob(f"{bad}/shards/*.tar")) == 2  # verify changes nothing
+
+
+def test_the_layout_plans_shards_names_their_files_and_reads_either_index_version():
+    from twostep.pipeline import layout
+
+    assert layout.num_shards(10, 4) == 3 and layout.num_shards(8, 4) == 2
+    assert [layout.rows_of(i, 4, 10) for i in range(3)] == [range(0, 4), range(4, 8), range(8, 10)]
+    assert layout.rows_of(5, 4) == range(20, 24) and layout.rows_of(3, 4, 10) == range(12, 12)
+    assert layout.SHARD_TAR.format(42) == "shards/000042.tar" and layout.INDEX_PART.format(1) == "index/00001.json"
+    assert layout.shard_file("shards/000042.json") == (42, "json") and layout.shard_file("shards/000042.tar") == (42, "tar")
+    assert [layout.shard_file(n) for n in ("shards/42.tar", "shards/x.tar", "index/000042.json")] == [None] * 3
+    assert layout.shard_pattern(42) == "shards/{000000..000041}.tar"
+    head = layout.index_head(fingerprint="fp", identity={}, num_shards=3, committed=2, samples=7, teacher={},
+                             seconds=1.234, parts=[0])
+    assert (head["index_version"], head["status"], head["seconds"]) == (2, "in progress", 1.2)
+    final = layout.index_head(fingerprint="fp", identity={}, num_shards=3, committed=2, samples=7, teacher={},
+                              seconds=1.0, parts=[0], missing=[2], failed_shards={2: "why"}, failed_samples=1)
+    assert (final["status"], final["missing_shards"], final["failed_shards"]) == ("incomplete", [2], {"2": "why"})
+    present = np.array([True, False, True])
+    part = layout.index_part(0, present, np.array([4, 0, 3], np.int32), np.array([10, 0, 9]),
+                             np.zeros((3, 32), np.uint8), {2: [{"prompt_id": "k", "row": 9, "reason": "r"}]})
+    entries = json.loads(part)
+    assert [(e["shard"], e["url"], e["samples"], e["failures"]) for e in entries] == [
+        (0, "shards/000000.tar", 4, []), (2, "shards/000002.tar", 3, [{"prompt_id": "k", "row": 9, "reason": "r"}])]
+    files = {layout.INDEX: json.dumps(head).encode(), layout.INDEX_PART.format(0): part}
+    assert layout.index_entries(files.__getitem__, layout.read_index(files.__getitem__)) == entries
+    v1 = {"shards": entries[::-1]}  # version 1: the entries inline
+    assert layout.index_entries(files.__getitem__, v1) == entries
+    with pytest.raises(ValueError, match="index.json version 3"):
+        layout.index_entries(files.__getitem__, {**head, "index_version": 3})

@@ -90,3 +90,17 @@ def test_the_teacher_is_released_before_a_shards_encodes_finish(tmp_path):
     assert len(starts) == 2 and starts[1] < first_encoded  # the second batch did not wait for the encodes
     assert all((tmp_path / "store" / "shards" / f"{s:06d}.tar").exists() for s in (0, 1))
     assert w._pool._max_workers == 2
+
+
+def test_the_job_hands_its_workers_its_shard_settings():
+    """GenerateConfig and WorkerConfig share ShardSettings: the worker gets the job's values as they are."""
+    from twostep.common.config_flags import FieldError
+    from twostep.pipeline.config import GenerateConfig, ShardSettings
+
+    cfg = GenerateConfig(manifest="m.parquet", out="store", shard_size=8, save=["noise"], num_steps=4,
+                         storage_options={"anon": True}, num_workers=3)
+    w = WorkerConfig(**cfg.shard_settings(), store_url="store", manifest="store/manifest.parquet")
+    assert {f: getattr(w, f) for f in ShardSettings.__dataclass_fields__} == cfg.shard_settings()
+    assert (w.save, w.sampler_overrides) == (("noise",), {"num_steps": 4})
+    with pytest.raises(FieldError, match="^batch_size must be ≥ 1, not 0$"):
+        WorkerConfig(store_url="s", manifest="m", batch_size=0)
