@@ -1,1 +1,1 @@
-"""Teacher generation: the teacher interface, the toy world and the Ray generation job."""
+"""Teacher generation: the Ray job and its workers, the shard store (layout, format, I/O), ``twostep verify`` and the Hugging Face helpers."""
