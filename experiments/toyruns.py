@@ -61,8 +61,8 @@ def run_one(name: str, config: str, overrides: list[str], seed: int, store: str,
         t0 = time.perf_counter()
         train(cfg, run)
         train_seconds = round(time.perf_counter() - t0, 1)
-    metrics, images = evaluate(str(run / "student"), _teacher(), n_eval, seed=eval_seed, references=references,
-                               cache=out / "eval-cache")
+    metrics, images = evaluate(teacher=_teacher(), student=str(run / "student"), num_samples=n_eval, seed=eval_seed,
+                               references=references, cache=str(out / "eval-cache"))
     metrics["run"] = {"name": name, "config": config, "overrides": list(overrides), "steps": cfg.max_steps,
                       "seed": seed, "diagnostics": diagnostics(run), "train_seconds": train_seconds}
     write_report(metrics, images, run / "eval")

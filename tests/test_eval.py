@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from twostep.eval import gap_closed, omitted_tv
+from twostep.common.config_flags import FieldError
+from twostep.eval import EvalConfig, gap_closed, omitted_tv
 from twostep.eval.metrics import (
     ClipModel,
     DinoModel,
@@ -25,6 +26,35 @@ def test_gap_closed_formula():
     assert gap_closed(10.0, 100.0, 10.0) == 1.0
     assert gap_closed(55.0, 100.0, 10.0) == pytest.approx(0.5)
     assert gap_closed(5.0, 5.0, 10.0) is None  # no gap to close
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"references": 0}, "references must be ≥ 1, not 0"),
+    ({"num_samples": 0}, "num_samples must be ≥ 1, not 0"),
+    ({"batch_size": -2}, "batch_size must be ≥ 1, not -2"),
+    ({"diversity_prompts": -1}, "diversity_prompts must be ≥ 0, not -1"),
+    ({"features": "pixels"}, "features must be one of auto, toy, clip, dino, not 'pixels'"),
+    ({"size": (0, 64)}, "size must be (height, width), both ≥ 1, not (0, 64)"),
+])
+def test_eval_config_checks_name_the_field(values, message):
+    with pytest.raises(FieldError) as e:
+        EvalConfig(**values)
+    assert str(e.value) == message and e.value.field == next(iter(values))
+
+
+def test_eval_config_is_the_flags():
+    """Every EvalConfig field is a flag of twostep eval, its default the field's."""
+    import argparse
+    import dataclasses
+
+    from twostep.eval import add_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    args = sub.choices["eval"].parse_args(["--student", "s", "--manifest", "m.parquet", "-n", "7", "--size", "32x48"])
+    cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})
+    assert cfg == EvalConfig(student="s", prompts="m.parquet", num_samples=7, size=(32, 48))
+    assert sub.choices["eval"].parse_args(["--student", "s"]).out == EvalConfig().out == "out/eval"
 
 
 def test_precision_recall_known_cases():
@@ -251,14 +281,15 @@ def test_teacher_as_student_scores_one_and_naive_scores_zero(tmp_path):
     the gap within the noise of two references; from the eval seeds it is the teacher's own set
     (exactly 1); the naive 2 steps as the "student" score exactly 0. The teacher-side sets are made
     once and read from the cache afterwards."""
-    from twostep.eval import evaluate, teacher_sampler
+    from twostep.eval import EvalConfig, evaluate, teacher_sampler
     from twostep.teacher.core import Teacher
 
     teacher = Teacher.load("toy", device="cpu")
     t8 = teacher_sampler(teacher, 64, 64)
     other = lambda prompts, seeds: t8(prompts, [s + 1 for s in seeds])  # noqa: E731
-    kw = {"n": 120, "batch": 60, "diversity_prompts": 0, "references": 2, "cache": tmp_path / "cache"}
-    m, _ = evaluate(None, teacher, student=other, **kw)
+    kw = {"teacher": teacher, "num_samples": 120, "batch_size": 60, "diversity_prompts": 0, "references": 2,
+          "cache": str(tmp_path / "cache")}
+    m, _ = evaluate(student_sampler=other, **kw)
     gaps = [r["gap_closed"] for r in m["references"]]
     # the spread is rounded from the unrounded gaps, each gap rounded on its own: 4 decimals, three roundings
     assert len(gaps) == 2 and m["gap_closed"] == gaps[0] and m["gap_closed_spread"] == pytest.approx(
@@ -267,9 +298,10 @@ def test_teacher_as_student_scores_one_and_naive_scores_zero(tmp_path):
     assert m["student2"]["paired_fd_to_teacher8"] > m["teacher8"]["fd_to_reference"] / 2  # other noise: unpaired
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len(cached) == 4  # teacher 8, naive 2, two references
-    same, _ = evaluate(None, teacher, student=t8, **kw)
+    same, _ = evaluate(EvalConfig(**{k: v for k, v in kw.items() if k != "teacher"}), teacher=teacher,
+                       student_sampler=t8)
     assert same["gap_closed"] == 1.0 and same["student2"]["fd_to_reference"] == same["teacher8"]["fd_to_reference"]
     assert same["student2"]["paired_fd_to_teacher8"] == pytest.approx(0.0, abs=1e-6)
-    naive = evaluate(None, teacher, student=teacher_sampler(teacher.with_sampler(num_steps=2), 64, 64), **kw)[0]
+    naive = evaluate(student_sampler=teacher_sampler(teacher.with_sampler(num_steps=2), 64, 64), **kw)[0]
     assert naive["gap_closed"] == 0.0 and all(r["gap_closed"] == 0.0 for r in naive["references"])
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cached  # nothing sampled twice

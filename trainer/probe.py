@@ -19,23 +19,48 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from twostep.common.config_flags import FieldError, add_dataclass_flags, config_from_args
+
 log = logging.getLogger("twostep.probe")
+
+
+@dataclass(kw_only=True)
+class ProbeConfig:
+    """What ``twostep probe-disc`` probes and how long; each field is a flag (``overrides``: the
+    positional KEY=VALUE arguments)."""
+
+    config: str = "toy"
+    """Training config whose discriminator is probed: a YAML file or a bundled name."""
+    data: str
+    """A teacher store (folder or URL with index.json); sets data.data."""
+    out: str
+    """Folder for the probe's run and probe.json."""
+    steps: int = 200
+    """Discriminator updates."""
+    every: int = 25
+    """Steps between held-out checks."""
+    heldout_fraction: float | None = None
+    """Fraction of the store held out; default: the config's data.heldout_fraction."""
+    overrides: list[str] = field(default_factory=list)
+    """Config overrides (dotted keys)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "every"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be ≥ 1, not {getattr(self, name)}")
+
+
+FLAGS = {"overrides": "KEY=VALUE"}
+"""``overrides`` is positional."""
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("probe-disc", help="train a fresh discriminator to tell naive 2 steps from 8; held-out AUC",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="toy",
-                   help="training config whose discriminator is probed: a YAML file or a bundled name (default: toy)")
-    p.add_argument("--data", required=True, help="a teacher store (folder or URL with index.json); sets data.data")
-    p.add_argument("--out", required=True, help="folder for the probe's run and probe.json")
-    p.add_argument("--steps", type=int, default=200, help="discriminator updates (default: 200)")
-    p.add_argument("--every", type=int, default=25, help="steps between held-out checks (default: 25)")
-    p.add_argument("--heldout-fraction", type=float, default=None,
-                   help="fraction of the store held out (default: the config's data.heldout_fraction)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (dotted keys)")
+    add_dataclass_flags(p, ProbeConfig, flags=FLAGS)
     p.set_defaults(func=run)
 
 
@@ -92,10 +117,11 @@ def probe(cfg, run_dir: str | Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = probe_config(args.config, args.data, args.steps, args.every, args.overrides, args.heldout_fraction)
-    result = probe(cfg, args.out)
+    opts = config_from_args(ProbeConfig, args, FLAGS)
+    cfg = probe_config(opts.config, opts.data, opts.steps, opts.every, opts.overrides, opts.heldout_fraction)
+    result = probe(cfg, opts.out)
     line = f"held-out AUC (final term): last {result['last_auc']:.3f}, best {result['best_auc']:.3f}"
     if "last_auc_mid" in result:
         line += f"; step-1 term: last {result['last_auc_mid']:.3f}, best {result['best_auc_mid']:.3f}"
-    print(f"{line}\nprobe: {Path(args.out) / 'probe.json'}")
+    print(f"{line}\nprobe: {Path(opts.out) / 'probe.json'}")
     return 0
