@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from twostep.teacher.core import DEFAULT_SIGMA_MID
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -50,8 +52,10 @@ class DataConfig:
 class ModelConfig:
     teacher: str = "toy"
     """Teacher: ``toy``, a ZImagePipeline folder, or a hub id (``Tongyi-MAI/Z-Image-Turbo``)."""
-    sigma_mid: float = 0.75
-    """The 2-step boundary: step 1 maps σ=1 → σ_mid, step 2 maps σ_mid → 0 (the store's ``mid``)."""
+    sigma_mid: float = DEFAULT_SIGMA_MID
+    """The 2-step boundary: step 1 maps σ=1 → σ_mid, step 2 maps σ_mid → 0 (the store's ``mid``). The
+    store records the σ of its ``mid`` states; this must agree with it (checked at start-up), and the run
+    uses the store's value (docs/design.md, "The mid state")."""
     decoupled: bool = True
     """Two parameter sets (one per step); false shares one (the ablation)."""
     lora_rank: int = 0
@@ -150,7 +154,9 @@ class OptimConfig:
     disc_lr: float = 1e-4
     """Discriminator heads' learning rate (AdamW)."""
     betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW's (β1, β2), for student and heads alike."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay, for student and heads alike."""
     warmup_steps: int = 0
     """Linear LR warm-up of both optimisers."""
     grad_clip: float = 1.0
@@ -180,9 +186,13 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
+    """The store and how it is read (``data.*``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """Teacher, student and discriminator heads (``model.*``)."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """The student's and the discriminator's loss terms (``loss.*``)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimisers, schedules and EMA (``optim.*``)."""
     seed: int = 0
     """Seeds data order, noise levels and initial heads (per-step generators: resume-safe)."""
     max_steps: int = 1000

@@ -3,7 +3,7 @@
 Two layouts, chosen by ``export_student`` from whether the student has one parameter set or two:
 
 * **Two transformers** (``transformer`` = step 1, σ=1 → σ_mid; ``transformer_2`` = step 2, σ_mid → 0;
-  Wan 2.2's naming). The folder holds ``TwoStepZImagePipeline``'s components, ``boundary_sigma`` in
+  Wan 2.2's naming). The folder holds ``TwoStepZImagePipeline``'s components, ``sigma_mid`` in
   ``model_index.json``, and copies of ``pipeline_twostep.py`` (imports only torch, diffusers and the
   file beside it) and ``zimage_batched.py`` (the batched transformer forward; imports only torch).
   ``model_index.json`` names the first as ``"_class_name": ["pipeline_twostep", "TwoStepZImagePipeline"]``;
@@ -30,8 +30,9 @@ Two layouts, chosen by ``export_student`` from whether the student has one param
   student, and ``load_student`` returns a ``TwoStepZImagePipeline`` (``transformer_2=None``) that
   samples it without any arguments.
 
-Both layouts carry ``twostep_student.json`` (boundary_sigma, num_steps 2, sigmas, ``extra``) and a
-README model card. Weights are safetensors. Text encoder, tokenizer, VAE and scheduler come from
+Both layouts carry ``twostep_student.json`` (sigma_mid, num_steps 2, sigmas, ``extra``) and a
+README model card. Folders exported by earlier versions say ``boundary_sigma`` where these say
+``sigma_mid``; they load all the same (``TwoStepZImagePipeline.load_config``, :func:`load_student`). Weights are safetensors. Text encoder, tokenizer, VAE and scheduler come from
 the teacher pipeline.
 """
 
@@ -49,7 +50,8 @@ import torch
 
 from .pipeline_twostep import (
     BATCHED_FILE,
-    DEFAULT_BOUNDARY_SIGMA,
+    DEFAULT_SIGMA_MID,
+    LEGACY_CONFIG_KEYS,
     PIPELINE_CLASS,
     PIPELINE_FILE,
     TwoStepZImagePipeline,
@@ -75,9 +77,9 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
             return module
 
 
-def stock_sigmas(scheduler: Any, boundary_sigma: float) -> list[float] | None:
+def stock_sigmas(scheduler: Any, sigma_mid: float) -> list[float] | None:
     """The ``sigmas=`` argument that makes a stock ``ZImagePipeline`` (``num_inference_steps=2``) visit
-    exactly ``[1, boundary_sigma, 0]``: the *unshifted* grid, since ``set_timesteps`` shifts what it is
+    exactly ``[1, sigma_mid, 0]``: the *unshifted* grid, since ``set_timesteps`` shifts what it is
     given. Checked by running a copy of the scheduler; None when the scheduler shifts by resolution
     (``use_dynamic_shifting``), where no single list is right for every image size."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -85,7 +87,7 @@ def stock_sigmas(scheduler: Any, boundary_sigma: float) -> list[float] | None:
     cfg = scheduler.config
     if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or cfg.get("use_dynamic_shifting"):
         return None
-    b = student_sigmas(boundary_sigma)[1]
+    b = student_sigmas(sigma_mid)[1]
     shift = float(cfg.get("shift", 1.0))
     s = b / (shift - (shift - 1.0) * b)  # inverse of σ = shift·s / (1 + (shift - 1)·s)
     probe = FlowMatchEulerDiscreteScheduler.from_config(cfg)
@@ -97,7 +99,7 @@ def stock_sigmas(scheduler: Any, boundary_sigma: float) -> list[float] | None:
 
 
 def _model_card(layout: str, info: dict[str, Any]) -> str:
-    b = info["boundary_sigma"]
+    b = info["sigma_mid"]
     head = ("---\nlibrary_name: diffusers\npipeline_tag: text-to-image\n"
             "tags:\n- twostep\n- z-image\n- distillation\n- text-to-image\n---\n\n")
     intro = (f"# 2-step Z-Image student\n\nA 2-step text-to-image student distilled from an 8-step Z-Image "
@@ -141,12 +143,13 @@ def _model_card(layout: str, info: dict[str, Any]) -> str:
 
 
 def export_student(out_dir: str | os.PathLike, teacher_pipe: Any, transformer: torch.nn.Module,
-                   transformer_2: torch.nn.Module | None = None, boundary_sigma: float = DEFAULT_BOUNDARY_SIGMA,
+                   transformer_2: torch.nn.Module | None = None, sigma_mid: float = DEFAULT_SIGMA_MID,
                    extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write the student to ``out_dir`` as a pipeline folder (see the module docstring for layouts).
 
     ``teacher_pipe``: the teacher's ``ZImagePipeline`` (or a ``Teacher``), source of text encoder,
-    tokenizer, VAE and scheduler. ``transformer`` / ``transformer_2``: the step-1 / step-2 models
+    tokenizer, VAE and scheduler. ``sigma_mid``: the boundary the student was trained at (the trainer
+    passes its store's). ``transformer`` / ``transformer_2``: the step-1 / step-2 models
     (``transformer_2=None``: shared parameters, stock ``ZImagePipeline`` layout); DDP and
     ``torch.compile`` wrappers are unwrapped; weights are saved in their current dtype.
     ``extra``: JSON-serialisable facts for ``twostep_student.json`` (run id, step, metrics …).
@@ -157,19 +160,19 @@ def export_student(out_dir: str | os.PathLike, teacher_pipe: Any, transformer: t
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
     pipe_src = getattr(teacher_pipe, "pipe", teacher_pipe)
-    sigmas = student_sigmas(boundary_sigma)
+    sigmas = student_sigmas(sigma_mid)
     components = dict(scheduler=pipe_src.scheduler, vae=pipe_src.vae, text_encoder=pipe_src.text_encoder,
                       tokenizer=pipe_src.tokenizer, transformer=_unwrap(transformer))
     info: dict[str, Any] = {
         "format": "twostep-student", "format_version": FORMAT_VERSION,
-        "num_steps": 2, "boundary_sigma": sigmas[1], "sigmas": sigmas,
+        "num_steps": 2, "sigma_mid": sigmas[1], "sigmas": sigmas,
         "timesteps": [1.0 - s for s in sigmas[:-1]], "guidance_scale": 0.0,
     }
     if transformer_2 is not None:
         from diffusers import __version__ as diffusers_version
 
         student = TwoStepZImagePipeline(**components, transformer_2=_unwrap(transformer_2),
-                                        boundary_sigma=sigmas[1])
+                                        sigma_mid=sigmas[1])
         layout = "two_transformers"
         info.update(layout=layout, pipeline_class=[PIPELINE_FILE, PIPELINE_CLASS],
                     load="DiffusionPipeline.from_pretrained(path, trust_remote_code=True)",
@@ -208,16 +211,22 @@ def export_student(out_dir: str | os.PathLike, teacher_pipe: Any, transformer: t
 
 
 def read_student_info(path: str | os.PathLike) -> dict[str, Any]:
-    """``twostep_student.json`` of an exported folder ({} when the folder has none)."""
+    """``twostep_student.json`` of an exported folder ({} when the folder has none), with the keys of
+    earlier versions under their present names (``boundary_sigma`` → ``sigma_mid``)."""
     p = Path(path) / STUDENT_JSON
-    return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+    info = json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+    for old, new in LEGACY_CONFIG_KEYS.items():
+        if old in info:
+            info.setdefault(new, info.pop(old))
+    return info
 
 
 def load_student(path: str | os.PathLike, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None) -> TwoStepZImagePipeline:
     """Load an exported student (either layout) as a ``TwoStepZImagePipeline`` using twostep's own class,
     so no folder code runs and no ``trust_remote_code`` is needed. For the shared layout
-    ``transformer_2`` is None and ``boundary_sigma`` comes from ``twostep_student.json``."""
+    ``transformer_2`` is None and ``sigma_mid`` comes from ``twostep_student.json``. Folders exported by
+    earlier versions (``boundary_sigma``) load too."""
     path = str(path)
     index_path = os.path.join(path, "model_index.json")
     if not os.path.exists(index_path):
@@ -227,8 +236,8 @@ def load_student(path: str | os.PathLike, device: str | torch.device | None = No
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    if "boundary_sigma" not in index:
-        kwargs["boundary_sigma"] = float(read_student_info(path).get("boundary_sigma", DEFAULT_BOUNDARY_SIGMA))
+    if not ({"sigma_mid", *LEGACY_CONFIG_KEYS} & index.keys()):  # the shared layout: a stock ZImagePipeline
+        kwargs["sigma_mid"] = float(read_student_info(path).get("sigma_mid", DEFAULT_SIGMA_MID))
     pipe = TwoStepZImagePipeline.from_pretrained(path, **kwargs)
     if device is not None:
         pipe.to(device)

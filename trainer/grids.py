@@ -34,7 +34,8 @@ class TrainingGrid:
     Args:
         run_dir: the run directory; pictures go to ``run_dir/samples``.
         teacher: the frozen teacher (its rows, the noise, the caption features, the VAE decoder).
-        student: the unwrapped student module (its two step models and ``sigma_mid``).
+        student: the unwrapped student module (its two step models).
+        sigma_mid: the student's boundary, the run's one value (the one the student was built with).
         accelerator: the run's ``accelerate.Accelerator``, for ``autocast`` and the TensorBoard tracker.
         ema: the student's EMA, applied while the student row is drawn; None draws the raw weights.
         prompts: configured prompts (``sample_prompts``); empty = the first batch's first ``n``.
@@ -42,9 +43,10 @@ class TrainingGrid:
         n: prompts taken from the first batch when none are configured.
     """
 
-    def __init__(self, run_dir: str | Path, teacher: Teacher, student: TwoStepStudent, accelerator: Any,
-                 ema: EMA | None = None, prompts: Sequence[str] = (), seed: int = 0, n: int = 8):
+    def __init__(self, run_dir: str | Path, teacher: Teacher, student: TwoStepStudent, sigma_mid: float,
+                 accelerator: Any, ema: EMA | None = None, prompts: Sequence[str] = (), seed: int = 0, n: int = 8):
         self.teacher, self.student, self.accelerator, self.ema = teacher, student, accelerator, ema
+        self.sigma_mid = sigma_mid
         self.seed, self.n = seed, n
         self.dir = Path(run_dir) / "samples"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -80,7 +82,7 @@ class TrainingGrid:
         with self.ema.applied(student) if self.ema is not None else nullcontext(), self.accelerator.autocast():
             _, _, x0 = two_step(lambda x, s: transformer_velocity(student.step_model(1), x, s, caps),
                                 lambda x, s: transformer_velocity(student.step_model(2), x, s, caps),
-                                noise, student.sigma_mid)
+                                noise, self.sigma_mid)
         rows = [self._teacher_rows[0], teacher.decode(x0.float()), self._teacher_rows[1]]
         image = grid(rows, scale=1)
         path = self.dir / f"step-{step:08d}.png"

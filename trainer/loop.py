@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from twostep import __version__
-from twostep.teacher.core import Teacher
+from twostep.teacher.core import SIGMA_MID_TOL, Teacher, recorded_sigma_mid
 
 from . import losses as L
 from .checkpoint import EMA, Checkpoints
@@ -44,6 +44,9 @@ class Parts:
     cfg: TrainConfig
     accelerator: Any
     teacher: Teacher
+    sigma_mid: float
+    """The run's σ_mid, from :func:`store_sigma_mid`: the student, the step-1 losses, the grids and the
+    export all use this one value."""
     student: Any  # TwoStepStudent, wrapped by accelerate
     disc: Any  # Discriminator (heads), wrapped by accelerate
     opt_g: torch.optim.Optimizer
@@ -53,8 +56,31 @@ class Parts:
     external: Any = None
     run_dir: Path = Path(".")
     progress: dict[str, Any] = field(default_factory=dict)
+    """What a checkpoint keeps of the loop: ``step``, ``nonfinite_total``, ``nonfinite_streak``."""
     heldout: dict[str, Any] | None = None
     """The store's held-out samples (never in the training stream), for :func:`heldout_diagnostics`."""
+    fsdp: bool = False
+    """The student is FSDP-sharded (the EMA is then saved and loaded sharded)."""
+
+
+@dataclass
+class StepResult:
+    """What an update returns: the metrics it logs and, apart from them, whether it was skipped."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False
+    """A non-finite loss or gradient (on any rank): the update was not applied."""
+
+
+@dataclass
+class GeneratorStepResult(StepResult):
+    """:func:`generator_step`'s result."""
+
+    fakes: tuple[torch.Tensor, ...] | None = None
+    """The detached (final x0, step-1 state, step-1 x̂0₁) for the discriminator step; None when skipped."""
+    student_step: bool = True
+    """A student update step; False on the discriminator-only steps (``optim.g_every``, ``optim.g_start``),
+    whose metrics are empty."""
 
 
 def _generator(cfg: TrainConfig, rank: int, step: int, salt: int) -> torch.Generator:
@@ -97,7 +123,8 @@ def setup(cfg: TrainConfig, run_dir: str | Path) -> Parts:
     run_dir = Path(run_dir)
     teacher = Teacher.load(cfg.model.teacher, device=accelerator.device)
     shards, index = resolve_shards(cfg.data.data, cfg.data.storage_options or None)
-    _check_store(index, teacher, cfg)
+    sigma_mid = store_sigma_mid(index, cfg)
+    _warn_if_other_teacher(index, teacher)
     so = cfg.data.storage_options or None
     stream = ShardStream(shards, seed=cfg.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
                          shuffle=cfg.data.shuffle, storage_options=so, heldout_fraction=cfg.data.heldout_fraction)
@@ -113,7 +140,7 @@ def setup(cfg: TrainConfig, run_dir: str | Path) -> Parts:
 
     torch.manual_seed(cfg.seed)  # heads' initial weights (identical on every rank)
     m = cfg.model
-    student = TwoStepStudent(teacher.transformer, m.sigma_mid, m.decoupled, m.lora_rank, m.gradient_checkpointing)
+    student = TwoStepStudent(teacher.transformer, sigma_mid, m.decoupled, m.lora_rank, m.gradient_checkpointing)
     if m.gradient_checkpointing:  # the discriminator backpropagates to its input through the frozen teacher
         teacher.transformer.enable_gradient_checkpointing()
     disc = Discriminator(teacher.transformer, m.disc_layers, m.disc_hidden, m.disc_head, m.disc_text
@@ -130,21 +157,33 @@ def setup(cfg: TrainConfig, run_dir: str | Path) -> Parts:
 
         external = ExternalLatents(cfg.data.external, teacher, cfg.data.batch_size, seed=cfg.seed,
                                    rank=accelerator.process_index, world_size=accelerator.num_processes)
-    parts = Parts(cfg, accelerator, teacher, student, disc, opt_g, opt_d, ema, loader, external, run_dir,
-                  {"step": 0, "nonfinite_total": 0, "nonfinite_streak": 0}, heldout)
-    parts.progress["fsdp"] = accelerator.distributed_type == DistributedType.FSDP
+    parts = Parts(cfg, accelerator, teacher, sigma_mid, student, disc, opt_g, opt_d, ema, loader, external, run_dir,
+                  {"step": 0, "nonfinite_total": 0, "nonfinite_streak": 0}, heldout,
+                  fsdp=accelerator.distributed_type == DistributedType.FSDP)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_run_record(parts, index)
     return parts
 
 
-def _check_store(index: dict, teacher: Teacher, cfg: TrainConfig) -> None:
-    """Refuse a store whose mid state is not at the student's boundary."""
-    sampler = (index.get("teacher") or {}).get("sampler") or {}
-    mid = sampler.get("mid_sigma")
-    if mid is not None and abs(float(mid) - cfg.model.sigma_mid) > 1e-6:
-        raise ValueError(f"{cfg.data.data}: its mid states are at σ={mid}, but model.sigma_mid is {cfg.model.sigma_mid}")
+def store_sigma_mid(index: dict, cfg: TrainConfig) -> float:
+    """The run's σ_mid: the one the store records (its ``mid`` states are at it), once ``model.sigma_mid``
+    is checked to agree with it within ``SIGMA_MID_TOL``; ``model.sigma_mid`` itself when the shards
+    come without an index.json that records one (docs/design.md, "The mid state")."""
+    configured = cfg.model.sigma_mid
+    recorded = recorded_sigma_mid((index.get("teacher") or {}).get("sampler") or {})
+    if recorded is None:
+        log.info("the store records no σ_mid: using model.sigma_mid=%s", configured)
+        return configured
+    if not abs(recorded - configured) < SIGMA_MID_TOL:
+        raise ValueError(f"{cfg.data.data}: the store's mid states are at σ_mid={recorded}, but model.sigma_mid is "
+                         f"{configured}; set model.sigma_mid={recorded}, or train on a store generated at "
+                         f"σ_mid={configured}")
+    return recorded
+
+
+def _warn_if_other_teacher(index: dict, teacher: Teacher) -> None:
+    """Warn when the store was generated by another teacher than the one this run loads."""
     t = (index.get("teacher") or {}).get("teacher")
     if t and teacher.name != t:
         log.warning("the store was generated by teacher %s; training with teacher %s", t, teacher.name)
@@ -169,9 +208,10 @@ def _write_run_record(p: Parts, index: dict) -> None:
 # --- the two updates ---------------------------------------------------------------------------------
 
 
-def _ramp(cfg: TrainConfig, step: int) -> float:
-    w = cfg.loss.adv_warmup_steps
-    return 1.0 if w <= 0 else min(1.0, (step + 1) / w)
+def warmup(step: int, steps: int) -> float:
+    """Linear warm-up factor at (0-based) ``step``: (step + 1) / steps, capped at 1; 1 when ``steps`` ≤ 0.
+    The learning rates (``optim.warmup_steps``) and the adversarial weights (``loss.adv_warmup_steps``)."""
+    return 1.0 if steps <= 0 else min(1.0, (step + 1) / steps)
 
 
 def _renoise_draw(lc, n: int, shape: torch.Size, g: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,13 +221,13 @@ def _renoise_draw(lc, n: int, shape: torch.Size, g: torch.Generator, device) -> 
 
 
 def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, log_now: bool
-                   ) -> tuple[dict[str, Any], tuple[torch.Tensor, ...] | None]:
+                   ) -> GeneratorStepResult:
     """Student update: the 2-step forward (end to end unless ``loss.e2e`` is false) and its losses.
 
     Returns the metrics and the detached (final x0, step-1 state, step-1 x̂0₁) outputs for the
-    discriminator step, or None as the outputs when the step was skipped (non-finite loss or
+    discriminator step (``fakes``), which are None when the step was skipped (non-finite loss or
     gradient). On the steps between student updates (``optim.g_every`` > 1, or before ``optim.g_start``)
-    only the outputs are computed, without gradients, and the metrics hold ``g_update: 0``."""
+    only the outputs are computed, without gradients: ``student_step`` is False and the metrics empty."""
     cfg, lc, acc = p.cfg, p.cfg.loss, p.accelerator
     disc = acc.unwrap_model(p.disc)  # heads are not updated here: bypass DDP's reducer
     g = _generator(cfg, acc.process_index, step, 1)
@@ -195,7 +235,7 @@ def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, l
     if step < cfg.optim.g_start or (step - cfg.optim.g_start) % cfg.optim.g_every != 0:  # discriminator only
         with torch.no_grad(), acc.autocast():
             x0_1, x_mid, x0 = p.student(noise, caps, e2e=lc.e2e)
-        return {"g_update": 0.0}, (x0.detach(), x_mid.detach(), x0_1.detach())
+        return GeneratorStepResult(fakes=(x0.detach(), x_mid.detach(), x0_1.detach()), student_step=False)
     terms: dict[str, torch.Tensor] = {}
     red = lambda logits: L.reduce_logits(logits, lc.gan_reduce)  # noqa: E731
     with acc.autocast():
@@ -203,9 +243,9 @@ def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, l
         if lc.paired_weight > 0:
             terms["paired"] = lc.paired_weight * torch.nn.functional.mse_loss(x0, latent)
         if lc.step1_loss in ("regress", "both") and lc.step1_weight > 0:
-            target = L.step1_target(_need_mid(batch), noise, cfg.model.sigma_mid)
+            target = L.step1_target(_need_mid(batch), noise, p.sigma_mid)
             terms["step1_regress"] = lc.step1_weight * torch.nn.functional.mse_loss(x0_1, target)
-        ramp = _ramp(cfg, step)
+        ramp = warmup(step, lc.adv_warmup_steps)
         if lc.adv_weight > 0 or lc.feature_matching_weight > 0:
             sigma, eps = _renoise_draw(lc, len(x0), x0.shape, g, x0.device)
             logits, feats = disc(L.renoise(x0, sigma, eps), sigma, caps, return_features=True)
@@ -216,7 +256,7 @@ def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, l
                     real_feats = disc.features(L.renoise(latent, sigma, eps), sigma, caps)
                 terms["feature_matching"] = lc.feature_matching_weight * L.feature_matching(real_feats, feats)
         if _step1_adv(cfg):
-            x1, s1, _ = _step1_fake_input(cfg, x_mid, x0_1, g)
+            x1, s1, _ = _step1_fake_input(p, x_mid, x0_1, g)
             terms["step1_adv"] = lc.step1_adv_weight * ramp * L.g_loss(red(disc(x1, s1, caps)), lc.gan_loss)
     if not terms:
         raise ValueError("no student loss is enabled (all weights are 0 and step1_loss is none)")
@@ -226,18 +266,18 @@ def generator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int, l
         out.update(grad_shares(acc.unwrap_model(p.student), terms))
     if not _all_finite(acc, total):
         p.opt_g.zero_grad(set_to_none=True)
-        return {**out, "skipped": 1.0}, None
+        return GeneratorStepResult(out, skipped=True)
     acc.backward(total)
     norm = acc.clip_grad_norm_(p.student.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip else None
     if norm is not None and not _all_finite(acc, norm):
         p.opt_g.zero_grad(set_to_none=True)
-        return {**out, "skipped": 1.0}, None
+        return GeneratorStepResult(out, skipped=True)
     p.opt_g.step()
     p.opt_g.zero_grad(set_to_none=True)
     out["loss/student_total"] = total.detach()
     if norm is not None:
         out["grad_norm/student"] = norm.detach()
-    return out, (x0.detach(), x_mid.detach(), x0_1.detach())
+    return GeneratorStepResult(out, fakes=(x0.detach(), x_mid.detach(), x0_1.detach()))
 
 
 def grad_shares(student: TwoStepStudent, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -271,14 +311,14 @@ def _step1_adv(cfg: TrainConfig) -> bool:
     return cfg.loss.step1_loss in ("adv", "both") and cfg.loss.step1_adv_weight > 0
 
 
-def _step1_fake_input(cfg: TrainConfig, x_mid: torch.Tensor, x0_1: torch.Tensor, g: torch.Generator
+def _step1_fake_input(p: Parts, x_mid: torch.Tensor, x0_1: torch.Tensor, g: torch.Generator
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The step-1 adversarial term's fake input, its noise levels and the re-noising noise: the step-1
     state at σ_mid (no noise drawn), or (``loss.step1_adv_on: x0``) step 1's x̂0₁ re-noised like the
     final output."""
-    if cfg.loss.step1_adv_on == "mid":
-        return x_mid, torch.full((len(x_mid),), cfg.model.sigma_mid, device=x_mid.device), None
-    sigma, eps = _renoise_draw(cfg.loss, len(x0_1), x0_1.shape, g, x0_1.device)
+    if p.cfg.loss.step1_adv_on == "mid":
+        return x_mid, torch.full((len(x_mid),), p.sigma_mid, device=x_mid.device), None
+    sigma, eps = _renoise_draw(p.cfg.loss, len(x0_1), x0_1.shape, g, x0_1.device)
     return L.renoise(x0_1, sigma, eps), sigma, eps
 
 
@@ -292,7 +332,7 @@ def _real_draw(lc, sigma: torch.Tensor, eps: torch.Tensor, real: torch.Tensor, g
 
 
 def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: int,
-                       fakes: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+                       fakes: tuple[torch.Tensor, ...]) -> StepResult:
     """Heads update: teacher latents (or external images) are real, the student's outputs fake
     (and, with ``loss.misaligned_fakes``, real latents under the wrong captions).
 
@@ -304,7 +344,7 @@ def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: in
     cfg, lc, acc = p.cfg, p.cfg.loss, p.accelerator
     fake, fake_mid, fake_x0_1 = fakes
     if not lc.uses_adversarial:
-        return {}
+        return StepResult()
     g = _generator(cfg, acc.process_index, step, 2)
     real, real_caps = batch["latent"], caps
     if p.external is not None:
@@ -335,7 +375,7 @@ def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: in
                 terms.append(lc.r1_weight * r1)
                 out["loss/r1"] = r1.detach()
         if _step1_adv(cfg):
-            x1, s1, e1 = _step1_fake_input(cfg, fake_mid, fake_x0_1, g)
+            x1, s1, e1 = _step1_fake_input(p, fake_mid, fake_x0_1, g)
             if e1 is not None:  # x̂0₁ and the final term's real data, re-noised alike
                 s_real1, e_real1 = _real_draw(lc, s1, e1, real, g)
                 real1 = L.renoise(real, s_real1, e_real1)
@@ -352,15 +392,15 @@ def discriminator_step(p: Parts, batch: dict, caps: list[torch.Tensor], step: in
         total = sum(terms)
     out["loss/disc"] = total.detach()
     if frozen:
-        return out
+        return StepResult(out)
     if not _all_finite(acc, total):
-        return {**out, "skipped": 1.0}
+        return StepResult(out, skipped=True)
     acc.backward(total)
     if cfg.optim.grad_clip:
         acc.clip_grad_norm_(p.disc.parameters(), cfg.optim.grad_clip)
     p.opt_d.step()
     p.opt_d.zero_grad(set_to_none=True)
-    return out
+    return StepResult(out)
 
 
 def _d_diagnostics(real: torch.Tensor, fake: torch.Tensor, suffix: str) -> dict[str, torch.Tensor]:
@@ -405,7 +445,7 @@ def heldout_diagnostics(p: Parts) -> dict[str, float]:
                     judge("real_mid", L.renoise(latent, s, e), s, caps)
                     judge("fake_mid", L.renoise(x0_1, s, e), s, caps)
                 elif _step1_adv(cfg) and "mid" in held:
-                    s = torch.full((len(x_mid),), cfg.model.sigma_mid)
+                    s = torch.full((len(x_mid),), p.sigma_mid)
                     judge("real_mid", held["mid"][sl].to(dev), s, caps)
                     judge("fake_mid", x_mid, s, caps)
     finally:
@@ -437,8 +477,7 @@ def _all_finite(acc, value: torch.Tensor) -> bool:
 
 
 def _set_lr(p: Parts, step: int) -> None:
-    w = p.cfg.optim.warmup_steps
-    f = 1.0 if w <= 0 else min(1.0, (step + 1) / w)
+    f = warmup(step, p.cfg.optim.warmup_steps)
     for opt, lr in ((p.opt_g, p.cfg.optim.lr), (p.opt_d, p.cfg.optim.disc_lr)):
         for group in opt.param_groups:
             group["lr"] = lr * f
@@ -477,7 +516,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
 
     p = setup(cfg, run_dir)
     acc, ckpts = p.accelerator, Checkpoints(p.run_dir, cfg.keep_checkpoints)
-    fsdp = p.progress.pop("fsdp")
+    fsdp = p.fsdp
     latest = ckpts.latest()
     if latest is not None:
         data_state, progress = ckpts.load(acc, latest, p.ema, ema_sharded=fsdp)
@@ -486,8 +525,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
         log.info("resumed from %s (step %d)", latest, p.progress["step"])
     if cfg.log_with != "none":
         acc.init_trackers("twostep", config=_flat(to_dict(cfg)))
-    grid = (TrainingGrid(p.run_dir, p.teacher, acc.unwrap_model(p.student), acc, p.ema, cfg.sample_prompts,
-                         cfg.sample_seed) if acc.is_main_process else None)
+    grid = (TrainingGrid(p.run_dir, p.teacher, acc.unwrap_model(p.student), p.sigma_mid, acc, p.ema,
+                         cfg.sample_prompts, cfg.sample_seed) if acc.is_main_process else None)
     preempt = _Preempted()
     start = p.progress["step"]
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train",
@@ -504,17 +543,19 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
             heldout_now = p.heldout is not None and cfg.heldout_every and (step + 1) % cfg.heldout_every == 0
             log_now = (step + 1) % cfg.log_every == 0 or bool(heldout_now)
             caps = p.teacher.encode_prompts(batch["prompt"])
-            out, fakes = generator_step(p, batch, caps, step, log_now)
-            g_update = bool(out.pop("g_update", 1.0))
-            if g_update:
-                last_g = {k: v for k, v in out.items() if not k.startswith("grad_")}
+            g = generator_step(p, batch, caps, step, log_now)
+            out, skipped = dict(g.metrics), g.skipped
+            if g.student_step:
+                last_g = {k: v for k, v in g.metrics.items() if not k.startswith("grad_")}
             else:  # a discriminator-only step logs the last student update's losses
                 out.update(last_g)
-            if fakes is not None:
-                out.update(discriminator_step(p, batch, caps, step, fakes))
+            if g.fakes is not None:
+                d = discriminator_step(p, batch, caps, step, g.fakes)
+                out.update(d.metrics)
+                skipped = skipped or d.skipped
             if heldout_now:
                 out.update(heldout_diagnostics(p))
-            if "skipped" in out:
+            if skipped:
                 p.progress["nonfinite_total"] += 1
                 p.progress["nonfinite_streak"] += 1
                 log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step,
@@ -526,7 +567,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict[str, Any]:
                         "data, or raise max_nonfinite, then run the same command to resume from it.")
             else:
                 p.progress["nonfinite_streak"] = 0
-                if p.ema is not None and g_update:
+                if p.ema is not None and g.student_step:
                     p.ema.update(acc.unwrap_model(p.student), step)
             p.progress["step"] = step + 1
             if log_now:
@@ -588,7 +629,7 @@ def export(p: Parts) -> Path | None:
             student = gather_student(student, acc.is_main_process)
         t1, t2 = student.export_transformers() if student is not None else (None, None)
     if acc.is_main_process:
-        export_student(out, p.teacher.pipe, t1, t2, boundary_sigma=p.cfg.model.sigma_mid, overwrite=True,
+        export_student(out, p.teacher.pipe, t1, t2, sigma_mid=p.sigma_mid, overwrite=True,
                        extra={"config": to_dict(p.cfg), "step": p.progress["step"], "code_version": _code_version()})
         log.info("exported the student to %s", out)
     acc.wait_for_everyone()

@@ -15,7 +15,7 @@ list-based forward with far fewer kernel launches) whenever ``supports_batched``
 ``joint_attention_kwargs`` are given and the model carries no hooks; otherwise through its stock
 forward (see :func:`zimage_velocity`).
 
-Sampling (exactly 2 transformer calls, no guidance, sigmas ``[1, boundary_sigma, 0]``)::
+Sampling (exactly 2 transformer calls, no guidance, sigmas ``[1, sigma_mid, 0]``)::
 
     x      = ε                                        # noise at σ = 1
     v1     = transformer(x, t = 1 - 1)                # v = x0 - ε (Z-Image's prediction)
@@ -50,16 +50,21 @@ PIPELINE_FILE = "pipeline_twostep"
 PIPELINE_CLASS = "TwoStepZImagePipeline"
 BATCHED_FILE = "zimage_batched"
 """Module name of the batched forward inside an exported folder (``<BATCHED_FILE>.py``), as imported above."""
-DEFAULT_BOUNDARY_SIGMA = 0.75
+DEFAULT_SIGMA_MID = 0.75
+"""σ_mid when none is given (an exported folder's config always gives one); this self-contained file
+keeps its own copy of the default rather than importing it."""
+LEGACY_CONFIG_KEYS = {"boundary_sigma": "sigma_mid"}
+"""Config keys that folders exported by earlier versions use, and their present names: such folders
+still load (``load_config`` renames them)."""
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 
 
-def student_sigmas(boundary_sigma: float) -> list[float]:
-    """The student's noise levels ``[1, boundary_sigma, 0]`` (exact; no scheduler shift)."""
-    b = float(boundary_sigma)
+def student_sigmas(sigma_mid: float) -> list[float]:
+    """The student's noise levels ``[1, sigma_mid, 0]`` (exact; no scheduler shift)."""
+    b = float(sigma_mid)
     if not 0.0 < b < 1.0:
-        raise ValueError(f"boundary_sigma must be in (0, 1), got {boundary_sigma}")
+        raise ValueError(f"sigma_mid must be in (0, 1), got {sigma_mid}")
     return [1.0, b, 0.0]
 
 
@@ -116,8 +121,8 @@ def zimage_velocity(model: torch.nn.Module, x: torch.Tensor, sigma: float | torc
 
 
 class TwoStepZImagePipeline(ZImagePipeline):
-    """Z-Image with a 2-step student: ``transformer`` takes σ=1 → ``boundary_sigma``, ``transformer_2``
-    takes ``boundary_sigma`` → 0 (``transformer`` does both steps when ``transformer_2`` is None).
+    """Z-Image with a 2-step student: ``transformer`` takes σ=1 → ``sigma_mid``, ``transformer_2``
+    takes ``sigma_mid`` → 0 (``transformer`` does both steps when ``transformer_2`` is None).
 
     Follows Wan 2.2's convention for two parameter sets split by noise level (``transformer`` /
     ``transformer_2`` plus a boundary in the pipeline config). Text encoding, latent preparation and
@@ -135,13 +140,13 @@ class TwoStepZImagePipeline(ZImagePipeline):
         tokenizer: Any,
         transformer: ZImageTransformer2DModel,
         transformer_2: ZImageTransformer2DModel | None = None,
-        boundary_sigma: float = DEFAULT_BOUNDARY_SIGMA,
+        sigma_mid: float = DEFAULT_SIGMA_MID,
     ):
         super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                          transformer=transformer)
         self.register_modules(transformer_2=transformer_2)
-        student_sigmas(boundary_sigma)  # validate
-        self.register_to_config(boundary_sigma=float(boundary_sigma))
+        student_sigmas(sigma_mid)  # validate
+        self.register_to_config(sigma_mid=float(sigma_mid))
 
     # --- loading and saving ------------------------------------------------------------------
 
@@ -150,12 +155,18 @@ class TwoStepZImagePipeline(ZImagePipeline):
         """As ``ConfigMixin.load_config``, but a ``_class_name`` of ``[<file>, <this class>]`` is read as
         this class: ``TwoStepZImagePipeline.from_pretrained(folder)`` then uses the installed class
         instead of executing the folder's copy (which would need ``trust_remote_code=True``).
-        ``DiffusionPipeline.from_pretrained`` is unaffected."""
+        ``DiffusionPipeline.from_pretrained`` is unaffected. Keys of :data:`LEGACY_CONFIG_KEYS`
+        (``boundary_sigma`` in folders exported by earlier versions) are read under their present names."""
         out = super().load_config(*args, **kwargs)
         config = out[0] if isinstance(out, tuple) else out
-        name = config.get("_class_name") if isinstance(config, dict) else None
+        if not isinstance(config, dict):
+            return out
+        name = config.get("_class_name")
         if isinstance(name, (list, tuple)) and len(name) == 2 and name[1] == cls.__name__:
             config["_class_name"] = cls.__name__
+        for old, new in LEGACY_CONFIG_KEYS.items():
+            if old in config:
+                config.setdefault(new, config.pop(old))
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -182,8 +193,8 @@ class TwoStepZImagePipeline(ZImagePipeline):
 
     @property
     def sigmas(self) -> list[float]:
-        """The noise levels the student visits: ``[1, boundary_sigma, 0]``."""
-        return student_sigmas(self.config.boundary_sigma)
+        """The noise levels the student visits: ``[1, sigma_mid, 0]``."""
+        return student_sigmas(self.config.sigma_mid)
 
     @property
     def default_size(self) -> int:
@@ -217,7 +228,7 @@ class TwoStepZImagePipeline(ZImagePipeline):
         max_sequence_length: int | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
     ) -> ZImagePipelineOutput | tuple:
-        """Generate with exactly 2 transformer calls at sigmas ``[1, boundary_sigma, 0]``, no guidance.
+        """Generate with exactly 2 transformer calls at sigmas ``[1, sigma_mid, 0]``, no guidance.
 
         Args:
             prompt: one prompt or a list (or give ``prompt_embeds``, a list of (L_i, D) caption features).

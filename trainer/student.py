@@ -46,9 +46,10 @@ def _trainable_copy(transformer: nn.Module, lora_rank: int, gradient_checkpointi
 
 class TwoStepStudent(nn.Module):
     """``transformer`` runs step 1 (σ=1 → σ_mid); ``transformer_2`` step 2 (σ_mid → 0), or None when
-    the two steps share one parameter set (``decoupled=False``)."""
+    the two steps share one parameter set (``decoupled=False``). ``sigma_mid``: the trainer passes the
+    value its store records (docs/design.md, "The mid state")."""
 
-    def __init__(self, teacher_transformer: nn.Module, sigma_mid: float = 0.75, decoupled: bool = True,
+    def __init__(self, teacher_transformer: nn.Module, sigma_mid: float, decoupled: bool = True,
                  lora_rank: int = 0, gradient_checkpointing: bool = False):
         super().__init__()
         self.sigma_mid = float(sigma_mid)

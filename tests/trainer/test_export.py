@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from twostep.pipeline import zimage_batched
+from twostep.teacher import zimage_batched
 from twostep.teacher.core import Teacher, seed_noise
 from twostep.teacher.random_zimage import build_pipeline
 from twostep.trainer import pipeline_twostep, sample
@@ -62,7 +62,7 @@ def two_dir(tmp_path_factory, tiny, transformer_2):
 @pytest.fixture(scope="module")
 def shared_dir(tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp("export") / "shared"
-    return str(export_student(out, tiny, tiny.transformer, None, boundary_sigma=0.75))
+    return str(export_student(out, tiny, tiny.transformer, None, sigma_mid=0.75))
 
 
 def velocity(model, caps):
@@ -156,8 +156,8 @@ def test_pipeline_ignores_the_scheduler_shift_and_seeds_per_image(tiny, transfor
         h.remove()
     assert calls == [1, 1]
     torch.testing.assert_close(out, x0, atol=ATOL, rtol=0)
-    with pytest.raises(ValueError, match="boundary_sigma"):
-        TwoStepZImagePipeline(**comps, boundary_sigma=1.0)
+    with pytest.raises(ValueError, match="sigma_mid"):
+        TwoStepZImagePipeline(**comps, sigma_mid=1.0)
 
 
 # Captions of 20, 29 and 101 tokens (chat template included): padded to 32, 32 and 128, so the batched
@@ -253,7 +253,7 @@ LOAD_FROM_FOLDER = textwrap.dedent("""
     with open(out_path, "w") as f:
         json.dump({"class": type(pipe).__name__, "module": type(pipe).__module__, "calls": calls,
                    "batched_calls": batched_calls, "batched_module": real.__module__,
-                   "plain": plain, "boundary_sigma": pipe.config.boundary_sigma,
+                   "plain": plain, "sigma_mid": pipe.config.sigma_mid,
                    "np_shape": list(image.shape),
                    "twostep_imported": sorted(m for m in sys.modules if m.split(".")[0] == "twostep")}, f)
 """)
@@ -263,7 +263,7 @@ LOAD_FROM_FOLDER = textwrap.dedent("""
 def test_export_loads_from_its_own_folder_without_twostep(two_dir, tiny, transformer_2, caps, noise, tmp_path):
     index = json.load(open(os.path.join(two_dir, "model_index.json")))
     assert index["_class_name"] == ["pipeline_twostep", "TwoStepZImagePipeline"]
-    assert index["boundary_sigma"] == 0.75
+    assert index["sigma_mid"] == 0.75 and "boundary_sigma" not in index
     assert os.path.isfile(os.path.join(two_dir, "pipeline_twostep.py"))
     assert os.path.isfile(os.path.join(two_dir, "zimage_batched.py"))
     torch.save(noise, tmp_path / "latents.pt")
@@ -285,7 +285,7 @@ def test_export_loads_from_its_own_folder_without_twostep(two_dir, tiny, transfo
     assert got["batched_module"].startswith("diffusers_modules."), got["batched_module"]
     assert got["batched_module"].endswith(".zimage_batched"), got["batched_module"]
     assert got["calls"] == {"transformer": 1, "transformer_2": 1}
-    assert got["boundary_sigma"] == 0.75
+    assert got["sigma_mid"] == 0.75
     assert got["np_shape"] == [1, SIZE, SIZE, 3]
     _, _, x0 = direct(tiny, transformer_2, caps, noise)
     torch.testing.assert_close(torch.load(str(tmp_path / "out.json") + ".pt"), x0, atol=ATOL, rtol=0)
@@ -294,7 +294,7 @@ def test_export_loads_from_its_own_folder_without_twostep(two_dir, tiny, transfo
 def test_load_student_uses_the_installed_class(two_dir, tiny, transformer_2, caps, noise):
     pipe = load_student(two_dir)
     assert type(pipe) is TwoStepZImagePipeline and pipe.transformer_2 is not None
-    assert TwoStepZImagePipeline.from_pretrained(two_dir).config.boundary_sigma == 0.75
+    assert TwoStepZImagePipeline.from_pretrained(two_dir).config.sigma_mid == 0.75
     calls, handles = count_calls(pipe.transformer, pipe.transformer_2)
     out = pipe(list(PROMPTS), latents=noise, output_type="latent").images
     for h in handles:
@@ -306,7 +306,7 @@ def test_load_student_uses_the_installed_class(two_dir, tiny, transformer_2, cap
 
 def test_export_files(two_dir, shared_dir, tiny, transformer_2, tmp_path):
     info = read_student_info(two_dir)
-    assert info["num_steps"] == 2 and info["boundary_sigma"] == 0.75
+    assert info["num_steps"] == 2 and info["sigma_mid"] == 0.75
     assert info["sigmas"] == [1.0, 0.75, 0.0] and info["layout"] == "two_transformers"
     assert info["extra"] == {"run": "test", "step": 7}
     for d, subs in ((two_dir, ("transformer", "transformer_2", "vae", "text_encoder")),
@@ -339,7 +339,7 @@ def test_shared_export_is_a_stock_zimage_pipeline(shared_dir, tiny, caps, noise)
     assert json.load(open(os.path.join(shared_dir, "model_index.json")))["_class_name"] == "ZImagePipeline"
     assert not os.path.exists(os.path.join(shared_dir, "pipeline_twostep.py"))
     info = read_student_info(shared_dir)
-    assert info["layout"] == "shared" and info["boundary_sigma"] == 0.75
+    assert info["layout"] == "shared" and info["sigma_mid"] == 0.75
     assert info["stock_call"] == {"num_inference_steps": 2, "sigmas": [1.0, 0.5], "guidance_scale": 0.0}
     assert "sigmas=[1.0, 0.5]" in open(os.path.join(shared_dir, "README.md")).read()
 
@@ -358,8 +358,43 @@ def test_shared_export_is_a_stock_zimage_pipeline(shared_dir, tiny, caps, noise)
 
     pipe = load_student(shared_dir)
     assert type(pipe) is TwoStepZImagePipeline and pipe.transformer_2 is None
-    assert pipe.config.boundary_sigma == 0.75
+    assert pipe.config.sigma_mid == 0.75
     torch.testing.assert_close(pipe(list(PROMPTS), latents=noise, output_type="latent").images, x0, atol=ATOL, rtol=0)
+
+
+def _as_earlier_export(src, dst, sigma_mid):
+    """A copy of an exported folder as earlier versions wrote it: σ_mid under ``boundary_sigma`` in
+    ``model_index.json`` (two-transformer layout) and ``twostep_student.json``, here at ``sigma_mid``."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for name in ("model_index.json", STUDENT_JSON):
+        path = dst / name
+        d = json.loads(path.read_text())
+        if "sigma_mid" in d:
+            del d["sigma_mid"]
+            d["boundary_sigma"] = sigma_mid
+        path.write_text(json.dumps(d, indent=2, sort_keys=True))
+    return dst
+
+
+def test_exports_of_earlier_versions_with_boundary_sigma_still_load(two_dir, shared_dir, tiny, transformer_2, caps,
+                                                                    noise, tmp_path):
+    old = _as_earlier_export(two_dir, tmp_path / "two", 0.6)
+    assert json.loads((old / "model_index.json").read_text())["boundary_sigma"] == 0.6
+    assert read_student_info(old)["sigma_mid"] == 0.6
+    assert TwoStepZImagePipeline.from_pretrained(old).config.sigma_mid == 0.6
+    pipe = load_student(old)
+    assert pipe.sigmas == [1.0, 0.6, 0.0] and pipe.transformer_2 is not None
+    with torch.no_grad():
+        _, _, x0 = two_step(velocity(tiny.transformer, caps), velocity(transformer_2, caps), noise, 0.6)
+    torch.testing.assert_close(pipe(list(PROMPTS), latents=noise, output_type="latent").images, x0, atol=ATOL, rtol=0)
+    pipe.save_pretrained(tmp_path / "again")  # saved again, the folder says sigma_mid
+    index = json.loads((tmp_path / "again" / "model_index.json").read_text())
+    assert index["sigma_mid"] == 0.6 and "boundary_sigma" not in index
+
+    shared = load_student(_as_earlier_export(shared_dir, tmp_path / "shared", 0.6))
+    assert shared.transformer_2 is None and shared.config.sigma_mid == 0.6
 
 
 # --- twostep sample -----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def _cells(path, rows: int, cols: int, side: int) -> np.ndarray:
 
 def test_grid_rows_prompts_and_resume(parts, tmp_path):
     teacher, student, acc = parts
-    g = TrainingGrid(tmp_path, teacher, student, acc, seed=5, n=3)
+    g = TrainingGrid(tmp_path, teacher, student, 0.75, acc, seed=5, n=3)
     assert g.save(1) is None  # nothing to draw before the first batch
     c, h, w = teacher.latent_shape(64, 64)
     g.remember({"latent": torch.zeros(4, c, h, w), "prompt": PROMPTS})
@@ -50,7 +50,7 @@ def test_grid_rows_prompts_and_resume(parts, tmp_path):
     assert json.loads((tmp_path / "samples" / "prompts.json").read_text())["prompts"] == PROMPTS[:3]
 
     # a resumed run with no configured prompts draws the remembered ones, not the new batch's
-    again = TrainingGrid(tmp_path, teacher, student, acc, seed=5, n=3)
+    again = TrainingGrid(tmp_path, teacher, student, 0.75, acc, seed=5, n=3)
     again.remember({"latent": torch.zeros(4, c, h, w), "prompt": PROMPTS[::-1]})
     assert again.prompts == PROMPTS[:3]
     np.testing.assert_array_equal(_cells(again.save(8), 3, 3, 64), cells)
@@ -60,13 +60,13 @@ def test_grid_draws_the_ema_weights_and_restores_the_raw_ones(parts, tmp_path):
     teacher, student, acc = parts
     c, h, w = teacher.latent_shape(64, 64)
     batch = {"latent": torch.zeros(2, c, h, w), "prompt": PROMPTS[:2]}
-    raw = TrainingGrid(tmp_path / "raw", teacher, student, acc, prompts=PROMPTS[:2])
+    raw = TrainingGrid(tmp_path / "raw", teacher, student, 0.75, acc, prompts=PROMPTS[:2])
     raw.remember(batch)
     ema = EMA(student, 0.99)
     for v in ema.shadow.values():  # EMA weights far from the raw ones
         v.mul_(0.5)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    smoothed = TrainingGrid(tmp_path / "ema", teacher, student, acc, ema=ema, prompts=PROMPTS[:2])
+    smoothed = TrainingGrid(tmp_path / "ema", teacher, student, 0.75, acc, ema=ema, prompts=PROMPTS[:2])
     smoothed.remember(batch)
     a, b = _cells(raw.save(1), 3, 2, 64), _cells(smoothed.save(1), 3, 2, 64)
     np.testing.assert_array_equal(a[0], b[0])  # teacher rows do not depend on the student

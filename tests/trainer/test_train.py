@@ -72,6 +72,43 @@ def test_config_overrides_types_and_errors(tmp_path):
         load_config(name)
 
 
+def test_every_config_field_has_a_docstring():
+    """The docstrings are the fields' help (``common.config_flags.field_docs``)."""
+    import dataclasses
+
+    from twostep.common.config_flags import field_docs
+    from twostep.trainer import config
+
+    for cls in (config.DataConfig, config.ModelConfig, config.LossConfig, config.OptimConfig, config.TrainConfig):
+        docs = field_docs(cls)
+        assert [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)] == [], cls.__name__
+
+
+def test_sigma_mid_comes_from_the_store_and_the_config_must_agree(tiny_store, tiny_pipeline_dir, tmp_path):
+    from twostep.teacher.core import SIGMA_MID_TOL
+    from twostep.trainer.loop import setup, store_sigma_mid
+
+    index = json.loads((Path(tiny_store) / "index.json").read_text())
+    assert index["teacher"]["sampler"]["mid_sigma"] == 0.75  # the store's on-disk key
+    cfg = tiny_cfg(tiny_store, tiny_pipeline_dir)
+    assert store_sigma_mid(index, cfg) == 0.75
+    near = tiny_cfg(tiny_store, tiny_pipeline_dir, f"model.sigma_mid={0.75 + SIGMA_MID_TOL / 2}")
+    assert store_sigma_mid(index, near) == 0.75  # within the tolerance: the store's value is the run's
+    other = tiny_cfg(tiny_store, tiny_pipeline_dir, "model.sigma_mid=0.5")
+    assert store_sigma_mid({}, other) == 0.5  # shards without an index.json: the config's
+    # Disagreeing with the store stops the run at start-up, naming both values and the field.
+    with pytest.raises(ValueError, match=r"σ_mid=0\.75, but model\.sigma_mid is 0\.5"):
+        setup(other, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_warmup_ramps_linearly_to_one():
+    from twostep.trainer.loop import warmup
+
+    assert [warmup(step, 4) for step in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup(0, 0) == warmup(0, -1) == 1.0
+
+
 def test_dry_run_prints_the_resolved_config():
     out = subprocess.run([sys.executable, "-m", "twostep.cli", "train", "--config", "toy", "--data", "somewhere",
                           "--dry-run", "loss.e2e=false"], capture_output=True, text=True, timeout=120)
@@ -89,13 +126,16 @@ def _parts(tiny_store, tiny_pipeline_dir, tmp_path, *extra):
 
 
 def _one_step(p, step=0):
+    """One generator and one discriminator update, neither skipped; their metrics."""
     from twostep.trainer.loop import discriminator_step, generator_step
 
     batch = next(iter(p.loader))
     caps = p.teacher.encode_prompts(batch["prompt"])
-    out, fakes = generator_step(p, batch, caps, step, log_now=True)
-    out.update(discriminator_step(p, batch, caps, step, fakes))
-    return out
+    g = generator_step(p, batch, caps, step, log_now=True)
+    assert not g.skipped and g.student_step and g.fakes is not None
+    d = discriminator_step(p, batch, caps, step, g.fakes)
+    assert not d.skipped
+    return {**g.metrics, **d.metrics}
 
 
 def test_one_step_updates_both_students_and_the_heads(tiny_store, tiny_pipeline_dir, tmp_path):
@@ -105,7 +145,6 @@ def test_one_step_updates_both_students_and_the_heads(tiny_store, tiny_pipeline_
     heads = {k: v.clone() for k, v in p.disc.state_dict().items()}
     teacher = {k: v.clone() for k, v in p.teacher.transformer.state_dict().items()}
     out = _one_step(p)
-    assert "skipped" not in out
     for k in ("loss/paired", "loss/step1_regress", "loss/adv", "loss/step1_adv", "loss/disc",
               "disc/real_logit", "disc/fake_logit", "grad_norm/step2/adv", "grad_norm/step1/paired"):
         assert k in out and torch.isfinite(torch.as_tensor(out[k])), k
@@ -226,7 +265,7 @@ def test_exported_student_reproduces_the_trainers_two_step_output(tiny_store, ti
 
     p = _parts(tiny_store, tiny_pipeline_dir, tmp_path, *extra)
     for step in range(2):
-        assert "skipped" not in _one_step(p, step)
+        _one_step(p, step)
         p.ema.update(p.accelerator.unwrap_model(p.student), step)
     student = p.accelerator.unwrap_model(p.student)
     if extra == ("model.lora_rank=4",):  # only adapters train; the base stays the teacher's
@@ -243,6 +282,7 @@ def test_exported_student_reproduces_the_trainers_two_step_output(tiny_store, ti
     torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=1e-4)
     info = json.loads((out / "twostep_student.json").read_text())
     assert info["extra"]["step"] == 0 and info["extra"]["config"]["model"]["sigma_mid"] == 0.75
+    assert info["sigma_mid"] == pipe.config.sigma_mid == 0.75
 
 
 # --- several processes -------------------------------------------------------------------------------
@@ -295,7 +335,7 @@ def test_external_real_images_feed_the_discriminator(tiny_store, tiny_pipeline_d
     latents, caps = p.external.next_batch(4, 32, 32)
     assert latents.shape == (4, 16, 16, 16) and len(caps) == 4
     out = _one_step(p)
-    assert "skipped" not in out and "disc/real_logit" in out
+    assert "disc/real_logit" in out
 
 
 # --- the adversarial terms ---------------------------------------------------------------------------
@@ -364,10 +404,10 @@ def test_misaligned_pairs_are_extra_fakes(tiny_store, tiny_pipeline_dir, tmp_pat
     monkeypatch.setattr(L, "d_loss", d_loss)
     batch = next(iter(p.loader))
     caps = p.teacher.encode_prompts(batch["prompt"])
-    _, fakes = loop.generator_step(p, batch, caps, 0, log_now=False)
+    fakes = loop.generator_step(p, batch, caps, 0, log_now=False).fakes
     renoised.clear()
     heads = {k: v.clone() for k, v in p.disc.state_dict().items()}
-    out = loop.discriminator_step(p, batch, caps, 0, fakes)
+    out = loop.discriminator_step(p, batch, caps, 0, fakes).metrics
     (real, fake), = seen
     b = len(batch["latent"])
     assert real.shape == (b,) and fake.shape == (2 * b,)
@@ -390,11 +430,12 @@ def test_discriminator_only_steps_leave_the_student_alone(tiny_store, tiny_pipel
     for step, updates in ((0, False), (1, True), (2, False), (3, True)):
         before = {k: v.clone() for k, v in student.state_dict().items()}
         heads = {k: v.clone() for k, v in p.disc.state_dict().items()}
-        out, fakes = generator_step(p, batch, caps, step, log_now=False)
-        assert ("g_update" not in out) is updates
+        g = generator_step(p, batch, caps, step, log_now=False)
+        assert g.student_step is updates and not g.skipped
+        assert bool(g.metrics) is updates and all(k.startswith(("loss/", "grad_norm/")) for k in g.metrics)
         same = all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
         assert same is not updates, step
-        discriminator_step(p, batch, caps, step, fakes)
+        discriminator_step(p, batch, caps, step, g.fakes)
         assert any(not torch.equal(v, heads[k]) for k, v in p.disc.state_dict().items())  # heads every step
 
 
@@ -408,6 +449,7 @@ def test_run_logs_diagnostics_and_plots_them(tiny_store, tiny_pipeline_dir, tmp_
     assert [r["step"] for r in rows] == [2, 3, 4]  # a held-out check is logged on its own step too
     assert all("disc/batch_accuracy" in r and "grad_share/step2/adv" in r for r in rows)
     assert ["disc/heldout_auc" in r for r in rows] == [False, True, False]
+    assert not any(k in r for r in rows for k in ("skipped", "g_update", "fsdp"))  # metrics hold only metrics
     assert (run / "report.png").stat().st_size > 0 and "batch_accuracy" in (run / "report.md").read_text()
     MetricsLog(run / "metrics.jsonl", start=3)  # a resume from step 3 drops the rows after it
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [2, 3]
@@ -480,8 +522,8 @@ def test_frozen_heads_receive_no_update(tiny_store, tiny_pipeline_dir, tmp_path)
     for step in range(3):
         batch = next(batches)
         caps = p.teacher.encode_prompts(batch["prompt"])
-        out, fakes = generator_step(p, batch, caps, step, log_now=True)
-        out.update(discriminator_step(p, batch, caps, step, fakes))
+        g = generator_step(p, batch, caps, step, log_now=True)
+        out = {**g.metrics, **discriminator_step(p, batch, caps, step, g.fakes).metrics}
         assert "loss/disc" in out and "disc/batch_accuracy" in out and float(out["grad_norm/step2/adv"]) > 0
     assert all(torch.equal(v, heads[k]) for k, v in p.disc.state_dict().items())
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
@@ -499,7 +541,7 @@ def test_real_renders_replace_both_real_inputs(tiny_store, tiny_pipeline_dir, tm
                f"data.external={tmp_path / 'renders' / 'renders-*.tar'}")
     batch = next(iter(p.loader))
     caps = p.teacher.encode_prompts(batch["prompt"])
-    _, fakes = generator_step(p, batch, caps, 0, log_now=False)
+    fakes = generator_step(p, batch, caps, 0, log_now=False).fakes
     renders, render_caps = p.external.next_batch(2, 32, 32)
     p.external.next_batch = lambda n, h, w: (renders, render_caps)
     inputs = []
@@ -528,13 +570,13 @@ def test_grad_share_per_parameter_set_known_answer(tiny_store, tiny_pipeline_dir
     paired = torch.nn.functional.mse_loss(x0, batch["latent"])
     grads = torch.autograd.grad(paired, list(student.transformer_2.parameters()), allow_unused=True)
     expect = torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))
-    out, _ = generator_step(p, batch, caps, 0, log_now=True)
+    out = generator_step(p, batch, caps, 0, log_now=True).metrics
     assert float(out["grad_norm/step1/paired"]) == 0 and float(out["grad_norm/step2/step1_regress"]) == 0
     assert float(out["grad_share/step1/step1_regress"]) == pytest.approx(1.0)
     assert float(out["grad_share/step2/paired"]) == pytest.approx(1.0)
     assert float(out["grad_norm/step2/paired"]) == pytest.approx(float(expect), rel=1e-4)
     shared = _parts(tiny_store, tiny_pipeline_dir, tmp_path / "shared", "model.decoupled=false")
-    out, _ = generator_step(shared, batch, caps, 0, log_now=True)
+    out = generator_step(shared, batch, caps, 0, log_now=True).metrics
     assert {k.split("/")[1] for k in out if k.startswith("grad_share/")} == {"shared"}
 
 
@@ -548,7 +590,7 @@ def test_discriminator_options_train_and_report_heldout(tiny_store, tiny_pipelin
 
     p = _parts(tiny_store, tiny_pipeline_dir, tmp_path, *extra)
     out = _one_step(p)
-    assert "skipped" not in out and all(torch.isfinite(torch.as_tensor(out[k])) for k in out if k.startswith("loss/"))
+    assert all(torch.isfinite(torch.as_tensor(out[k])) for k in out if k.startswith("loss/"))
     held = heldout_diagnostics(p)
     for k in ("disc/heldout_auc", "disc/heldout_auc_mid", "disc/heldout_accuracy", "disc/heldout_logit_gap_mid"):
         assert k in held and held[k] == held[k]
