@@ -63,7 +63,7 @@ def run_variant(variant: str, data: str, batch: int, steps: int, warmup: int) ->
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
-            _, fakes = generator_step(p, batch, caps, i, log_now=False)
+            fakes = generator_step(p, batch, caps, i, log_now=False).fakes
             discriminator_step(p, batch, caps, i, fakes)
         if torch.cuda.is_available():
             torch.cuda.synchronize()

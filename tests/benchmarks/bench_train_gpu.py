@@ -106,14 +106,14 @@ def measure(teacher, config: str, overrides: list[str], warmup: int, steps: int)
             gc.sync()
             t0 = time.perf_counter()
             caps = p.teacher.encode_prompts(batch["prompt"])
-            out, fakes = generator_step(p, batch, caps, i, log_now=False)
-            if fakes is not None:
-                discriminator_step(p, batch, caps, i, fakes)
+            g = generator_step(p, batch, caps, i, log_now=False)
+            if g.fakes is not None:
+                discriminator_step(p, batch, caps, i, g.fakes)
                 if p.ema is not None:
                     p.ema.update(p.accelerator.unwrap_model(p.student), i)
             gc.sync()
             times.append(time.perf_counter() - t0)
-            skipped += int("skipped" in out)
+            skipped += int(g.skipped)
         student = p.accelerator.unwrap_model(p.student)
         trainable = sum(x.numel() for x in student.parameters() if x.requires_grad)
     finally:
