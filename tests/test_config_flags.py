@@ -154,3 +154,25 @@ def test_a_positional_list_without_a_default_needs_one_value():
     with pytest.raises(SystemExit):
         ap.parse_args([])
     assert ap.parse_args(["a", "b"]).inputs == ["a", "b"]
+
+
+COMMAND_FLAGS = {
+    "eval": ["--student", "--teacher", "--prompts", "--manifest", "-n", "--num-samples", "--seed", "--size",
+             "--batch-size", "--device", "--features", "--clip-model", "--clip-pretrained", "--dino-model",
+             "--diversity-prompts", "--diversity-seeds", "--references", "--cache", "--out"],
+    "sample": ["--student", "--prompt", "--prompts-file", "--seed", "--height", "--width", "-o", "--out",
+               "--batch-size", "--device", "--dtype"],
+    "probe-disc": ["--config", "--data", "--out", "--steps", "--every", "--heldout-fraction", "KEY=VALUE"],
+    "demo": ["--out", "--prompts", "--steps", "--eval-samples", "--num-workers", "--teacher", "--seed"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_FLAGS))
+def test_commands_built_from_configs_keep_every_flag_with_its_help(command):
+    from twostep.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    helps = {s: a.help for a in parser._actions for s in (a.option_strings or [a.metavar])}
+    for flag in COMMAND_FLAGS[command]:
+        assert flag in helps and len(helps[flag]) > 10, (command, flag)
