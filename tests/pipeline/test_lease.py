@@ -86,29 +86,41 @@ def test_a_stale_lease_is_taken_over_by_exactly_one(store_url):
 
 
 _DRIVER = """
-import json, os, sys, time
+import json, os, sys
 from twostep.pipeline.store import Store, StoreError
-url, opts, start = sys.argv[1], json.loads(sys.argv[2]) or None, float(sys.argv[3])
+url, opts = sys.argv[1], json.loads(sys.argv[2]) or None
 store = Store(url, opts)
-time.sleep(max(0.0, start - time.time()))
+store.exists("lease.json")  # connected
+print("ready", flush=True)
+sys.stdin.readline()  # go: both processes try at once
 try:
     store.acquire_lease(f"{os.uname().nodename}:{os.getpid()}:p")
-    print("got")
-    time.sleep(3)  # holds it while the other process tries
+    print("got", flush=True)
 except StoreError as e:
-    print("refused:", e)
+    print("refused:", e, flush=True)
+sys.stdin.readline()  # the winner holds the lease until both have answered
 """
 
 
 def test_two_driver_processes_exactly_one_proceeds(store_url):
     url, opts = store_url
     for _ in range(3):
-        start = time.time() + 8  # both processes have imported and connected by then
-        procs = [subprocess.Popen([sys.executable, "-c", _DRIVER, url, json.dumps(opts), str(start)],
+        procs = [subprocess.Popen([sys.executable, "-c", _DRIVER, url, json.dumps(opts)], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-        outs = [p.communicate(timeout=120) for p in procs]
-        assert all(p.returncode == 0 for p in procs), [e[-1500:] for _, e in outs]
-        lines = sorted(o.strip() for o, _ in outs)
+        try:
+            assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"], \
+                [p.stderr.read()[-1500:] for p in procs if p.poll() is not None]
+            for p in procs:  # imported and connected: release both together
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            lines = sorted(p.stdout.readline().strip() for p in procs)
+            for p in procs:
+                p.stdin.write("done\n")
+                p.stdin.flush()
+            assert all(p.wait(timeout=60) == 0 for p in procs), [p.stderr.read()[-1500:] for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
         assert lines[0] == "got" and lines[1].startswith("refused:"), lines
         Store(url, opts).fs.rm(Store(url, opts).path("lease.json"))
 
