@@ -6,7 +6,8 @@
 ``run`` drives the ``twostep`` command on ``PATH`` (so the same script fingerprints an older checkout
 installed elsewhere): 96 toy prompts, a store generated on a local Ray cluster (2 workers, shards of
 32), a 6-step toy training run with a checkpoint at step 3 and 6 and its export, and the exported
-student's 2-step samples for 4 prompts; it records the sha256 of each file. ``compare`` lists every
+student's 2-step samples for 4 prompts; it records the sha256 of each file, and of each member of
+a shard tar. ``compare`` lists every
 key whose hash differs or that only one side has, and exits 1 if any.
 
 Every file of the store, of the run's ``checkpoints/`` (weights, optimiser and RNG states, data
@@ -24,11 +25,16 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
-TIME_KEYS = {"created", "updated", "created_at", "updated_at", "finished_at", "started_at", "wall_s",
-             "elapsed_s", "seconds", "duration_s", "durations", "timing", "code_version", "twostep_version"}
+TIME_KEYS = {"seconds", "committed_at", "worker", "code_version", "_name_or_path", "sha256", "bytes"}
+"""JSON keys left out of a comparison: wall times (``seconds``, ``committed_at``), which worker made a
+shard, the code version, the folder a component was loaded from, and a shard tar's checksum and size
+(the tar holds each sample's generation time, so its members are compared one by one instead)."""
+WORK = Path(tempfile.gettempdir()) / "twostep-bit-identity"
+"""One fixed working folder: the data position a checkpoint records hashes the shard URLs."""
 
 
 def _sha(data: bytes) -> str:
@@ -52,6 +58,13 @@ def _file_hash(path: Path) -> str:
     return _sha(path.read_bytes())
 
 
+def _tar_hashes(path: Path) -> dict[str, str]:
+    with tarfile.open(path) as tar:
+        return {m.name: _sha(json.dumps(_strip(json.loads(data)), sort_keys=True).encode()) if m.name.endswith(".json")
+                else _sha(data) for m in tar.getmembers() if m.isfile()
+                for data in [tar.extractfile(m).read()]}
+
+
 def _run(cmd: list[str], cwd: Path) -> None:
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=cwd, check=True)
@@ -60,8 +73,6 @@ def _run(cmd: list[str], cwd: Path) -> None:
 def fingerprint(work: Path) -> dict[str, str]:
     work.mkdir(parents=True, exist_ok=True)
     manifest, store, run = work / "train.parquet", work / "store", work / "run"
-    for p in (store, run):
-        shutil.rmtree(p, ignore_errors=True)
     _run(["twostep", "-q", "prompts", "toy", "-n", "96", "-o", str(manifest), "--seed", "0"], work)
     _run(["twostep", "-q", "generate", "--manifest", str(manifest), "--out", str(store), "--num-workers", "2",
           "--shard-size", "32", "--batch-size", "8"], work)
@@ -70,7 +81,9 @@ def fingerprint(work: Path) -> dict[str, str]:
           "data.batch_size=8", "data.heldout_fraction=0.0", "optim.warmup_steps=2", "loss.adv_warmup_steps=2"], work)
     out: dict[str, str] = {}
     for f in sorted(store.rglob("*")):
-        if f.is_file() and f.name != "README.md":
+        if f.is_file() and f.suffix == ".tar":
+            out.update({f"store/{f.relative_to(store)}:{m}": h for m, h in _tar_hashes(f).items()})
+        elif f.is_file() and f.name != "README.md":
             out[f"store/{f.relative_to(store)}"] = _file_hash(f)
     for f in sorted(run.rglob("*")):
         rel = f.relative_to(run)
@@ -91,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="fingerprint the twostep on PATH")
     r.add_argument("--out", required=True, help="JSON file for the fingerprints")
-    r.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    r.add_argument("--work", default=str(WORK), help="working folder, emptied first; compare runs made in the same "
+                   "folder (default: %(default)s)")
     c = sub.add_parser("compare", help="compare two fingerprint files; exit 1 on any difference")
     c.add_argument("old")
     c.add_argument("new")
     args = ap.parse_args(argv)
     if args.cmd == "run":
-        work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="twostep-fp-"))
+        work = Path(args.work)
+        shutil.rmtree(work, ignore_errors=True)
         fp = fingerprint(work)
         Path(args.out).write_text(json.dumps(fp, indent=1, sort_keys=True) + "\n")
         print(f"{len(fp)} files fingerprinted into {args.out} (work folder {work})")
