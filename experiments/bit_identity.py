@@ -29,10 +29,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-TIME_KEYS = {"seconds", "committed_at", "worker", "code_version", "_name_or_path", "sha256", "bytes"}
+TIME_KEYS = {"seconds", "committed_at", "worker", "code_version", "_name_or_path", "sha256", "bytes", "shards_hash"}
 """JSON keys left out of a comparison: wall times (``seconds``, ``committed_at``), which worker made a
 shard, the code version, the folder a component was loaded from, and a shard tar's checksum and size
-(the tar holds each sample's generation time, so its members are compared one by one instead)."""
+(the tar holds each sample's generation time, so its members are compared one by one instead), and
+the data position's hash of those checksums."""
 WORK = Path(tempfile.gettempdir()) / "twostep-bit-identity"
 """One fixed working folder: the data position a checkpoint records hashes the shard URLs."""
 
@@ -49,7 +50,22 @@ def _strip(obj):
     return obj
 
 
+def _rng_hash(path: Path) -> str:
+    """accelerate's RNG file without the process-global Python and NumPy states: twostep draws from
+    seeded torch generators only and never seeds those two, so they differ between any two runs."""
+    import torch
+
+    # written moments ago by the run this script started: its own file, not untrusted input
+    states = torch.load(path, weights_only=False)
+    kept = {k: v for k, v in states.items() if k not in ("random_state", "numpy_random_seed")}
+    return _sha(repr({k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in sorted(kept.items())}).encode())
+
+
 def _file_hash(path: Path) -> str:
+    if path.name.startswith("random_states_"):
+        return _rng_hash(path)
+    if path.suffix == ".md":  # the exported student's card quotes its run record, code version included
+        return _sha("\n".join(line for line in path.read_text().splitlines() if '"code_version"' not in line).encode())
     if path.suffix == ".json":
         try:
             return _sha(json.dumps(_strip(json.loads(path.read_text())), sort_keys=True).encode())

@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -112,6 +113,7 @@ def _run(cfg: GenerateConfig, t0: float, source: str, worker_cls: type[ShardWork
     owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     store.acquire_lease(owner, cfg.lease_ttl)
     keeper = _LeaseKeeper(store, owner, ttl=cfg.lease_ttl)
+    actors = None
     try:
         if cfg.overwrite:
             store.remove_all()
@@ -122,7 +124,7 @@ def _run(cfg: GenerateConfig, t0: float, source: str, worker_cls: type[ShardWork
         _copy_manifest(store, cfg, manifest_hash)
         _init_ray(ray, cfg)
         actors = _Actors(ray, cfg, store, worker_cls)
-        facts = actors.start()
+        facts = actors.start(guard=keeper.check)
         fp, ident = fingerprint(manifest_hash, cfg, facts)
         old = _index_of_these_settings(store, fp, ident, cfg)
         # One listing plus the last index, not two round trips per shard (docs/store.md, Commit marker).
@@ -141,6 +143,8 @@ def _run(cfg: GenerateConfig, t0: float, source: str, worker_cls: type[ShardWork
         keeper.check()
         summary = write_index(store, fp, ident, shards, facts, time.time() - t0, failed_shards, writer=index)
     finally:
+        if actors is not None:
+            actors.kill_all()
         keeper.stop()
         store.release_lease(owner)
         if ours and ray.is_initialized():
@@ -235,19 +239,21 @@ class _Actors:
     def actor_id(self, k: int) -> tuple[int, int]:
         return k, self.gen[k]
 
-    def start(self) -> dict[str, Any]:
+    def start(self, guard: Callable[[], None] = lambda: None) -> dict[str, Any]:
         """Wait up to ``startup_timeout`` for every actor to load its teacher and describe itself.
         One that fails is replaced (``max_actor_restarts`` times a slot); one still not up at the
         deadline, or out of replacements, is left out. Returns the teacher's facts; raises when no
-        actor came up, or when they disagree on the sampler."""
+        actor came up, or when they disagree on the sampler. ``guard`` (the lease check) is called at
+        least once a second while it waits: a driver that lost its lease stops during start-up too."""
         ray, n = self.ray, len(self.handles)
         deadline = time.monotonic() + self.cfg.startup_timeout
         pending = {h.describe.remote(): k for k, h in enumerate(self.handles)}
         facts: dict[int, dict[str, Any]] = {}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        while pending and time.monotonic() < deadline:
+            guard()
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             if not done:
-                break
+                continue
             k = pending.pop(done[0])
             try:
                 facts[k] = ray.get(done[0])
@@ -287,6 +293,13 @@ class _Actors:
         self.ray.kill(self.handles[k], no_restart=True)
         self.down[k] = why
         log.warning("worker %d left out: %s", k, why)
+
+    def kill_all(self) -> None:
+        """End every actor now, whatever it is doing: when the job ends, and above all when it stops on
+        an error (a lost lease), so that no shard is written after the driver has stopped and no
+        actor outlives the job on a cluster that does."""
+        for h in self.handles:
+            self.ray.kill(h, no_restart=True)
 
 
 def _last_line(e: BaseException) -> str:

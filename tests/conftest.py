@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # Two test processes on two cores: one compute thread each (and in the processes they start), so
+    # that torch's thread pools do not fight over the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +48,10 @@ def free_port():
     return _free_port
 
 
-@pytest.fixture
-def s3_server():
-    """moto's standalone S3 server on 127.0.0.1 (as s3fs's own tests use it), bucket ``twostep-test``.
+@pytest.fixture(scope="session")
+def _s3_server_session():
+    """moto's standalone S3 server on 127.0.0.1 (as s3fs's own tests use it), bucket ``twostep-test``,
+    one per test process; tests write under prefixes of their own.
 
     moto keeps its state per process, not per server: a bucket made by an earlier test is still
     there, so the bucket is created only if missing."""
@@ -59,3 +67,10 @@ def s3_server():
         fs.mkdir("twostep-test")
     yield opts
     server.stop()
+
+
+@pytest.fixture
+def s3_server(_s3_server_session) -> dict:
+    """Storage options of the session's S3-protocol server (moto on 127.0.0.1), bucket ``twostep-test``:
+    a fresh copy for each test, which may add options of its own."""
+    return dict(_s3_server_session)

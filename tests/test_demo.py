@@ -30,3 +30,5 @@ def test_demo_runs_every_stage_and_reports(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "0 to do" in again.stderr or "2 committed already" in again.stderr
+    # ... and the eval reads the teacher's sets from its cache: the same scores
+    assert json.loads((out / "eval" / "metrics.json").read_text())["gap_closed"] == metrics["gap_closed"]

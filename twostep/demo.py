@@ -102,7 +102,9 @@ def run_demo(cfg: DemoConfig) -> int:
 
     t0 = time.perf_counter()
     teacher = Teacher.load(cfg.teacher)
-    metrics, images = evaluate(teacher=teacher, student=str(run_dir / "student"), num_samples=cfg.eval_samples)
+    # the teacher's sets are cached beside the report: a second run samples only the student
+    metrics, images = evaluate(teacher=teacher, student=str(run_dir / "student"), num_samples=cfg.eval_samples,
+                               cache=str(out / "eval" / "cache"))
     report = write_report(metrics, images, out / "eval")
     times["eval"] = time.perf_counter() - t0
     metrics["demo_seconds"] = {k: round(v, 1) for k, v in times.items()}

@@ -278,6 +278,29 @@ def test_renewal_errors_end_a_running_job(ray_cluster, manifest, tmp_path, monke
         run_generation(_cfg(manifest, tmp_path / "store", lease_ttl=1.0), worker_cls=_slow_worker())
 
 
+def test_a_driver_that_loses_its_lease_while_actors_start_stops_and_ends_them(ray_cluster, manifest, tmp_path,
+                                                                               monkeypatch):
+    """Start-up is fenced too: the lease is checked while the actors load (here for 60 s), and the actors
+    are ended with the job, so their CPUs are free again at once."""
+    def unavailable(self, *a, **k):
+        raise OSError("connection timed out")
+
+    class SlowStart(ShardWorker):
+        def __init__(self, *a, **k):
+            time.sleep(60)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(Store, "renew_lease", unavailable)
+    t0 = time.monotonic()
+    with pytest.raises(StoreError, match="could not be renewed"):
+        run_generation(_cfg(manifest, tmp_path / "store", lease_ttl=1.0), worker_cls=SlowStart)
+    assert time.monotonic() - t0 < 30
+    deadline = time.monotonic() + 20
+    while ray_cluster.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_cluster.available_resources().get("CPU", 0) == 2
+
+
 def _slow_worker():
     class Slow(ShardWorker):
         def run(self, shard, fingerprint, **kw):

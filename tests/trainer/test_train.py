@@ -234,13 +234,14 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tiny_store, tin
     cmd = [sys.executable, "-m", "twostep.cli", "train", "--config", "toy", "--out", str(run), "--data", tiny_store,
            "--teacher", tiny_pipeline_dir, "data.batch_size=2", "data.num_workers=0", "model.disc_layers=[0, 1]",
            "model.disc_hidden=16", "log_with=none", "sample_every=0", "export=false", "max_steps=100000",
-           "checkpoint_every=100000"]
+           "checkpoint_every=100000", "log_every=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"  # a line a step (log_every=1)
     deadline = time.time() + 240
-    while time.time() < deadline and not (run / "run.json").exists():
-        time.sleep(0.5)
-    time.sleep(8)  # some steps
-    proc.send_signal(signal.SIGTERM)
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # some steps in
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
     assert "preempted: checkpoint saved at step" in out
