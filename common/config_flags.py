@@ -180,6 +180,15 @@ class FieldError(ValueError):
         return f"{spell(self.field)} " + re.sub(r"\{(\w+)\}", lambda m: spell(m.group(1)), self.reason)
 
 
+def at_least(cfg: Any, least: int | float, *names: str, strict: bool = False) -> None:
+    """A :class:`FieldError` for the first of ``names`` whose value in ``cfg`` is below ``least`` (with
+    ``strict``: not above it): ``<field> must be ≥ 1, not 0``. None values (unset optionals) pass."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and (value <= least if strict else value < least):
+            raise FieldError(name, f"must be {'>' if strict else '≥'} {least:g}, not {value}")
+
+
 @contextmanager
 def flag_errors(flags: Mapping[str, str | Sequence[str]] | None = None) -> Iterator[None]:
     """Within the block, a :class:`FieldError` names flags (as ``add_dataclass_flags`` makes them from

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from twostep.common.config_flags import FieldError
+from twostep.common.config_flags import FieldError, at_least
 
 from .shardformat import IMAGE_FORMATS, OPTIONAL_ARRAYS
 
@@ -48,13 +48,6 @@ def _sample(text: str) -> int | str:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: expected at least 1 shard (--fast reads none)")
     return value
-
-
-def _at_least(cfg: Any, least: int | float, *names: str, strict: bool = False) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value is not None and (value <= least if strict else value < least):
-            raise FieldError(name, f"must be {'>' if strict else '≥'} {least:g}, not {value}")
 
 
 @dataclass(kw_only=True)
@@ -93,8 +86,8 @@ class ShardSettings:
             if getattr(self, name) not in allowed:
                 raise FieldError(name, f"must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
                                        f"not {getattr(self, name)!r}")
-        _at_least(self, 1, "shard_size", "batch_size")
-        _at_least(self, 0, "encode_threads")
+        at_least(self, 1, "shard_size", "batch_size")
+        at_least(self, 0, "encode_threads")
 
     @property
     def sampler_overrides(self) -> dict[str, Any]:
@@ -150,9 +143,9 @@ class GenerateConfig(ShardSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _at_least(self, 1, "num_workers", "index_every_shards", "actor_fail_limit", "max_upload_failures")
-        _at_least(self, 0, "max_actor_restarts")
-        _at_least(self, 0, "index_every_s", "shard_timeout", "startup_timeout", "lease_ttl", strict=True)
+        at_least(self, 1, "num_workers", "index_every_shards", "actor_fail_limit", "max_upload_failures")
+        at_least(self, 0, "max_actor_restarts")
+        at_least(self, 0, "index_every_s", "shard_timeout", "startup_timeout", "lease_ttl", strict=True)
 
 
 GENERATE_FLAGS = ("manifest", "out", "teacher", "shard_size", "batch_size", "num_workers", "gpus_per_worker",
@@ -219,5 +212,5 @@ class VerifyConfig:
             raise FieldError("sample", f"must be a number of shards ≥ 1 or 'all', not {self.sample!r}")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int):
             raise FieldError("threads", f"must be a number ≥ 1, not {self.threads!r}")
-        _at_least(self, 1, "threads")
-        _at_least(self, 0, "regenerate")
+        at_least(self, 1, "threads")
+        at_least(self, 0, "regenerate")

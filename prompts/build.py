@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from twostep.common.config_flags import FieldError
+from twostep.common.config_flags import FieldError, at_least
 
 from .manifest import (
     BATCH_ROWS,
@@ -93,9 +93,7 @@ class BuildOptions:
     def __post_init__(self) -> None:
         if self.on_invalid not in ("skip", "fail"):
             raise FieldError("on_invalid", f"must be 'skip' or 'fail', not {self.on_invalid!r}")
-        for name in ("per_prompt", "max_chars"):
-            if getattr(self, name) < 1:
-                raise FieldError(name, f"must be ≥ 1, not {getattr(self, name)}")
+        at_least(self, 1, "per_prompt", "max_chars")
         for name in ("height", "width"):
             try:
                 check_size(name, getattr(self, name))

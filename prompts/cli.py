@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from twostep.common.config_flags import FieldError, add_dataclass_flags, config_from_args
+from twostep.common.config_flags import FieldError, add_dataclass_flags, at_least, config_from_args
 from twostep.toy.world import OMIT_PROB
 
 from .build import BuildOptions, build_manifest
@@ -78,8 +78,7 @@ class ToyConfig:
     """Probability that a caption leaves each attribute out."""
 
     def __post_init__(self) -> None:
-        if self.num_prompts < 1:
-            raise FieldError("num_prompts", f"must be ≥ 1, not {self.num_prompts}")
+        at_least(self, 1, "num_prompts")
 
 
 FLAGS = {

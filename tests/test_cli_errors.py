@@ -294,7 +294,7 @@ def test_eval_no_feature_model_for_real_prompts(files, tmp_path, capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["probe-disc", "--data", "store", "--out", "OUT", "--every", "0"], "--every must be ≥ 1, not 0"),
     (["demo", "--out", "OUT", "--num-workers", "0"], "--num-workers must be ≥ 1, not 0"),
-    (["sample", "--student", "s", "--prompt", "a", "-o", "OUT", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["sample", "--student", "s", "--prompt", "a", "-o", "OUT", "--batch-size", "0"], "--batch-size must be ≥ 1, not 0"),
 ])
 def test_config_checks_name_the_flag(argv, needle, tmp_path, capsys, no_ray):
     argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]

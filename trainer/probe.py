@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twostep.common.config_flags import FieldError, add_dataclass_flags, config_from_args
+from twostep.common.config_flags import add_dataclass_flags, at_least, config_from_args
 
 log = logging.getLogger("twostep.probe")
 
@@ -48,9 +48,7 @@ class ProbeConfig:
     """Config overrides (dotted keys)."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "every"):
-            if getattr(self, name) < 1:
-                raise FieldError(name, f"must be ≥ 1, not {getattr(self, name)}")
+        at_least(self, 1, "steps", "every")
 
 
 FLAGS = {"overrides": "KEY=VALUE"}

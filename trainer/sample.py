@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from twostep.common.config_flags import FieldError, add_dataclass_flags, config_from_args
+from twostep.common.config_flags import FieldError, add_dataclass_flags, at_least, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ class SampleConfig:
     """Weights dtype; default: bf16 on CUDA, fp32 on CPU."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise FieldError("batch_size", "must be at least 1")
+        at_least(self, 1, "batch_size")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise FieldError("dtype", f"must be one of {', '.join(sorted(DTYPES))}, not {self.dtype!r}")
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from twostep.common.config_flags import FieldError, add_dataclass_flags, config_from_args
+from twostep.common.config_flags import add_dataclass_flags, at_least, config_from_args
 
 log = logging.getLogger("twostep.demo")
 
@@ -42,9 +42,7 @@ class DemoConfig:
     """Seed of the prompts and the training run."""
 
     def __post_init__(self) -> None:
-        for name in ("prompts", "steps", "eval_samples", "num_workers"):
-            if getattr(self, name) < 1:
-                raise FieldError(name, f"must be ≥ 1, not {getattr(self, name)}")
+        at_least(self, 1, "prompts", "steps", "eval_samples", "num_workers")
 
 
 def add_parser(sub) -> None:

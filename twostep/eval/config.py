@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from twostep.common.config_flags import FieldError
+from twostep.common.config_flags import FieldError, at_least
 
 FEATURES = ("auto", "toy", "clip", "dino")
 
@@ -68,12 +68,8 @@ class EvalConfig:
     """Folder for the report, metrics and grids (the command line's; evaluate() writes nothing)."""
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "batch_size", "references"):
-            if getattr(self, name) < 1:
-                raise FieldError(name, f"must be ≥ 1, not {getattr(self, name)}")
-        for name in ("diversity_prompts", "diversity_seeds"):
-            if getattr(self, name) < 0:
-                raise FieldError(name, f"must be ≥ 0, not {getattr(self, name)}")
+        at_least(self, 1, "num_samples", "batch_size", "references")
+        at_least(self, 0, "diversity_prompts", "diversity_seeds")
         if self.features not in FEATURES:
             raise FieldError("features", f"must be one of {', '.join(FEATURES)}, not {self.features!r}")
         if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
