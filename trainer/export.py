@@ -55,6 +55,7 @@ from .pipeline_twostep import (
     PIPELINE_CLASS,
     PIPELINE_FILE,
     TwoStepZImagePipeline,
+    rename_legacy_keys,
     student_sigmas,
 )
 
@@ -214,11 +215,7 @@ def read_student_info(path: str | os.PathLike) -> dict[str, Any]:
     """``twostep_student.json`` of an exported folder ({} when the folder has none), with the keys of
     earlier versions under their present names (``boundary_sigma`` → ``sigma_mid``)."""
     p = Path(path) / STUDENT_JSON
-    info = json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
-    for old, new in LEGACY_CONFIG_KEYS.items():
-        if old in info:
-            info.setdefault(new, info.pop(old))
-    return info
+    return rename_legacy_keys(json.loads(p.read_text(encoding="utf-8")) if p.exists() else {})
 
 
 def load_student(path: str | os.PathLike, device: str | torch.device | None = None,

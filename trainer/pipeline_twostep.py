@@ -57,6 +57,14 @@ LEGACY_CONFIG_KEYS = {"boundary_sigma": "sigma_mid"}
 """Config keys that folders exported by earlier versions use, and their present names: such folders
 still load (``load_config`` renames them)."""
 
+
+def rename_legacy_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the keys of :data:`LEGACY_CONFIG_KEYS` under their present names, in place."""
+    for old, new in LEGACY_CONFIG_KEYS.items():
+        if old in config:
+            config.setdefault(new, config.pop(old))
+    return config
+
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
 
 
@@ -164,9 +172,7 @@ class TwoStepZImagePipeline(ZImagePipeline):
         name = config.get("_class_name")
         if isinstance(name, (list, tuple)) and len(name) == 2 and name[1] == cls.__name__:
             config["_class_name"] = cls.__name__
-        for old, new in LEGACY_CONFIG_KEYS.items():
-            if old in config:
-                config.setdefault(new, config.pop(old))
+        rename_legacy_keys(config)
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
