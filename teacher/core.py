@@ -1,16 +1,17 @@
 """The teacher interface: one class that every stage (generation, trainer, eval) uses.
 
-``Teacher.load(spec)`` takes ``toy`` (the shipped toy teacher), a local ``ZImagePipeline`` folder, or a
-hub id (``Tongyi-MAI/Z-Image-Turbo``, optionally ``@revision``). ``Teacher.generate`` runs the
-8-step Turbo sampler on a batch of (prompt, seed, height, width) and returns the initial noise, the
-state at the 2-step boundary (``mid``, σ = σ_mid, 0.75 by default), the final latent and the decoded image.
+``Teacher.load(spec)`` takes ``toy`` (the shipped toy teacher), a local pipeline folder of any supported
+family, or a hub id (``Tongyi-MAI/Z-Image-Turbo``, optionally ``@revision``); the family's adapter
+(:mod:`twostep.teacher.families`) comes from the folder's ``model_index.json``. ``Teacher.generate``
+runs the N-step sampler (8 by default) on a batch of (prompt, seed, height, width) and returns the
+initial noise, the state at the 2-step boundary (``mid``, σ = σ_mid, 0.75 by default), the final
+latent and the decoded image.
 
-Conventions: latents are ``(B, C, H/f, W/f)`` in the pipeline's normalised space
-(``(z - shift_factor) * scaling_factor``); the transformer takes ``t = 1 - σ`` and predicts
-``v = x0 - ε`` under ``x_σ = (1 - σ)·x0 + σ·ε``, so ``x0 = x_σ + σ·v`` and an Euler step from σ to σ'
-is ``x + (σ' - σ)·(-v)``, the scheduler's own step. Sigmas are set on the scheduler from the
-*unshifted* grid ``linspace(1, 1/N, N)`` and read back, so the shift is applied exactly once
-(docs/design.md, "σ and x0" and "The sigma grids").
+Conventions (docs/design.md, "σ and x0"; docs/families.md): latents are the family's unpacked
+``(B, C, h, w)`` in the space its transformer sees; ``x_σ = (1 - σ)·x0 + σ·ε``; the adapter's velocity
+is ``u = ε - x0``, so ``x0 = x_σ - σ·u`` and an Euler step from σ to σ' is ``x + (σ' - σ)·u``, the
+scheduler's own step. Sigmas are the scheduler's shift applied once to the *unshifted* grid
+``linspace(1, 1/N, N)`` (docs/design.md, "The sigma grids").
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .zimage_batched import batched_forward, supports_batched
+from .families import Family, family_of, family_of_hub, family_of_index
+from .families.base import euler_step, read_model_index
 
 log = logging.getLogger(__name__)
 
@@ -117,23 +119,6 @@ def seed_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(seed)))
 
 
-def transformer_velocity(model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor | float,
-                         caps: list[torch.Tensor], batched: bool = True) -> torch.Tensor:
-    """Run a ``ZImageTransformer2DModel`` on a batch: (B, C, h, w) at σ → fp32 ``v`` (B, C, h, w).
-
-    The stock model takes a list of (C, 1, h, w) latents, ``t = 1 - σ`` and a list of (L_i, D)
-    captions; ``batched`` uses :func:`batched_forward` (same result, far fewer kernel launches).
-    """
-    sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])
-    dtype = next(model.parameters()).dtype
-    caps = [c.to(dtype) for c in caps]
-    if batched and supports_batched(model, x.shape[-2], x.shape[-1]):
-        return batched_forward(model, x.to(dtype), 1.0 - sigma, caps).float()
-    xs = list(x.to(dtype).unsqueeze(2).unbind(0))  # B × (C, 1, h, w)
-    out = model(xs, 1.0 - sigma, caps, return_dict=False)[0]
-    return torch.stack([o.float() for o in out]).squeeze(2)
-
-
 def weights_id(path: str, revision: str | None = None) -> str | None:
     """sha256 over a pipeline folder's weight and config files (name and content, in order), or
     ``commit:<sha>`` of a hub snapshot. Stores record it, so retrained weights never mix with old
@@ -170,6 +155,7 @@ def check_teacher_spec(spec: str, what: str = "teacher") -> None:
     elif os.path.isdir(spec):
         if not os.path.exists(os.path.join(spec, "model_index.json")):
             raise FileNotFoundError(f"{what} {spec}: not a diffusers pipeline folder (no model_index.json)")
+        family_of_index(read_model_index(spec), f"{what} {spec}")  # an unsupported family, named
     elif os.path.exists(spec):
         raise ValueError(f"{what} {spec}: a file, not a pipeline folder")
     elif not HUB_ID.fullmatch(spec):
@@ -181,14 +167,17 @@ def default_device() -> torch.device:
 
 
 class Teacher:
-    """A ``ZImagePipeline`` wrapped with the project's sampler conventions."""
+    """A diffusers pipeline, through its family adapter (:mod:`twostep.teacher.families`), with the
+    project's sampler conventions."""
 
-    def __init__(self, pipe: Any, name: str, revision: str | None = None, device: torch.device | None = None,
+    def __init__(self, family: Family, name: str, revision: str | None = None, device: torch.device | None = None,
                  **sampler_overrides: Any):
-        self.pipe = pipe
+        self.family = family
+        self.pipe = family.pipe
         self.name, self.revision = name, revision
-        self.device = device or pipe.device
-        self.dtype = pipe.transformer.dtype
+        self.device = device or self.pipe.device
+        self.dtype = self.pipe.transformer.dtype
+        self._grid: list[float] | None = None
         self.sampler = self.make_sampler(**sampler_overrides)
         self.weights: str | None = None
         """Identity of the weights: sha256 over a local folder's files, or the hub commit."""
@@ -198,12 +187,11 @@ class Teacher:
     @classmethod
     def load(cls, spec: str = "toy", device: str | torch.device | None = None, dtype: torch.dtype | None = None,
              **sampler_overrides: Any) -> Teacher:
-        """Load ``toy``, a local pipeline folder, or a hub id (``owner/name[@revision]``).
+        """Load ``toy``, a local pipeline folder, or a hub id (``owner/name[@revision]``) of any supported
+        family (docs/families.md); the adapter comes from the folder's ``model_index.json``.
 
         Defaults: bf16 on CUDA, fp32 on CPU.
         """
-        from diffusers import ZImagePipeline
-
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         revision = None
@@ -215,33 +203,39 @@ class Teacher:
         else:
             path, _, revision = spec.partition("@")
             name, revision = path, revision or None
-        log.info("loading teacher %s (%s, %s)", spec, device, dtype)
-        pipe = ZImagePipeline.from_pretrained(path, dtype=dtype, revision=revision)
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-        for m in (pipe.transformer, pipe.text_encoder, pipe.vae):
+        kind = family_of(path) if os.path.isdir(path) else family_of_hub(path, revision)
+        log.info("loading teacher %s (%s, %s, %s)", spec, kind.name, device, dtype)
+        family = kind.load(path, dtype, revision)
+        family.pipe.to(device)
+        family.pipe.set_progress_bar_config(disable=True)
+        for m in family.modules:
             m.requires_grad_(False).eval()
-        teacher = cls(pipe, name=name, revision=revision, device=device, **sampler_overrides)
+        teacher = cls(family, name=name, revision=revision, device=device, **sampler_overrides)
         teacher.weights = weights_id(path, revision)
         return teacher
 
     # --- sampler -----------------------------------------------------------------------------
 
-    def make_sampler(self, num_steps: int = DEFAULT_STEPS, guidance_scale: float = 0.0,
+    def make_sampler(self, num_steps: int = DEFAULT_STEPS, guidance_scale: float | None = None,
                      sigma_mid: float = DEFAULT_SIGMA_MID, max_sequence_length: int | None = None,
                      sigmas: list[float] | None = None) -> SamplerConfig:
-        """Sampler settings from the scheduler's config with Turbo defaults, overridable.
+        """Sampler settings from the scheduler's config with the family's defaults, overridable.
 
-        ``sigmas`` (optional) is the *unshifted* grid; the scheduler applies its shift.
+        ``sigmas`` (optional) is the *unshifted* grid; the scheduler applies its shift. The recorded
+        ``sigmas`` are those at :attr:`default_size` (:meth:`sigmas_at` gives them at any size).
         """
-        grid = list(sigmas) if sigmas is not None else torch.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
-        sched = self.pipe.scheduler
-        sched.set_timesteps(sigmas=grid, device="cpu")
-        used = tuple(float(s) for s in sched.sigmas.cpu())
-        msl = max_sequence_length or min(512, int(getattr(self.pipe.tokenizer, "model_max_length", 512)))
-        return SamplerConfig(num_steps=len(used) - 1, guidance_scale=float(guidance_scale),
-                             shift=float(sched.config.get("shift", 1.0)), sigmas=used, sigma_mid=sigma_mid,
-                             max_sequence_length=msl)
+        self._grid = list(sigmas) if sigmas is not None else None
+        size = self.default_size
+        used = tuple(self.family.sigmas(num_steps, size, size, self._grid))
+        guidance = self.family.default_guidance if guidance_scale is None else guidance_scale
+        msl = max_sequence_length or self.family.max_sequence_length()
+        return SamplerConfig(num_steps=len(used) - 1, guidance_scale=float(guidance), shift=self.family.shift(),
+                             sigmas=used, sigma_mid=sigma_mid, max_sequence_length=msl)
+
+    def sigmas_at(self, height: int, width: int) -> list[float]:
+        """The sampler's noise levels at one image size (the same at every size unless the family's
+        scheduler shifts by resolution)."""
+        return self.family.sigmas(self.sampler.num_steps, height, width, self._grid)
 
     def with_sampler(self, **overrides: Any) -> Teacher:
         """The same weights (shared, not copied) with other sampler settings: those not given are kept,
@@ -250,7 +244,7 @@ class Teacher:
         s = self.sampler
         kept = {"num_steps": s.num_steps, "guidance_scale": s.guidance_scale, "sigma_mid": s.sigma_mid,
                 "max_sequence_length": s.max_sequence_length}
-        other = Teacher(self.pipe, self.name, self.revision, self.device, **{**kept, **overrides})
+        other = Teacher(self.family, self.name, self.revision, self.device, **{**kept, **overrides})
         other.weights = self.weights
         return other
 
@@ -258,11 +252,11 @@ class Teacher:
 
     @property
     def transformer(self):
-        return self.pipe.transformer
+        return self.family.transformer
 
     @property
     def vae(self):
-        return self.pipe.vae
+        return self.family.vae
 
     @property
     def text_encoder(self):
@@ -270,32 +264,28 @@ class Teacher:
 
     @property
     def vae_scale_factor(self) -> int:
-        return int(self.pipe.vae_scale_factor)
+        """Pixels per latent pixel (of :meth:`latent_shape`'s ``h`` and ``w``)."""
+        return self.family.vae_scale_factor
 
     @property
     def default_size(self) -> int:
         """Image side used when a manifest gives none: the VAE config's ``sample_size`` (1024 for
         Z-Image, 64 for the toy teacher), else 1024."""
-        size = getattr(self.pipe.vae.config, "sample_size", None)
-        return int(size if isinstance(size, int) else 1024)
+        return self.family.default_size
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        f = self.vae_scale_factor * 2  # VAE factor × 2×2 patches
-        if height % f or width % f:
-            raise ValueError(f"height and width must be multiples of {f} for this teacher, got {height}×{width}")
-        return (int(self.transformer.config.in_channels), height // self.vae_scale_factor,
-                width // self.vae_scale_factor)
+        """The unpacked latent ``(C, h, w)`` of one image (docs/families.md)."""
+        return self.family.latent_shape(height, width)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
         """Caption features exactly as the pipeline computes them: list of (L_i, D) tensors."""
-        return self.pipe._encode_prompt(list(prompts), device=self.device,
-                                        max_sequence_length=self.sampler.max_sequence_length)
+        return self.family.encode_prompts(list(prompts), self.device, self.sampler.max_sequence_length)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor | float, caps: list[torch.Tensor],
                  transformer: torch.nn.Module | None = None) -> torch.Tensor:
-        """Model output ``v = x0 - ε`` at noise level σ (scalar or (B,)), as fp32 (B, C, h, w)."""
-        return transformer_velocity(transformer or self.transformer, x, sigma, caps)
+        """``u = ε - x0`` at noise level σ (scalar or (B,)), as fp32 (B, C, h, w), no guidance."""
+        return self.family.velocity(transformer or self.transformer, x, sigma, caps)
 
     def make_noise(self, seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
         """(B, *shape) fp32 noise, one CPU generator per seed: independent of batch and device."""
@@ -313,15 +303,16 @@ class Teacher:
         caps = self.encode_prompts(prompts)
         neg = None
         if cfg.guidance_scale > 0:
-            neg = self.encode_prompts(negative_prompts or [""] * len(prompts))
+            neg = self.family.encode_negative_prompts(negative_prompts or [""] * len(prompts), self.device,
+                                                      self.sampler.max_sequence_length)
         x = x0.to(self.device, torch.float32)
         mid = None
-        sig = cfg.sigmas
+        sig = self.sigmas_at(height, width)
+        mid_index = next((i for i, s in enumerate(sig) if abs(s - cfg.sigma_mid) < SIGMA_MID_TOL), None)
         for i in range(len(sig) - 1):
-            if i == cfg.mid_index:
+            if i == mid_index:
                 mid = x.clone()
-            v = self._guided_velocity(x, sig[i], caps, neg)
-            x = x + (sig[i + 1] - sig[i]) * (-v)  # the scheduler's Euler step (pipeline negates v)
+            x = euler_step(x, self._guided_velocity(x, sig[i], caps, neg), sig[i], sig[i + 1])
         images = self.decode(x) if decode else None
         return TeacherOutput(noise=x0.cpu(), latent=x.cpu(), mid=None if mid is None else mid.cpu(),
                              images=images, nfe=len(sig) - 1)
@@ -332,24 +323,17 @@ class Teacher:
             return self.velocity(x, sigma, caps)
         both = self.velocity(torch.cat([x, x]), sigma, caps + neg)
         pos, negv = both.chunk(2)
-        return pos + self.sampler.guidance_scale * (pos - negv)
+        return self.family.guide(pos, negv, self.sampler.guidance_scale, sigma)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents (B, C, h, w) → uint8 images (B, H, W, 3)."""
-        vae = self.vae
-        z = latents.to(self.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        img = vae.decode(z, return_dict=False)[0]
-        img = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return img.permute(0, 2, 3, 1).cpu().numpy()
+        return self.family.decode(latents)
 
     @torch.no_grad()
     def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, 3) images → normalised latents (B, C, h, w), using the VAE's mean."""
-        x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        vae = self.vae
-        z = vae.encode(x.to(self.device, vae.dtype)).latent_dist.mode()
-        return ((z.float() - vae.config.shift_factor) * vae.config.scaling_factor)
+        """uint8 (B, H, W, 3) images → latents (B, C, h, w), the VAE posterior's mode."""
+        return self.family.encode_images(images)
 
     # --- facts for shard metadata -------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """The discriminator: the frozen teacher transformer as a feature extractor, small trainable heads.
 
 The teacher's forward sees the (re-noised) latent at its noise level and the caption, so the
-features are conditioned on both; forward hooks collect the image tokens of a few layers and the
-forward stops after the deepest one (docs/design.md, "Discriminator features"). Each head maps every
+features are conditioned on both; the family adapter's hooks collect the image tokens of a few blocks
+(``Family.features``; docs/families.md) and the forward stops after the deepest one (docs/design.md, "Discriminator features"). Each head maps every
 image token to a logit, modulated by the noise level (FiLM from a sinusoidal σ embedding); the
 discriminator's output is the mean over heads of these token logits, (B, N). The loss decides how
 tokens are reduced (``loss.gan_reduce``): averaged into one logit per image before the hinge, or a
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from twostep.teacher.zimage_batched import batched_forward, supports_batched
+from twostep.teacher.families import Family
 
 HEAD_KINDS = ("mlp", "conv")
 
@@ -116,43 +116,38 @@ def pooled_captions(caps: list[torch.Tensor]) -> torch.Tensor:
 
 
 class Discriminator(nn.Module):
-    """``backbone``: the frozen teacher transformer (not a registered submodule: it is neither
-    trained nor checkpointed with the heads, and stays shared with the teacher)."""
+    """The frozen teacher transformer of ``family`` as backbone (not a registered submodule: it is
+    neither trained nor checkpointed with the heads, and stays shared with the teacher). ``layers``
+    index the family's hook points (its transformer blocks in forward order)."""
 
-    def __init__(self, backbone: nn.Module, layers: list[int] | None = None, hidden: int = 256,
+    def __init__(self, family: Family, layers: list[int] | None = None, hidden: int = 256,
                  head: str = "mlp", text: bool = False):
         super().__init__()
+        self.family = family  # not a module (see the class docstring)
+        backbone = family.transformer
         object.__setattr__(self, "backbone", backbone)
-        n_layers = len(backbone.layers)
+        n_layers = family.num_blocks(backbone)
         self.layers = list(layers) if layers else default_layers(n_layers)
         if any(not 0 <= i < n_layers for i in self.layers):
             raise ValueError(f"discriminator layers {self.layers} out of range for a {n_layers}-layer teacher")
         if head not in HEAD_KINDS:
             raise ValueError(f"discriminator head {head!r}: expected one of {', '.join(HEAD_KINDS)}")
-        dim = int(backbone.config.dim)
+        dim = family.hidden_dim(backbone)
         kind = ConvHead if head == "conv" else Head
-        text_dim = int(backbone.config.cap_feat_dim) if text else 0
+        text_dim = family.text_dim(backbone) if text else 0
         self.text = bool(text)
         self.heads = nn.ModuleList(kind(dim, hidden, text_dim=text_dim) for _ in self.layers)
 
     def features(self, x: torch.Tensor, sigma: torch.Tensor, caps: list[torch.Tensor]) -> list[torch.Tensor]:
         """Image tokens (B, N, D) of each hooked layer for latents ``x`` at noise levels ``sigma`` (B,)."""
-        h, w = x.shape[-2:]
-        if not supports_batched(self.backbone, h, w):
-            raise ValueError(f"latents {h}×{w}: the discriminator needs image token counts that are a multiple of 32")
-        dtype = next(self.backbone.parameters()).dtype
-        hooks: dict[int, list[torch.Tensor]] = {i: [] for i in self.layers}
-        batched_forward(self.backbone, x.to(dtype), 1.0 - sigma.to(x.device, torch.float32),
-                        [c.to(dtype) for c in caps], stop_after=max(self.layers) + 1, hooks=hooks)
-        n = (h // 2) * (w // 2)  # image tokens come first in each [image, caption] sequence
-        return [hooks[i][0][:, :n] for i in self.layers]
+        return self.family.features(self.backbone, x, sigma.to(x.device, torch.float32), caps, self.layers)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, caps: list[torch.Tensor],
                 return_features: bool = False):
         """Token logits (B, N) (and the features when asked): the mean of the heads' token logits."""
         feats = self.features(x, sigma, caps)
         semb = sigma_embedding(sigma.to(x.device))
-        grid = (x.shape[-2] // 2, x.shape[-1] // 2)
+        grid = self.family.token_grid(x.shape[-2], x.shape[-1])
         cond = pooled_captions(caps).to(x.device) if self.text else None
         logits = torch.stack([head(f, semb, grid, cond) for head, f in zip(self.heads, feats)]).mean(0)
         return (logits, feats) if return_features else logits

@@ -46,17 +46,26 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from twostep.teacher.families import (
+    PIPELINES,
+    Family,
+    UnsupportedTeacher,
+    class_name_of,
+    family_class,
+    family_of_index,
+)
+from twostep.teacher.families.base import read_model_index
+
 from .pipeline_twostep import (
-    BATCHED_FILE,
     DEFAULT_SIGMA_MID,
-    LEGACY_CONFIG_KEYS,
     PIPELINE_CLASS,
-    PIPELINE_FILE,
     TwoStepZImagePipeline,
     rename_legacy_keys,
     student_sigmas,
+    two_step,
 )
 
 log = logging.getLogger(__name__)
@@ -99,98 +108,80 @@ def stock_sigmas(scheduler: Any, sigma_mid: float) -> list[float] | None:
     return [1.0, round(s, 8)]
 
 
-def _model_card(layout: str, info: dict[str, Any]) -> str:
-    b = info["sigma_mid"]
+def _model_card(info: dict[str, Any]) -> str:
+    b, family = info["sigma_mid"], info["family"]
     head = ("---\nlibrary_name: diffusers\npipeline_tag: text-to-image\n"
-            "tags:\n- twostep\n- z-image\n- distillation\n- text-to-image\n---\n\n")
-    intro = (f"# 2-step Z-Image student\n\nA 2-step text-to-image student distilled from an 8-step Z-Image "
+            f"tags:\n- twostep\n- {family}\n- distillation\n- text-to-image\n---\n\n")
+    intro = (f"# 2-step {family} student\n\nA 2-step text-to-image student distilled from an 8-step {family} "
              f"teacher with `twostep`. It samples with exactly 2 transformer calls at noise levels "
              f"σ = {info['sigmas']} and no classifier-free guidance.\n\n")
-    if layout == "two_transformers":
-        how = (
-            f"Two parameter sets split by noise level (Wan 2.2's convention): `transformer` takes "
-            f"σ=1 → {b}, `transformer_2` takes {b} → 0. The pipeline class ships in this folder "
-            f"(`{PIPELINE_FILE}.py`, and `{BATCHED_FILE}.py` for its batched transformer forward; only "
-            "torch and diffusers).\n\n"
-            "## Load and sample\n\n```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
-            "pipe = DiffusionPipeline.from_pretrained(\"PATH\", trust_remote_code=True, "
-            "dtype=torch.bfloat16).to(\"cuda\")\n"
-            "image = pipe(\"a red cube on a blue floor\", "
-            "generator=torch.Generator(\"cpu\").manual_seed(0)).images[0]\nimage.save(\"sample.png\")\n```\n\n"
-            "`trust_remote_code=True` is needed because the class is not part of diffusers; read "
-            f"`{PIPELINE_FILE}.py` and `{BATCHED_FILE}.py` first. With `twostep` installed, "
-            "`twostep.trainer.export.load_student(\"PATH\")` (or "
-            "`TwoStepZImagePipeline.from_pretrained`) loads it without that flag, and "
-            "`twostep sample --student PATH --prompt \"...\"` writes PNGs.\n"
-        )
+    if info["layout"] == "two_transformers":
+        layout = (f"Two parameter sets split by noise level (Wan 2.2's convention): `transformer` takes "
+                  f"σ=1 → {b}, `transformer_2` takes {b} → 0.")
     else:
-        call = info.get("stock_call")
-        stock = (f"pipe(\"a red cube on a blue floor\", num_inference_steps=2, sigmas={call['sigmas']}, "
-                 f"guidance_scale=0.0,\n             generator=torch.Generator(\"cpu\").manual_seed(0))"
-                 if call else "...  # this scheduler shifts by resolution: use load_student below")
-        how = (
-            "One parameter set for both steps, saved as a stock `ZImagePipeline`.\n\n"
-            "## Load and sample\n\n```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
-            "pipe = DiffusionPipeline.from_pretrained(\"PATH\", dtype=torch.bfloat16).to(\"cuda\")\n"
-            f"image = {stock}.images[0]\n```\n\n"
-            "Always pass these settings: `ZImagePipeline` defaults to 50 steps with guidance 5. "
-            "`sigmas` is the *unshifted* grid: the scheduler's shift maps it to "
-            f"{info['sigmas']}. With `twostep` installed, `twostep.trainer.export.load_student(\"PATH\")` "
-            "returns a pipeline that samples the 2 steps with no arguments, and "
-            "`twostep sample --student PATH --prompt \"...\"` writes PNGs.\n"
-        )
+        layout = "One parameter set for both steps, saved as the family's stock pipeline."
+    cls = info["pipeline_class"]
+    remote = isinstance(cls, list)
+    if remote:
+        layout += (f" The pipeline class `{cls[1]}` ships in this folder (`{cls[0]}.py`; only torch and "
+                   "diffusers): `trust_remote_code=True` is needed because it is not part of diffusers, so "
+                   "read that file first.")
+    call = info.get("call")
+    args = "".join(f", {k}={v!r}" for k, v in (call or {}).items())
+    sample = (f"image = pipe(\"a red cube on a blue floor\"{args},\n             "
+              "generator=torch.Generator(\"cpu\").manual_seed(0)).images[0]\nimage.save(\"sample.png\")"
+              if call is not None else "# this scheduler shifts by resolution: sample with twostep (below)")
+    how = ("\n\n## Load and sample\n\n```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
+           f"pipe = DiffusionPipeline.from_pretrained(\"PATH\"{', trust_remote_code=True' if remote else ''}, "
+           "dtype=torch.bfloat16).to(\"cuda\")\n" + sample + "\n```\n\n"
+           "Always pass these settings: the stock defaults run more steps, with guidance. With `twostep` "
+           "installed, `twostep.trainer.export.load_student(\"PATH\")` loads the folder without "
+           "`trust_remote_code`, and `twostep sample --student PATH --prompt \"...\"` writes PNGs.\n")
     facts = "\n## Export facts\n\n```json\n" + json.dumps(info, indent=2, sort_keys=True, default=str) + "\n```\n"
-    return head + intro + how + facts
+    return head + intro + layout + how + facts
 
 
-def export_student(out_dir: str | os.PathLike, teacher_pipe: Any, transformer: torch.nn.Module,
+def _family_of(teacher: Any) -> Family:
+    """The family adapter of a ``Teacher``, an adapter, or a bare diffusers pipeline."""
+    if isinstance(teacher, Family):
+        return teacher
+    if isinstance(getattr(teacher, "family", None), Family):
+        return teacher.family
+    name = type(teacher).__name__
+    if name not in PIPELINES:
+        raise UnsupportedTeacher(f"{name}: no twostep adapter for this pipeline class; supported: "
+                                 f"{', '.join(sorted(PIPELINES))}")
+    return family_class(PIPELINES[name])(teacher)
+
+
+def export_student(out_dir: str | os.PathLike, teacher: Any, transformer: torch.nn.Module,
                    transformer_2: torch.nn.Module | None = None, sigma_mid: float = DEFAULT_SIGMA_MID,
                    extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write the student to ``out_dir`` as a pipeline folder (see the module docstring for layouts).
 
-    ``teacher_pipe``: the teacher's ``ZImagePipeline`` (or a ``Teacher``), source of text encoder,
-    tokenizer, VAE and scheduler. ``sigma_mid``: the boundary the student was trained at (the trainer
-    passes its store's). ``transformer`` / ``transformer_2``: the step-1 / step-2 models
-    (``transformer_2=None``: shared parameters, stock ``ZImagePipeline`` layout); DDP and
-    ``torch.compile`` wrappers are unwrapped; weights are saved in their current dtype.
-    ``extra``: JSON-serialisable facts for ``twostep_student.json`` (run id, step, metrics …).
-    The folder is written beside ``out_dir`` and renamed into place; an existing ``out_dir`` is
-    replaced only with ``overwrite=True``. Returns the folder's path.
+    ``teacher``: the ``Teacher`` (or its family adapter, or its bare diffusers pipeline), source of
+    text encoder, tokenizer and VAE. ``sigma_mid``: the boundary the student was trained at (the
+    trainer passes its store's). ``transformer`` / ``transformer_2``: the step-1 / step-2 models
+    (``transformer_2=None``: shared parameters, the stock layout); DDP and ``torch.compile`` wrappers
+    are unwrapped; weights are saved in their current dtype. ``extra``: JSON-serialisable facts for
+    ``twostep_student.json`` (run id, step, metrics …). The folder is written beside ``out_dir`` and
+    renamed into place; an existing ``out_dir`` is replaced only with ``overwrite=True``. Returns the
+    folder's path.
     """
+    from diffusers import __version__ as diffusers_version
+
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
-    pipe_src = getattr(teacher_pipe, "pipe", teacher_pipe)
+    family = _family_of(teacher)
     sigmas = student_sigmas(sigma_mid)
-    components = dict(scheduler=pipe_src.scheduler, vae=pipe_src.vae, text_encoder=pipe_src.text_encoder,
-                      tokenizer=pipe_src.tokenizer, transformer=_unwrap(transformer))
+    t2 = None if transformer_2 is None else _unwrap(transformer_2)
+    student, facts = family.export_pipeline(_unwrap(transformer), t2, sigmas[1])
     info: dict[str, Any] = {
-        "format": "twostep-student", "format_version": FORMAT_VERSION,
-        "num_steps": 2, "sigma_mid": sigmas[1], "sigmas": sigmas,
-        "timesteps": [1.0 - s for s in sigmas[:-1]], "guidance_scale": 0.0,
+        "format": "twostep-student", "format_version": FORMAT_VERSION, "family": family.name,
+        "num_steps": 2, "sigma_mid": sigmas[1], "sigmas": sigmas, "guidance_scale": 0.0,
+        **facts, "diffusers_version": diffusers_version, "extra": dict(extra or {}),
     }
-    if transformer_2 is not None:
-        from diffusers import __version__ as diffusers_version
-
-        student = TwoStepZImagePipeline(**components, transformer_2=_unwrap(transformer_2),
-                                        sigma_mid=sigmas[1])
-        layout = "two_transformers"
-        info.update(layout=layout, pipeline_class=[PIPELINE_FILE, PIPELINE_CLASS],
-                    load="DiffusionPipeline.from_pretrained(path, trust_remote_code=True)",
-                    diffusers_version=diffusers_version)
-    else:
-        from diffusers import ZImagePipeline
-        from diffusers import __version__ as diffusers_version
-
-        student = ZImagePipeline(**components)
-        layout = "shared"
-        stock = stock_sigmas(pipe_src.scheduler, sigmas[1])
-        info.update(layout=layout, pipeline_class="ZImagePipeline",
-                    load="DiffusionPipeline.from_pretrained(path)",
-                    stock_call=None if stock is None else {"num_inference_steps": 2, "sigmas": stock,
-                                                           "guidance_scale": 0.0},
-                    diffusers_version=diffusers_version)
-    info["extra"] = dict(extra or {})
     # Fail on unserialisable extras before writing gigabytes.
     info_json = json.dumps(info, indent=2, sort_keys=True) + "\n"
 
@@ -200,14 +191,14 @@ def export_student(out_dir: str | os.PathLike, teacher_pipe: Any, transformer: t
     try:
         student.save_pretrained(tmp, safe_serialization=True)
         (tmp / STUDENT_JSON).write_text(info_json, encoding="utf-8")
-        (tmp / "README.md").write_text(_model_card(layout, info), encoding="utf-8")
+        (tmp / "README.md").write_text(_model_card(info), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("exported the %s student (σ_mid=%g) to %s", layout, sigmas[1], out)
+    log.info("exported the %s %s student (σ_mid=%g) to %s", info["layout"], family.name, sigmas[1], out)
     return out
 
 
@@ -218,24 +209,91 @@ def read_student_info(path: str | os.PathLike) -> dict[str, Any]:
     return rename_legacy_keys(json.loads(p.read_text(encoding="utf-8")) if p.exists() else {})
 
 
+def _student_class(name: str) -> type:
+    """The class that loads an exported folder whose ``model_index.json`` names ``name``: twostep's
+    own student classes (never the folder's copy), else diffusers'."""
+    import diffusers
+
+    from . import pipeline_experts
+
+    own = {PIPELINE_CLASS: TwoStepZImagePipeline,
+           "TwoStepLumina2Pipeline": pipeline_experts.TwoStepLumina2Pipeline,
+           "TwoStepFlux2KleinPipeline": pipeline_experts.TwoStepFlux2KleinPipeline}
+    return own.get(name) or getattr(diffusers, name)
+
+
 def load_student(path: str | os.PathLike, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> TwoStepZImagePipeline:
-    """Load an exported student (either layout) as a ``TwoStepZImagePipeline`` using twostep's own class,
-    so no folder code runs and no ``trust_remote_code`` is needed. For the shared layout
-    ``transformer_2`` is None and ``sigma_mid`` comes from ``twostep_student.json``. Folders exported by
-    earlier versions (``boundary_sigma``) load too."""
+                 dtype: torch.dtype | None = None) -> Any:
+    """Load an exported student (either layout, any family) as a diffusers pipeline, with twostep's
+    own classes for the two-transformer layouts (no folder code runs, no ``trust_remote_code``).
+    A Z-Image student always loads as ``TwoStepZImagePipeline`` (``transformer_2=None`` for the shared
+    layout, ``sigma_mid`` from ``twostep_student.json``), as in earlier versions, whose folders
+    (``boundary_sigma``) load too."""
     path = str(path)
-    index_path = os.path.join(path, "model_index.json")
-    if not os.path.exists(index_path):
+    if not os.path.exists(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(f"{path}: not a pipeline folder (no model_index.json)")
-    with open(index_path, encoding="utf-8") as f:
-        index = json.load(f)
+    index = read_model_index(path)
+    family_of_index(index, path)  # an unsupported family, named
+    name = class_name_of(index)
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    if not ({"sigma_mid", *LEGACY_CONFIG_KEYS} & index.keys()):  # the shared layout: a stock ZImagePipeline
+    if name == "ZImagePipeline":  # the shared Z-Image layout: twostep's class samples it with no arguments
+        name = PIPELINE_CLASS
         kwargs["sigma_mid"] = float(read_student_info(path).get("sigma_mid", DEFAULT_SIGMA_MID))
-    pipe = TwoStepZImagePipeline.from_pretrained(path, **kwargs)
+    pipe = _student_class(name).from_pretrained(path, **kwargs)
     if device is not None:
         pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class Student:
+    """An exported student sampled through its family adapter: the trainer's own 2-step sampler
+    (:func:`two_step` with ``Family.velocity``), so eval and ``twostep sample`` see what was trained."""
+
+    def __init__(self, pipe: Any, sigma_mid: float, device: torch.device):
+        self.pipe = pipe
+        self.family = _family_of(pipe)
+        self.transformer = pipe.transformer
+        self.transformer_2 = getattr(pipe, "transformer_2", None)
+        self.sigmas = student_sigmas(sigma_mid)
+        self.device = device
+
+    @property
+    def default_size(self) -> int:
+        return self.family.default_size
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return self.family.latent_shape(height, width)
+
+    @torch.no_grad()
+    def latents(self, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
+        """Final latents (B, C, h, w) from the noise (B, C, h, w) at σ=1."""
+        f = self.family
+        caps = f.encode_prompts(list(prompts), self.device, f.max_sequence_length())
+        t2 = self.transformer_2 if self.transformer_2 is not None else self.transformer
+        _, _, x0 = two_step(lambda x, s: f.velocity(self.transformer, x, s, caps),
+                            lambda x, s: f.velocity(t2, x, s, caps), noise.to(self.device), self.sigmas[1])
+        return x0
+
+    @torch.no_grad()
+    def images(self, prompts: list[str], seeds: list[int], height: int, width: int) -> np.ndarray:
+        """uint8 images (B, H, W, 3), from each seed's CPU noise (the store's convention)."""
+        from twostep.teacher.core import seed_noise
+
+        shape = self.latent_shape(height, width)
+        noise = torch.stack([seed_noise(s, shape) for s in seeds])
+        return self.family.decode(self.latents(prompts, noise))
+
+
+def open_student(path: str | os.PathLike, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> Student:
+    """:func:`load_student`, wrapped for sampling through the family adapter."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    pipe = load_student(path, device=device, dtype=dtype)
+    for m in (pipe.transformer, getattr(pipe, "transformer_2", None), pipe.text_encoder, pipe.vae):
+        if m is not None:
+            m.requires_grad_(False).eval()
+    sigma_mid = getattr(pipe.config, "sigma_mid", None) or read_student_info(path).get("sigma_mid", DEFAULT_SIGMA_MID)
+    return Student(pipe, float(sigma_mid), device)

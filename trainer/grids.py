@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from twostep.common.images import grid
-from twostep.teacher.core import Teacher, transformer_velocity
+from twostep.teacher.core import Teacher
 
 from .checkpoint import EMA
-from .pipeline_twostep import two_step
 from .student import TwoStepStudent
 
 log = logging.getLogger(__name__)
@@ -80,9 +79,7 @@ class TrainingGrid:
         noise = teacher.make_noise(seeds, teacher.latent_shape(h, w)).to(teacher.device)
         caps = teacher.encode_prompts(self.prompts)
         with self.ema.applied(student) if self.ema is not None else nullcontext(), self.accelerator.autocast():
-            _, _, x0 = two_step(lambda x, s: transformer_velocity(student.step_model(1), x, s, caps),
-                                lambda x, s: transformer_velocity(student.step_model(2), x, s, caps),
-                                noise, self.sigma_mid)
+            _, _, x0 = student(noise, caps)
         rows = [self._teacher_rows[0], teacher.decode(x0.float()), self._teacher_rows[1]]
         image = grid(rows, scale=1)
         path = self.dir / f"step-{step:08d}.png"

@@ -140,10 +140,10 @@ def setup(cfg: TrainConfig, run_dir: str | Path) -> Parts:
 
     torch.manual_seed(cfg.seed)  # heads' initial weights (identical on every rank)
     m = cfg.model
-    student = TwoStepStudent(teacher.transformer, sigma_mid, m.decoupled, m.lora_rank, m.gradient_checkpointing)
+    student = TwoStepStudent(teacher.family, sigma_mid, m.decoupled, m.lora_rank, m.gradient_checkpointing)
     if m.gradient_checkpointing:  # the discriminator backpropagates to its input through the frozen teacher
         teacher.transformer.enable_gradient_checkpointing()
-    disc = Discriminator(teacher.transformer, m.disc_layers, m.disc_hidden, m.disc_head, m.disc_text
+    disc = Discriminator(teacher.family, m.disc_layers, m.disc_hidden, m.disc_head, m.disc_text
                          ).to(accelerator.device)
     if m.disc_frozen:  # eval mode: the spectral norms' power iterations do not move either
         disc.eval()
@@ -629,7 +629,7 @@ def export(p: Parts) -> Path | None:
             student = gather_student(student, acc.is_main_process)
         t1, t2 = student.export_transformers() if student is not None else (None, None)
     if acc.is_main_process:
-        export_student(out, p.teacher.pipe, t1, t2, sigma_mid=p.sigma_mid, overwrite=True,
+        export_student(out, p.teacher, t1, t2, sigma_mid=p.sigma_mid, overwrite=True,
                        extra={"config": to_dict(p.cfg), "step": p.progress["step"], "code_version": _code_version()})
         log.info("exported the student to %s", out)
     acc.wait_for_everyone()

@@ -15,21 +15,23 @@ list-based forward with far fewer kernel launches) whenever ``supports_batched``
 ``joint_attention_kwargs`` are given and the model carries no hooks; otherwise through its stock
 forward (see :func:`zimage_velocity`).
 
-Sampling (exactly 2 transformer calls, no guidance, sigmas ``[1, sigma_mid, 0]``)::
+Sampling (exactly 2 transformer calls, no guidance, sigmas ``[1, sigma_mid, 0]``), with the flow
+velocity ``u = ε - x0``, which is minus what Z-Image's transformer predicts::
 
     x      = ε                                        # noise at σ = 1
-    v1     = transformer(x, t = 1 - 1)                # v = x0 - ε (Z-Image's prediction)
-    x0̂₁    = x + 1·v1                                 # the step-1 clean estimate
-    x_mid  = x + (σ_mid - 1)·(-v1)                    # Euler step 1 → σ_mid (= σ_mid·ε + (1 - σ_mid)·x0̂₁)
-    v2     = transformer_2(x_mid, t = 1 - σ_mid)      # transformer again when transformer_2 is None
-    x0     = x_mid + (0 - σ_mid)·(-v2)                # Euler step 2 → σ = 0
+    u1     = -transformer(x, t = 1 - 1)               # Z-Image predicts x0 - ε
+    x0̂₁    = x - 1·u1                                 # the step-1 clean estimate
+    x_mid  = x + (σ_mid - 1)·u1                       # Euler step 1 → σ_mid (= σ_mid·ε + (1 - σ_mid)·x0̂₁)
+    u2     = -transformer_2(x_mid, t = 1 - σ_mid)     # transformer again when transformer_2 is None
+    x0     = x_mid + (0 - σ_mid)·u2                   # Euler step 2 → σ = 0
 
 These are the stock pipeline's conventions (it negates the model output and the Euler scheduler
-steps ``x + (σ' - σ)·model_output``), i.e. the same arithmetic as ``Teacher.generate`` in
-``twostep.teacher.core``. The scheduler component is carried for the folder layout only: the
-student never calls ``scheduler.set_timesteps``, whose shift (3.0 for Z-Image-Turbo) would move the
-boundary if it were given the sigmas above (``set_timesteps(sigmas=[1, .5])`` is what yields
-``[1, .75, 0]`` with shift 3). The sigmas are exact and independent of the scheduler's config.
+steps ``x + (σ' - σ)·model_output``). The trainer runs :func:`two_step` too, for every teacher family,
+with the family adapter's velocity (``twostep.teacher.families``). The scheduler component is carried
+for the folder layout only: the student never calls ``scheduler.set_timesteps``, whose shift (3.0 for
+Z-Image-Turbo) would move the boundary if it were given the sigmas above
+(``set_timesteps(sigmas=[1, .5])`` is what yields ``[1, .75, 0]`` with shift 3). The sigmas are exact
+and independent of the scheduler's config.
 """
 
 import inspect
@@ -78,22 +80,22 @@ def student_sigmas(sigma_mid: float) -> list[float]:
 
 def two_step(velocity1: Velocity, velocity2: Velocity, noise: torch.Tensor,
              sigma_mid: float, detach_mid: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The 2-step sampler. velocityK(x, sigma) -> v (fp32, same shape). Returns (x0_hat_step1, x_mid, x0_final).
+    """The 2-step sampler. velocityK(x, sigma) -> u (fp32, same shape). Returns (x0_hat_step1, x_mid, x0_final).
 
     ``velocity1`` is called once at σ=1 on ``noise``, ``velocity2`` once at σ=``sigma_mid`` on ``x_mid``;
-    ``v = x0 - ε`` as Z-Image predicts it (``x0̂ = x_σ + σ·v``). Each step is the flow-matching Euler step
-    ``x + (σ' - σ)·(-v)``. No ``no_grad`` here: the trainer backpropagates through both steps.
+    ``u = ε - x0`` is the flow velocity (``x0̂ = x_σ - σ·u``). Each step is the flow-matching Euler step
+    ``x + (σ' - σ)·u``. No ``no_grad`` here: the trainer backpropagates through both steps.
     ``detach_mid`` cuts the graph at the step-1 state (the trainer's ``e2e: false`` ablation): step 2
     then starts from a constant and the final output carries no gradient into step 1.
     """
     _, sigma_mid, _ = student_sigmas(sigma_mid)
     x = noise.float()
-    v1 = velocity1(x, 1.0).float()
-    x0_hat = x + 1.0 * v1
-    x_mid = x + (sigma_mid - 1.0) * (-v1)
+    u1 = velocity1(x, 1.0).float()
+    x0_hat = x - 1.0 * u1
+    x_mid = x + (sigma_mid - 1.0) * u1
     x_in = x_mid.detach() if detach_mid else x_mid
-    v2 = velocity2(x_in, sigma_mid).float()
-    x0 = x_in + (0.0 - sigma_mid) * (-v2)
+    u2 = velocity2(x_in, sigma_mid).float()
+    x0 = x_in + (0.0 - sigma_mid) * u2
     return x0_hat, x_mid, x0
 
 
@@ -214,8 +216,8 @@ class TwoStepZImagePipeline(ZImagePipeline):
 
     def _step_velocity(self, model: torch.nn.Module, caps: list[torch.Tensor],
                        joint_attention_kwargs: dict[str, Any] | None) -> Velocity:
-        def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            return zimage_velocity(model, x, sigma, caps, joint_attention_kwargs=joint_attention_kwargs)
+        def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:  # u = ε - x0
+            return -zimage_velocity(model, x, sigma, caps, joint_attention_kwargs=joint_attention_kwargs)
 
         return velocity
 

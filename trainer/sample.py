@@ -110,7 +110,9 @@ def main(args: argparse.Namespace) -> int:
 
 def sample(cfg: SampleConfig) -> int:
     """Draw ``cfg``'s images and write them (and samples.jsonl for a folder)."""
-    from .export import load_student
+    from PIL import Image
+
+    from .export import open_student
 
     _check_student(cfg.student)
     prompts = _read_prompts(cfg)
@@ -125,15 +127,14 @@ def sample(cfg: SampleConfig) -> int:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    pipe = load_student(cfg.student, device=device, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    height = cfg.height or pipe.default_size
-    width = cfg.width or pipe.default_size
-    multiple = pipe.vae_scale_factor * 2
+    student = open_student(cfg.student, device=device, dtype=dtype)
+    height = cfg.height or student.default_size
+    width = cfg.width or student.default_size
+    multiple = student.family.size_multiple
     if height % multiple or width % multiple:
         raise ValueError(f"--height and --width must be multiples of {multiple}, got {height}×{width}")
-    log.info("sampling %d image(s) of %d×%d from %s on %s (%s), σ = %s", len(prompts), height, width,
-             cfg.student, device, str(dtype).removeprefix("torch."), pipe.sigmas)
+    log.info("sampling %d image(s) of %d×%d from the %s student %s on %s (%s), σ = %s", len(prompts), height,
+             width, student.family.name, cfg.student, device, str(dtype).removeprefix("torch."), student.sigmas)
 
     if not single_file:
         out.mkdir(parents=True, exist_ok=True)
@@ -143,8 +144,7 @@ def sample(cfg: SampleConfig) -> int:
     for start in range(0, len(prompts), cfg.batch_size):
         batch = prompts[start:start + cfg.batch_size]
         seeds = [cfg.seed + start + j for j in range(len(batch))]
-        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        images = pipe(prompt=batch, height=height, width=width, generator=gens, output_type="pil").images
+        images = [Image.fromarray(a) for a in student.images(batch, seeds, height, width)]
         for j, (prompt, seed, image) in enumerate(zip(batch, seeds, images)):
             path = out if single_file else out / f"{start + j:04d}-seed{seed}.png"
             image.save(path)

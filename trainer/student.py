@@ -1,9 +1,10 @@
 """The step-decoupled 2-step student: two parameter sets initialised from the teacher transformer.
 
-Step 1 maps pure noise (σ=1) to a clean estimate x̂0₁ and the state at σ_mid; step 2 maps that state
+Both are copies of the teacher family's transformer and run through the family adapter's velocity
+(``twostep.teacher.families``), whatever the family. Step 1 maps pure noise (σ=1) to a clean estimate x̂0₁ and the state at σ_mid; step 2 maps that state
 to the final latent. The forward used in training is the exact 2-step sampler that
-:class:`~twostep.trainer.pipeline_twostep.TwoStepZImagePipeline` runs at inference (both call
-:func:`~twostep.trainer.pipeline_twostep.two_step`), so what is trained is what is exported.
+:func:`~twostep.trainer.pipeline_twostep.two_step`, the arithmetic of every exported student pipeline
+(docs/families.md), so what is trained is what is exported.
 """
 
 from __future__ import annotations
@@ -14,24 +15,22 @@ import logging
 import torch
 from torch import nn
 
-from twostep.teacher.core import transformer_velocity
+from twostep.teacher.families import Family
 
 from .pipeline_twostep import two_step
 
 log = logging.getLogger(__name__)
 
-# The attention and feed-forward projections of every Z-Image block (diffusers module names).
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
 
-
-def _trainable_copy(transformer: nn.Module, lora_rank: int, gradient_checkpointing: bool) -> nn.Module:
+def _trainable_copy(transformer: nn.Module, lora_rank: int, gradient_checkpointing: bool,
+                    lora_targets: list[str]) -> nn.Module:
     """A copy of the teacher transformer: fp32 and fully trainable, or frozen with a LoRA adapter."""
     model = copy.deepcopy(transformer)
     if lora_rank:
         from peft import LoraConfig
 
         model.requires_grad_(False)
-        model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS,
+        model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=lora_targets,
                                      init_lora_weights="gaussian"))
         for p in model.parameters():  # adapters train in fp32 on a (possibly bf16) frozen base
             if p.requires_grad:
@@ -46,15 +45,19 @@ def _trainable_copy(transformer: nn.Module, lora_rank: int, gradient_checkpointi
 
 class TwoStepStudent(nn.Module):
     """``transformer`` runs step 1 (σ=1 → σ_mid); ``transformer_2`` step 2 (σ_mid → 0), or None when
-    the two steps share one parameter set (``decoupled=False``). ``sigma_mid``: the trainer passes the
-    value its store records (docs/design.md, "The mid state")."""
+    the two steps share one parameter set (``decoupled=False``). Both start as copies of ``base``
+    (default: the teacher family's transformer). ``sigma_mid``: the trainer passes the value its store
+    records (docs/design.md, "The mid state")."""
 
-    def __init__(self, teacher_transformer: nn.Module, sigma_mid: float, decoupled: bool = True,
-                 lora_rank: int = 0, gradient_checkpointing: bool = False):
+    def __init__(self, family: Family, sigma_mid: float, decoupled: bool = True, lora_rank: int = 0,
+                 gradient_checkpointing: bool = False, base: nn.Module | None = None):
         super().__init__()
+        self.family = family  # not a module: the adapter holds the frozen teacher pipeline
         self.sigma_mid = float(sigma_mid)
-        self.transformer = _trainable_copy(teacher_transformer, lora_rank, gradient_checkpointing)
-        self.transformer_2 = (_trainable_copy(teacher_transformer, lora_rank, gradient_checkpointing)
+        base = family.transformer if base is None else base
+        targets = list(family.lora_targets)
+        self.transformer = _trainable_copy(base, lora_rank, gradient_checkpointing, targets)
+        self.transformer_2 = (_trainable_copy(base, lora_rank, gradient_checkpointing, targets)
                               if decoupled else None)
         self.lora_rank = lora_rank
         n = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -71,15 +74,15 @@ class TwoStepStudent(nn.Module):
         ``e2e=False`` detaches the step-1 state, so final losses do not reach step 1.
         """
         def v1(x, s):
-            return transformer_velocity(self.step_model(1), x, s, caps)
+            return self.family.velocity(self.step_model(1), x, s, caps)
 
         def v2(x, s):
-            return transformer_velocity(self.step_model(2), x, s, caps)
+            return self.family.velocity(self.step_model(2), x, s, caps)
 
         return two_step(v1, v2, noise, self.sigma_mid, detach_mid=not e2e)
 
     def export_transformers(self) -> tuple[nn.Module, nn.Module | None]:
-        """Stock ``ZImageTransformer2DModel`` copies (LoRA fused in) for export and sampling."""
+        """Stock transformer copies (LoRA fused in) for export and sampling."""
         out = []
         for m in (self.transformer, self.transformer_2):
             if m is None:
@@ -110,7 +113,8 @@ def gather_student(student: TwoStepStudent, main: bool) -> TwoStepStudent | None
         return None
     with torch.device("meta"):
         base = type(student.transformer).from_config(student.transformer.config)
-    copy_ = TwoStepStudent(base, student.sigma_mid, student.transformer_2 is not None, student.lora_rank)
+    copy_ = TwoStepStudent(student.family, student.sigma_mid, student.transformer_2 is not None, student.lora_rank,
+                           base=base)
     missing, unexpected = copy_.load_state_dict(state, strict=False, assign=True)
     left = [n for n, t in [*copy_.named_parameters(), *copy_.named_buffers()] if t.is_meta]
     if missing or unexpected or left:

@@ -31,16 +31,14 @@ def teacher_sampler(teacher: Teacher, h: int, w: int) -> Sampler:
 
 def exported_student_sampler(student_dir: str, teacher: Teacher, h: int, w: int) -> Sampler:
     """The exported student, from the same per-seed noise as the teacher's, decoded by its VAE."""
-    from twostep.trainer.export import load_student
+    from twostep.trainer.export import open_student
 
-    pipe = load_student(student_dir, device=teacher.device, dtype=teacher.dtype)
-    pipe.set_progress_bar_config(disable=True)
+    student = open_student(student_dir, device=teacher.device, dtype=teacher.dtype)
 
     @torch.no_grad()
     def sample(prompts: list[str], seeds: list[int]) -> np.ndarray:
         noise = teacher.make_noise(seeds, teacher.latent_shape(h, w)).to(teacher.device)
-        lat = pipe(prompt=prompts, latents=noise, height=h, width=w, output_type="latent").images
-        return teacher.decode(lat)
+        return teacher.decode(student.latents(prompts, noise))
 
     return sample
 
