@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .families import Family, family_of, family_of_hub, family_of_index
+from .families import Family, adapter_for, family_of, family_of_hub, family_of_index
 from .families.base import euler_step, read_model_index
 
 log = logging.getLogger(__name__)
@@ -170,8 +170,10 @@ class Teacher:
     """A diffusers pipeline, through its family adapter (:mod:`twostep.teacher.families`), with the
     project's sampler conventions."""
 
-    def __init__(self, family: Family, name: str, revision: str | None = None, device: torch.device | None = None,
-                 **sampler_overrides: Any):
+    def __init__(self, family: Family | Any, name: str, revision: str | None = None,
+                 device: torch.device | None = None, **sampler_overrides: Any):
+        """``family``: the adapter, or a bare pipeline of a supported class (wrapped in its adapter)."""
+        family = adapter_for(family)
         self.family = family
         self.pipe = family.pipe
         self.name, self.revision = name, revision

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from twostep.common.ema import EMA
-from twostep.teacher.core import transformer_velocity
+from twostep.teacher.families.zimage import transformer_velocity
 from twostep.toy.world import caption
 
 from .teacher_config import ToyTeacherConfig

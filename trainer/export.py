@@ -50,11 +50,8 @@ import numpy as np
 import torch
 
 from twostep.teacher.families import (
-    PIPELINES,
-    Family,
-    UnsupportedTeacher,
+    adapter_for,
     class_name_of,
-    family_class,
     family_of_index,
 )
 from twostep.teacher.families.base import read_model_index
@@ -108,7 +105,7 @@ def stock_sigmas(scheduler: Any, sigma_mid: float) -> list[float] | None:
     return [1.0, round(s, 8)]
 
 
-def _model_card(info: dict[str, Any]) -> str:
+def _model_card(info: dict[str, Any], code: list[str]) -> str:
     b, family = info["sigma_mid"], info["family"]
     head = ("---\nlibrary_name: diffusers\npipeline_tag: text-to-image\n"
             f"tags:\n- twostep\n- {family}\n- distillation\n- text-to-image\n---\n\n")
@@ -123,9 +120,10 @@ def _model_card(info: dict[str, Any]) -> str:
     cls = info["pipeline_class"]
     remote = isinstance(cls, list)
     if remote:
-        layout += (f" The pipeline class `{cls[1]}` ships in this folder (`{cls[0]}.py`; only torch and "
-                   "diffusers): `trust_remote_code=True` is needed because it is not part of diffusers, so "
-                   "read that file first.")
+        files = ", ".join(f"`{f}`" for f in code)
+        layout += (f" The pipeline class `{cls[1]}` ships in this folder ({files}; only torch and diffusers): "
+                   "`trust_remote_code=True` is needed because it is not part of diffusers, so read those "
+                   "files first.")
     call = info.get("call")
     args = "".join(f", {k}={v!r}" for k, v in (call or {}).items())
     sample = (f"image = pipe(\"a red cube on a blue floor\"{args},\n             "
@@ -139,19 +137,6 @@ def _model_card(info: dict[str, Any]) -> str:
            "`trust_remote_code`, and `twostep sample --student PATH --prompt \"...\"` writes PNGs.\n")
     facts = "\n## Export facts\n\n```json\n" + json.dumps(info, indent=2, sort_keys=True, default=str) + "\n```\n"
     return head + intro + layout + how + facts
-
-
-def _family_of(teacher: Any) -> Family:
-    """The family adapter of a ``Teacher``, an adapter, or a bare diffusers pipeline."""
-    if isinstance(teacher, Family):
-        return teacher
-    if isinstance(getattr(teacher, "family", None), Family):
-        return teacher.family
-    name = type(teacher).__name__
-    if name not in PIPELINES:
-        raise UnsupportedTeacher(f"{name}: no twostep adapter for this pipeline class; supported: "
-                                 f"{', '.join(sorted(PIPELINES))}")
-    return family_class(PIPELINES[name])(teacher)
 
 
 def export_student(out_dir: str | os.PathLike, teacher: Any, transformer: torch.nn.Module,
@@ -173,7 +158,7 @@ def export_student(out_dir: str | os.PathLike, teacher: Any, transformer: torch.
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
-    family = _family_of(teacher)
+    family = adapter_for(teacher)
     sigmas = student_sigmas(sigma_mid)
     t2 = None if transformer_2 is None else _unwrap(transformer_2)
     student, facts = family.export_pipeline(_unwrap(transformer), t2, sigmas[1])
@@ -191,7 +176,8 @@ def export_student(out_dir: str | os.PathLike, teacher: Any, transformer: torch.
     try:
         student.save_pretrained(tmp, safe_serialization=True)
         (tmp / STUDENT_JSON).write_text(info_json, encoding="utf-8")
-        (tmp / "README.md").write_text(_model_card(info), encoding="utf-8")
+        code = sorted(p.name for p in tmp.glob("*.py"))
+        (tmp / "README.md").write_text(_model_card(info, code), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -254,7 +240,7 @@ class Student:
 
     def __init__(self, pipe: Any, sigma_mid: float, device: torch.device):
         self.pipe = pipe
-        self.family = _family_of(pipe)
+        self.family = adapter_for(pipe)
         self.transformer = pipe.transformer
         self.transformer_2 = getattr(pipe, "transformer_2", None)
         self.sigmas = student_sigmas(sigma_mid)

@@ -60,6 +60,20 @@ def family_of_index(index: dict[str, Any], where: str) -> type[Family]:
     return family_class(known[cls])
 
 
+def adapter_for(obj: Any) -> Family:
+    """The family adapter of a ``Teacher`` (its ``family``), an adapter (itself), or a bare diffusers
+    pipeline of a supported class (a new adapter around it)."""
+    if isinstance(obj, Family):
+        return obj
+    if isinstance(getattr(obj, "family", None), Family):
+        return obj.family
+    name = type(obj).__name__
+    if name not in PIPELINES:
+        raise UnsupportedTeacher(f"{name}: no twostep adapter for this pipeline class; supported: "
+                                 f"{', '.join(sorted(PIPELINES))}")
+    return family_class(PIPELINES[name])(obj)
+
+
 def family_of(path: str) -> type[Family]:
     """The adapter for a local pipeline folder."""
     return family_of_index(read_model_index(path), path)
@@ -75,5 +89,5 @@ def family_of_hub(repo: str, revision: str | None = None) -> type[Family]:
         return family_of_index(json.load(f), repo)
 
 
-__all__ = ["FAMILIES", "PIPELINES", "Family", "UnsupportedTeacher", "class_name_of", "family_class", "family_of",
+__all__ = ["FAMILIES", "PIPELINES", "Family", "adapter_for", "UnsupportedTeacher", "class_name_of", "family_class", "family_of",
            "family_of_hub", "family_of_index", "supported_pipelines"]

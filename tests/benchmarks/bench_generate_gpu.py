@@ -310,7 +310,7 @@ def transformer_flops(c: SimpleNamespace, caps: list[torch.Tensor]) -> float:
 
 def section_transformer(c: SimpleNamespace) -> None:
     """One transformer call on the batch, per variant."""
-    from twostep.teacher.core import transformer_velocity
+    from twostep.teacher.families.zimage import transformer_velocity
 
     a, b = c.args, c.args.batch
     caps = c.teacher.encode_prompts(c.prompts[:b])
@@ -356,7 +356,7 @@ def section_transformer(c: SimpleNamespace) -> None:
 def section_sweep(c: SimpleNamespace) -> None:
     """Transformer calls at other batch sizes, and the images/s they predict with the text
     encoder and VAE decode at their measured cost per image."""
-    from twostep.teacher.core import transformer_velocity
+    from twostep.teacher.families.zimage import transformer_velocity
 
     a = c.args
     b = a.batch
@@ -423,7 +423,7 @@ def section_fastest(c: SimpleNamespace) -> None:
 def section_compile(c: SimpleNamespace) -> None:
     """Regional compilation: each main transformer block compiled (one compiled graph serves all
     of them), under the fastest SDPA backend; undone at the end so later sections run eagerly."""
-    from twostep.teacher.core import transformer_velocity
+    from twostep.teacher.families.zimage import transformer_velocity
 
     a = c.args
     if not gc.budget_left(c.deadline, a.compile_need_s):

@@ -46,7 +46,7 @@ def run_variant(variant: str, data: str, batch: int, steps: int, warmup: int) ->
     if variant == "baseline":
         model = p.accelerator.unwrap_model(p.student).transformer
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        from twostep.teacher.core import transformer_velocity
+        from twostep.teacher.families.zimage import transformer_velocity
 
     times = []
     for i in range(warmup + steps):

@@ -112,6 +112,9 @@ def test_hub_id_goes_through_from_pretrained(monkeypatch, tiny_pipeline_dir):
     """A hub id is handed to from_pretrained with its revision (no hub here: intercept the call)."""
     from diffusers import ZImagePipeline
 
+    from twostep.teacher import core
+    from twostep.teacher.families.zimage import ZImageFamily
+
     seen = {}
     real = ZImagePipeline.from_pretrained
 
@@ -119,9 +122,15 @@ def test_hub_id_goes_through_from_pretrained(monkeypatch, tiny_pipeline_dir):
         seen.update(path=path, **kw)
         return real(tiny_pipeline_dir, dtype=kw["dtype"])
 
+    def family_of_hub(repo, revision):  # the hub's model_index.json names the family
+        seen.update(index=(repo, revision))
+        return ZImageFamily
+
     monkeypatch.setattr(ZImagePipeline, "from_pretrained", fake)
+    monkeypatch.setattr(core, "family_of_hub", family_of_hub)
     t = Teacher.load("Tongyi-MAI/Z-Image-Turbo@abc123", device="cpu")
     assert seen["path"] == "Tongyi-MAI/Z-Image-Turbo" and seen["revision"] == "abc123"
+    assert seen["index"] == ("Tongyi-MAI/Z-Image-Turbo", "abc123")
     assert seen["dtype"] == torch.float32 and t.describe()["teacher"] == "Tongyi-MAI/Z-Image-Turbo"
 
 

@@ -51,7 +51,7 @@ def test_toy_teacher_through_the_interface(toy, toy_latent_shape):
     caps = toy.encode_prompts(PROMPTS)
     x, s = out.mid.clone(), toy.sampler.sigmas
     for i in range(4, 8):
-        x = x + (s[i + 1] - s[i]) * (-toy.velocity(x, s[i], caps))
+        x = x + (s[i + 1] - s[i]) * toy.velocity(x, s[i], caps)  # u = ε - x0
     torch.testing.assert_close(x, out.latent, atol=1e-4, rtol=1e-4)
 
 

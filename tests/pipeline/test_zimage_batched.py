@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from twostep.teacher.core import transformer_velocity
+from twostep.teacher.families.zimage import transformer_velocity
 from twostep.teacher.random_zimage import build_pipeline
 
 

@@ -12,13 +12,14 @@ from diffusers import ZImageTransformer2DModel
 from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import fully_shard
 
+from twostep.teacher.families.zimage import ZImageFamily
 from twostep.trainer.checkpoint import EMA
 from twostep.trainer.student import TwoStepStudent, gather_student, is_sharded
 
 
 def build(teacher: torch.nn.Module, lora: int) -> TwoStepStudent:
     torch.manual_seed(0)  # LoRA's gaussian init: the same on every rank and in the reference
-    return TwoStepStudent(teacher, 0.75, decoupled=True, lora_rank=lora)
+    return TwoStepStudent(ZImageFamily(None), 0.75, decoupled=True, lora_rank=lora, base=teacher)
 
 
 def main(tiny_dir: str, out: str, lora: int) -> None:

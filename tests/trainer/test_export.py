@@ -66,8 +66,9 @@ def shared_dir(tmp_path_factory, tiny):
 
 
 def velocity(model, caps):
-    """The stock per-sample forward (diffusers' list-based call): the reference for the batched path."""
-    return lambda x, sigma: zimage_velocity(model, x, sigma, caps, batched=False)
+    """The stock per-sample forward (diffusers' list-based call): the reference for the batched path,
+    as the flow velocity u = ε - x0 (minus what Z-Image predicts)."""
+    return lambda x, sigma: -zimage_velocity(model, x, sigma, caps, batched=False)
 
 
 @torch.no_grad()

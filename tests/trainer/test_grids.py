@@ -22,7 +22,7 @@ def parts():
     from accelerate import Accelerator
 
     teacher = Teacher.load("toy", device="cpu")
-    student = TwoStepStudent(teacher.transformer, 0.75, decoupled=True)
+    student = TwoStepStudent(teacher.family, 0.75, decoupled=True)
     return teacher, student, Accelerator(cpu=True)
 
 

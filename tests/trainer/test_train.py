@@ -348,7 +348,7 @@ def test_heads_give_one_logit_per_image_token(tiny_pipeline_dir, head):
     from twostep.trainer.discriminator import Discriminator
 
     teacher = Teacher.load(tiny_pipeline_dir, device="cpu")
-    disc = Discriminator(teacher.transformer, [0, 1], 16, head)
+    disc = Discriminator(teacher.family, [0, 1], 16, head)
     x = torch.randn(3, teacher.transformer.config.in_channels, 16, 16)
     caps = teacher.encode_prompts(["a red circle", "a blue square", "x"])
     logits = disc(x, torch.tensor([0.2, 0.5, 0.9]), caps)
@@ -356,7 +356,7 @@ def test_heads_give_one_logit_per_image_token(tiny_pipeline_dir, head):
     if head == "conv":  # spectral norm on every conv of the head
         assert all(hasattr(m, "parametrizations") for m in disc.heads[0].modules() if isinstance(m, torch.nn.Conv2d))
     with pytest.raises(ValueError, match="discriminator head 'big'"):
-        Discriminator(teacher.transformer, [0], 16, "big")
+        Discriminator(teacher.family, [0], 16, "big")
 
 
 def test_per_token_conv_heads_pass_gradients_to_both_steps(tiny_store, tiny_pipeline_dir, tmp_path):
@@ -603,7 +603,7 @@ def test_text_conditioned_heads_depend_on_the_caption(tiny_pipeline_dir):
     from twostep.trainer.discriminator import Discriminator
 
     teacher = Teacher.load(tiny_pipeline_dir, device="cpu")
-    disc = Discriminator(teacher.transformer, [0, 1], 16, "mlp", text=True)
+    disc = Discriminator(teacher.family, [0, 1], 16, "mlp", text=True)
     x = torch.randn(1, teacher.transformer.config.in_channels, 16, 16).repeat(2, 1, 1, 1)
     with torch.no_grad():
         logits = disc(x, torch.tensor([0.5, 0.5]), teacher.encode_prompts(["a red circle", "a blue square"]))
