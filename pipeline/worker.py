@@ -121,6 +121,16 @@ class ShardWorker:
         A batch that raises is retried one sample at a time, so one bad sample fails alone.
         """
         h, w = rows[idx[0]].get("height") or default, rows[idx[0]].get("width") or default
+        if "mid" in self.cfg.save and self.teacher.mid_index_at(h, w) is None:
+            t = self.teacher
+            reason = ValueError(f"no mid state at {h}×{w}: σ_mid={t.sampler.sigma_mid:g} is not a step of this "
+                                f"{t.family.name} teacher's {t.sampler.num_steps}-step grid at that size (its "
+                                f"scheduler shifts by resolution; the store's σ_mid is from "
+                                f"{t.default_size}×{t.default_size}): generate that size without --save mid, "
+                                "or at the teacher's default size")
+            for i in idx:
+                yield i, reason
+            return
         try:
             t0 = time.perf_counter()
             out = self.teacher.generate([rows[i]["prompt"] for i in idx], [rows[i]["seed"] for i in idx], h, w,

@@ -162,6 +162,15 @@ def check_teacher_spec(spec: str, what: str = "teacher") -> None:
         raise FileNotFoundError(f"{what} {spec}: no such folder, and not toy or a hub id (owner/name[@revision])")
 
 
+def default_sigma_mid(sigmas: tuple[float, ...] | list[float]) -> float:
+    """σ_mid for a teacher's N+1 sigmas: :data:`DEFAULT_SIGMA_MID` (Z-Image-Turbo's 4th of 8 steps) when a
+    step lands on it, else the σ after half the steps, ``sigmas[N // 2]`` (docs/design.md, "The mid
+    state"; docs/families.md)."""
+    if any(abs(s - DEFAULT_SIGMA_MID) < SIGMA_MID_TOL for s in sigmas[:-1]):
+        return DEFAULT_SIGMA_MID
+    return float(sigmas[(len(sigmas) - 1) // 2])
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -219,16 +228,19 @@ class Teacher:
     # --- sampler -----------------------------------------------------------------------------
 
     def make_sampler(self, num_steps: int = DEFAULT_STEPS, guidance_scale: float | None = None,
-                     sigma_mid: float = DEFAULT_SIGMA_MID, max_sequence_length: int | None = None,
+                     sigma_mid: float | None = None, max_sequence_length: int | None = None,
                      sigmas: list[float] | None = None) -> SamplerConfig:
         """Sampler settings from the scheduler's config with the family's defaults, overridable.
 
         ``sigmas`` (optional) is the *unshifted* grid; the scheduler applies its shift. The recorded
         ``sigmas`` are those at :attr:`default_size` (:meth:`sigmas_at` gives them at any size).
+        ``sigma_mid`` (optional): by default :data:`DEFAULT_SIGMA_MID` when a step lands on it, else
+        the σ after half the steps (:func:`default_sigma_mid`).
         """
         self._grid = list(sigmas) if sigmas is not None else None
         size = self.default_size
         used = tuple(self.family.sigmas(num_steps, size, size, self._grid))
+        sigma_mid = default_sigma_mid(used) if sigma_mid is None else sigma_mid
         guidance = self.family.default_guidance if guidance_scale is None else guidance_scale
         msl = max_sequence_length or self.family.max_sequence_length()
         return SamplerConfig(num_steps=len(used) - 1, guidance_scale=float(guidance), shift=self.family.shift(),
@@ -238,6 +250,12 @@ class Teacher:
         """The sampler's noise levels at one image size (the same at every size unless the family's
         scheduler shifts by resolution)."""
         return self.family.sigmas(self.sampler.num_steps, height, width, self._grid)
+
+    def mid_index_at(self, height: int, width: int) -> int | None:
+        """The step whose state is ``mid`` (at σ_mid) at one image size; None when no step lands on σ_mid
+        there (a family whose scheduler shifts by resolution: docs/families.md)."""
+        sig = self.sigmas_at(height, width)
+        return next((i for i, s in enumerate(sig[:-1]) if abs(s - self.sampler.sigma_mid) < SIGMA_MID_TOL), None)
 
     def with_sampler(self, **overrides: Any) -> Teacher:
         """The same weights (shared, not copied) with other sampler settings: those not given are kept,
@@ -310,7 +328,7 @@ class Teacher:
         x = x0.to(self.device, torch.float32)
         mid = None
         sig = self.sigmas_at(height, width)
-        mid_index = next((i for i, s in enumerate(sig) if abs(s - cfg.sigma_mid) < SIGMA_MID_TOL), None)
+        mid_index = self.mid_index_at(height, width)
         for i in range(len(sig) - 1):
             if i == mid_index:
                 mid = x.clone()

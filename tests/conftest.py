@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny random-weight Z-Image pipeline, saved as a real pipeline folder."""
+"""Shared fixtures: the tiny random-weight Z-Image pipeline saved as a real pipeline folder, a local Ray
+cluster per module, free ports and the S3-protocol server."""
 
 from __future__ import annotations
 
@@ -32,6 +33,23 @@ def tiny_pipeline_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-zimage")
     build_pipeline(seed=0, model_max_length=128).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs for the module's tests."""
+    import ray
+
+    for attempt in range(3):  # a loaded machine can miss the raylet's 30 s start-up deadline
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    yield ray
+    ray.shutdown()
 
 
 def _free_port() -> int:

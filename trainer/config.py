@@ -15,8 +15,6 @@ from typing import Any
 
 import yaml
 
-from twostep.teacher.core import DEFAULT_SIGMA_MID
-
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -52,10 +50,11 @@ class DataConfig:
 class ModelConfig:
     teacher: str = "toy"
     """Teacher: ``toy``, a ZImagePipeline folder, or a hub id (``Tongyi-MAI/Z-Image-Turbo``)."""
-    sigma_mid: float = DEFAULT_SIGMA_MID
-    """The 2-step boundary: step 1 maps σ=1 → σ_mid, step 2 maps σ_mid → 0 (the store's ``mid``). The
-    store records the σ of its ``mid`` states; this must agree with it (checked at start-up), and the run
-    uses the store's value (docs/design.md, "The mid state")."""
+    sigma_mid: float | None = None
+    """The 2-step boundary: step 1 maps σ=1 → σ_mid, step 2 maps σ_mid → 0 (the store's ``mid``). Unset,
+    the run takes the σ the store records for its ``mid`` states (0.75 for Z-Image-Turbo; 0.75 when the
+    store records none); set, it must agree with the store's (checked at start-up). The run's config.yaml
+    holds the value used (docs/design.md, "The mid state")."""
     decoupled: bool = True
     """Two parameter sets (one per step); false shares one (the ablation)."""
     lora_rank: int = 0
@@ -77,7 +76,7 @@ class ModelConfig:
     measure what an untrained discriminator does as a loss, i.e. a regulariser)."""
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.sigma_mid < 1.0, "model.sigma_mid must be in (0, 1)")
+        _check(self.sigma_mid is None or 0.0 < self.sigma_mid < 1.0, "model.sigma_mid must be in (0, 1)")
         _check(self.lora_rank >= 0, "model.lora_rank must be ≥ 0")
         _check(self.disc_hidden >= 1, "model.disc_hidden must be ≥ 1")
         _check(self.disc_head in ("mlp", "conv"), "model.disc_head must be mlp|conv")

@@ -9,6 +9,7 @@ that must agree across ranks (skip a non-finite step, stop, save on SIGTERM) are
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from twostep import __version__
-from twostep.teacher.core import SIGMA_MID_TOL, Teacher, recorded_sigma_mid
+from twostep.teacher.core import DEFAULT_SIGMA_MID, SIGMA_MID_TOL, Teacher, recorded_sigma_mid
 
 from . import losses as L
 from .checkpoint import EMA, Checkpoints
@@ -124,6 +125,7 @@ def setup(cfg: TrainConfig, run_dir: str | Path) -> Parts:
     teacher = Teacher.load(cfg.model.teacher, device=accelerator.device)
     shards, index = resolve_shards(cfg.data.data, cfg.data.storage_options or None)
     sigma_mid = store_sigma_mid(index, cfg)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, sigma_mid=sigma_mid))  # the value used
     _warn_if_other_teacher(index, teacher)
     so = cfg.data.storage_options or None
     stream = ShardStream(shards, seed=cfg.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -173,8 +175,11 @@ def store_sigma_mid(index: dict, cfg: TrainConfig) -> float:
     configured = cfg.model.sigma_mid
     recorded = recorded_sigma_mid((index.get("teacher") or {}).get("sampler") or {})
     if recorded is None:
+        configured = DEFAULT_SIGMA_MID if configured is None else configured
         log.info("the store records no σ_mid: using model.sigma_mid=%s", configured)
         return configured
+    if configured is None:
+        return recorded
     if not abs(recorded - configured) < SIGMA_MID_TOL:
         raise ValueError(f"{cfg.data.data}: the store's mid states are at σ_mid={recorded}, but model.sigma_mid is "
                          f"{configured}; set model.sigma_mid={recorded}, or train on a store generated at "

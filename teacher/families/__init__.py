@@ -89,5 +89,16 @@ def family_of_hub(repo: str, revision: str | None = None) -> type[Family]:
         return family_of_index(json.load(f), repo)
 
 
-__all__ = ["FAMILIES", "PIPELINES", "Family", "adapter_for", "UnsupportedTeacher", "class_name_of", "family_class", "family_of",
-           "family_of_hub", "family_of_index", "supported_pipelines"]
+__all__ = [
+    "FAMILIES",
+    "PIPELINES",
+    "Family",
+    "UnsupportedTeacher",
+    "adapter_for",
+    "class_name_of",
+    "family_class",
+    "family_of",
+    "family_of_hub",
+    "family_of_index",
+    "supported_pipelines",
+]

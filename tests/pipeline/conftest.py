@@ -1,28 +1,11 @@
-"""Fixtures of the generation tests: a local Ray cluster per module, and the S3-protocol server
-with every request it receives recorded."""
+"""Fixtures of the generation tests: the S3-protocol server with every request it receives recorded
+(the local Ray cluster per module is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import threading
 
 import pytest
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster of 2 CPUs for the module's tests."""
-    import ray
-
-    for attempt in range(3):  # a loaded machine can miss the raylet's 30 s start-up deadline
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
-    yield ray
-    ray.shutdown()
 
 
 class RequestLog:
