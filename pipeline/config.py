@@ -55,7 +55,8 @@ class ShardSettings:
     """How a shard is generated and written: the settings the job hands every worker as they are."""
 
     teacher: str = "toy"
-    """toy, a local ZImagePipeline folder, or a hub id[@revision]."""
+    """toy, a local pipeline folder of a supported family (Z-Image, Lumina 2, FLUX.2 [klein], Wan; docs/families.md),
+    or a hub id[@revision]."""
     shard_size: int = 256
     """Manifest rows per shard."""
     batch_size: int = 16
@@ -73,7 +74,7 @@ class ShardSettings:
     num_steps: int | None = None
     """Override the teacher's sampling steps (default: the teacher's, 8)."""
     guidance_scale: float | None = None
-    """Override the teacher's guidance (default: the teacher's, 0)."""
+    """Override the teacher's guidance (default: its family's, 0 for Z-Image-Turbo; docs/families.md)."""
     storage_options: dict[str, Any] = field(default_factory=dict, metadata={"parse": json_object})
     """fsspec storage options as JSON, e.g. '{"endpoint_url": "http://…"}'."""
 

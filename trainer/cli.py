@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
                    help="YAML config file, or the name of a bundled one in trainer/configs (default: toy)")
     p.add_argument("--data", default=None,
                    help="teacher samples: a store (folder/URL with index.json) or shard URLs; sets data.data")
-    p.add_argument("--teacher", default=None, help="toy, a ZImagePipeline folder or a hub id; sets model.teacher")
+    p.add_argument("--teacher", default=None, help="toy, a pipeline folder of a supported family (docs/families.md) or a hub id; sets model.teacher")
     p.add_argument("--out", required=False, default=None, help="run directory (checkpoints, logs, samples, export)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (dotted keys)")

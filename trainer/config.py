@@ -49,7 +49,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     teacher: str = "toy"
-    """Teacher: ``toy``, a ZImagePipeline folder, or a hub id (``Tongyi-MAI/Z-Image-Turbo``)."""
+    """Teacher: ``toy``, a pipeline folder of a supported family (docs/families.md), or a hub id
+    (``Tongyi-MAI/Z-Image-Turbo``)."""
     sigma_mid: float | None = None
     """The 2-step boundary: step 1 maps σ=1 → σ_mid, step 2 maps σ_mid → 0 (the store's ``mid``). Unset,
     the run takes the σ the store records for its ``mid`` states (0.75 for Z-Image-Turbo; 0.75 when the

@@ -125,7 +125,9 @@ class WanFamily(Family):
         return out.squeeze(2).float()
 
     def guide(self, pos: torch.Tensor, neg: torch.Tensor, scale: float, sigma: float) -> torch.Tensor:
-        return neg + scale * (pos - neg)  # WanPipeline's guidance (it guides only when scale > 1)
+        if scale <= 1:  # WanPipeline guides only when scale > 1
+            return pos
+        return neg + scale * (pos - neg)
 
     # --- VAE -----------------------------------------------------------------------------------
 
