@@ -4,4 +4,4 @@ Stages live in their own packages: :mod:`twostep.prompts` (prompt manifests),
 :mod:`twostep.pipeline` (teacher and generation job), :mod:`twostep.trainer` (the student).
 """
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
