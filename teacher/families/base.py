@@ -244,6 +244,38 @@ class Family:
         raise NotImplementedError
 
 
+class ScaledVAE:
+    """Decode and encode for an ``AutoencoderKL`` whose latents the pipeline normalises as
+    ``(z - shift_factor) · scaling_factor`` (Z-Image, Lumina 2)."""
+
+    vae: nn.Module
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        vae = self.vae
+        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return to_uint8(vae.decode(z, return_dict=False)[0])
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        z = vae.encode(from_uint8(images).to(vae.device, vae.dtype)).latent_dist.mode()
+        return (z.float() - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def stock_or_experts(stock: type, experts: type, file: str, components: dict[str, Any],
+                     transformer_2: nn.Module | None, sigma_mid: float, call: dict[str, Any]
+                     ) -> tuple[Any, dict[str, Any]]:
+    """``Family.export_pipeline``'s two layouts for a family whose two-parameter-set student is its stock
+    pipeline class plus ``transformer_2`` (``experts``, shipped as ``file``.py): the pipeline and its facts."""
+    if transformer_2 is None:
+        return stock(**components), {"layout": "shared", "pipeline_class": stock.__name__,
+                                     "load": "DiffusionPipeline.from_pretrained(path)", "call": call}
+    pipe = experts(**components, transformer_2=transformer_2, sigma_mid=float(sigma_mid))
+    return pipe, {"layout": "two_transformers", "pipeline_class": [file, experts.__name__],
+                  "load": "DiffusionPipeline.from_pretrained(path, trust_remote_code=True)", "call": call}
+
+
 def read_model_index(path: str) -> dict[str, Any]:
     import json
 

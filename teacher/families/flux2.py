@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Captions, Family, from_uint8, hooked_features, to_uint8
+from .base import Captions, Family, from_uint8, hooked_features, stock_or_experts, to_uint8
 
 STOCK_GUIDANCE = 4.0
 """``Flux2KleinPipeline.__call__``'s default ``guidance_scale`` (CFG on for a non-distilled checkpoint)."""
@@ -192,10 +192,4 @@ class Flux2KleinFamily(Family):
                           tokenizer=p.tokenizer, transformer=transformer, is_distilled=self.distilled)
         # guidance_scale 1.0 turns CFG off (it needs > 1); the captions' padded length matters to FLUX.2
         call = {"num_inference_steps": 2, "guidance_scale": 1.0, "max_sequence_length": self.max_sequence_length()}
-        if transformer_2 is None:
-            return Flux2KleinPipeline(**components), {
-                "layout": "shared", "pipeline_class": "Flux2KleinPipeline",
-                "load": "DiffusionPipeline.from_pretrained(path)", "call": call}
-        pipe = TwoStepFlux2KleinPipeline(**components, transformer_2=transformer_2, sigma_mid=float(sigma_mid))
-        return pipe, {"layout": "two_transformers", "pipeline_class": [PIPELINE_FILE, "TwoStepFlux2KleinPipeline"],
-                      "load": "DiffusionPipeline.from_pretrained(path, trust_remote_code=True)", "call": call}
+        return stock_or_experts(Flux2KleinPipeline, TwoStepFlux2KleinPipeline, PIPELINE_FILE, components, transformer_2, sigma_mid, call)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Captions, Family, from_uint8, hooked_features, to_uint8
+from .base import Captions, Family, ScaledVAE, hooked_features, stock_or_experts
 
 STOCK_GUIDANCE = 4.0
 """``Lumina2Pipeline.__call__``'s default ``guidance_scale`` (CFG on when > 1)."""
@@ -46,7 +46,7 @@ def pad_captions(caps: Captions, dtype: torch.dtype, device: torch.device) -> tu
     return embeds, mask
 
 
-class Lumina2Family(Family):
+class Lumina2Family(ScaledVAE, Family):
     name: ClassVar[str] = "lumina2"
     pipeline_classes: ClassVar[tuple[str, ...]] = ("Lumina2Pipeline", "TwoStepLumina2Pipeline")
     # the feed-forward's full names: ``linear_1``/``linear_2`` alone would also match the timestep MLP
@@ -158,18 +158,6 @@ class Lumina2Family(Family):
 
     # --- VAE -----------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        vae = self.vae
-        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        return to_uint8(vae.decode(z, return_dict=False)[0])
-
-    @torch.no_grad()
-    def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        z = vae.encode(from_uint8(images).to(vae.device, vae.dtype)).latent_dist.mode()
-        return (z.float() - vae.config.shift_factor) * vae.config.scaling_factor
-
     # --- discriminator -------------------------------------------------------------------------
 
     def num_blocks(self, model: nn.Module) -> int:
@@ -215,10 +203,4 @@ class Lumina2Family(Family):
                           text_encoder=p.text_encoder, tokenizer=p.tokenizer)
         # guidance_scale 1.0 turns CFG off (it needs > 1)
         call = {"num_inference_steps": 2, "guidance_scale": 1.0, "max_sequence_length": self.max_sequence_length()}
-        if transformer_2 is None:
-            return Lumina2Pipeline(**components), {
-                "layout": "shared", "pipeline_class": "Lumina2Pipeline",
-                "load": "DiffusionPipeline.from_pretrained(path)", "call": call}
-        pipe = TwoStepLumina2Pipeline(**components, transformer_2=transformer_2, sigma_mid=float(sigma_mid))
-        return pipe, {"layout": "two_transformers", "pipeline_class": [PIPELINE_FILE, "TwoStepLumina2Pipeline"],
-                      "load": "DiffusionPipeline.from_pretrained(path, trust_remote_code=True)", "call": call}
+        return stock_or_experts(Lumina2Pipeline, TwoStepLumina2Pipeline, PIPELINE_FILE, components, transformer_2, sigma_mid, call)

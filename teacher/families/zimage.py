@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..zimage_batched import batched_forward, supports_batched
-from .base import Captions, Family, from_uint8, to_uint8
+from .base import Captions, Family, ScaledVAE
 
 
 def transformer_velocity(model: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float, caps: Captions,
@@ -35,7 +34,7 @@ def transformer_velocity(model: nn.Module, x: torch.Tensor, sigma: torch.Tensor 
     return torch.stack([o.float() for o in out]).squeeze(2)
 
 
-class ZImageFamily(Family):
+class ZImageFamily(ScaledVAE, Family):
     name: ClassVar[str] = "z-image"
     pipeline_classes: ClassVar[tuple[str, ...]] = ("ZImagePipeline", "TwoStepZImagePipeline")
     lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
@@ -81,18 +80,6 @@ class ZImageFamily(Family):
 
     def guide(self, pos: torch.Tensor, neg: torch.Tensor, scale: float, sigma: float) -> torch.Tensor:
         return pos + scale * (pos - neg)  # ZImagePipeline's guidance: 0 = off
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        vae = self.vae
-        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        return to_uint8(vae.decode(z, return_dict=False)[0])
-
-    @torch.no_grad()
-    def encode_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        z = vae.encode(from_uint8(images).to(vae.device, vae.dtype)).latent_dist.mode()
-        return (z.float() - vae.config.shift_factor) * vae.config.scaling_factor
 
     def num_blocks(self, model: nn.Module) -> int:
         return len(model.layers)
