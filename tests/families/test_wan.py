@@ -342,3 +342,19 @@ def test_latent_normalisation_round_trip(fam, monkeypatch):
     fam.decode(x)
     torch.testing.assert_close(raw[0], x.unsqueeze(2) * std + mean)
     torch.testing.assert_close(fam.encode_images(np.zeros((2, H, W, 3), np.uint8)), x)
+
+
+def test_a_wan_2_2_teacher_is_refused_but_an_exported_student_loads(fam, tmp_path):
+    from diffusers import WanPipeline
+
+    from twostep.teacher.core import Teacher
+    from twostep.trainer.export import export_student
+
+    p = fam.pipe
+    two_experts = WanPipeline(tokenizer=p.tokenizer, text_encoder=p.text_encoder, vae=p.vae, scheduler=p.scheduler,
+                              transformer=p.transformer, transformer_2=perturbed(p.transformer, 1), boundary_ratio=0.9)
+    two_experts.save_pretrained(tmp_path / "wan22")
+    with pytest.raises(ValueError, match="Wan 2.2"):
+        Teacher.load(str(tmp_path / "wan22"), device="cpu")
+    export_student(tmp_path / "student", fam, p.transformer, perturbed(p.transformer, 2), sigma_mid=0.75)
+    assert Teacher.load(str(tmp_path / "student"), device="cpu").family.name == "wan"
