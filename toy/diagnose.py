@@ -80,7 +80,7 @@ def diagnose(teacher: Teacher, n: int = 300, seed: int = 20261123, batch: int = 
             s0 = sig[start]
             x = ((1 - s0) * z[i:i + batch] + s0 * noise[i:i + batch]).to(teacher.device)
             for j in range(start, len(sig) - 1):
-                x = x + (sig[j + 1] - sig[j]) * (-teacher.velocity(x, sig[j], caps))
+                x = x + (sig[j + 1] - sig[j]) * teacher.velocity(x, sig[j], caps)  # u = ε - x0
             out.append(teacher.decode(x))
         rows[f"from σ={sig[start]:.3f} ({len(sig) - 1 - start} steps)"], pred = _row(checker, np.concatenate(out),
                                                                                     named)
