@@ -144,3 +144,13 @@ def test_store_record_keeps_the_mid_sigma_key_and_hash():
     assert record["mid_sigma"] == 0.75 and "sigma_mid" not in record
     assert s.hash == "f4e90faf95d04f98"  # the toy demo store's sampler_hash
     assert recorded_sigma_mid(record) == 0.75 and recorded_sigma_mid({}) is None
+
+
+def test_default_sigma_mid_is_075_on_the_grid_else_the_state_after_half_the_steps():
+    from twostep.teacher.core import default_sigma_mid
+
+    turbo = (1.0, 0.954545, 0.9, 0.833333, 0.75, 0.642857, 0.5, 0.3, 0.0)
+    assert default_sigma_mid(turbo) == 0.75
+    lumina = (1.0, 0.976744, 0.947368, 0.909091, 0.857143, 0.782609, 0.666667, 0.461538, 0.0)
+    assert default_sigma_mid(lumina) == 0.857143
+    assert default_sigma_mid((1.0, 0.8, 0.6, 0.0)) == 0.8  # 3 steps: after the first
