@@ -37,7 +37,8 @@ class DemoConfig:
     num_workers: int = 2
     """Generation workers on the local Ray cluster."""
     teacher: str = "toy"
-    """Teacher (toy: the shipped toy teacher)."""
+    """Teacher: toy (the shipped toy teacher), or a pipeline folder or hub id of any supported family
+    (docs/families.md)."""
     seed: int = 0
     """Seed of the prompts and the training run."""
 
@@ -93,7 +94,10 @@ def run_demo(cfg: DemoConfig) -> int:
                                     f"max_steps={cfg.steps}",
                                     f"seed={cfg.seed}", f"checkpoint_every={max(1, cfg.steps // 4)}",
                                     f"sample_every={max(1, cfg.steps // 2)}", f"log_every={log_every}",
-                                    f"heldout_every={heldout_every}"])
+                                    f"heldout_every={heldout_every}",
+                                    # the toy config's hooked layers are the toy teacher's; other teachers
+                                    # get 3 evenly spaced blocks of their own
+                                    *([] if cfg.teacher == "toy" else ["model.disc_layers=[]"])])
     train(train_cfg, run_dir)
     log.info("[3/4] student: %s (TensorBoard logs and sample grids in %s)", run_dir / "student", run_dir)
     times["training"] = time.perf_counter() - t0
