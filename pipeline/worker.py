@@ -124,10 +124,10 @@ class ShardWorker:
         if "mid" in self.cfg.save and self.teacher.mid_index_at(h, w) is None:
             t = self.teacher
             reason = ValueError(f"no mid state at {h}×{w}: σ_mid={t.sampler.sigma_mid:g} is not a step of this "
-                                f"{t.family.name} teacher's {t.sampler.num_steps}-step grid at that size (its "
-                                f"scheduler shifts by resolution; the store's σ_mid is from "
-                                f"{t.default_size}×{t.default_size}): generate that size without --save mid, "
-                                "or at the teacher's default size")
+                                f"{t.family.name} teacher's {t.sampler.num_steps}-step grid at that size "
+                                f"({[round(s, 4) for s in t.sigmas_at(h, w)]}; a scheduler that shifts by "
+                                "resolution moves it): generate that size without --save mid, or at the teacher's "
+                                f"default size, {t.default_size}×{t.default_size}")
             for i in idx:
                 yield i, reason
             return

@@ -155,7 +155,11 @@ def check_teacher_spec(spec: str, what: str = "teacher") -> None:
     elif os.path.isdir(spec):
         if not os.path.exists(os.path.join(spec, "model_index.json")):
             raise FileNotFoundError(f"{what} {spec}: not a diffusers pipeline folder (no model_index.json)")
-        family_of_index(read_model_index(spec), f"{what} {spec}")  # an unsupported family, named
+        index = read_model_index(spec)
+        family_of_index(index, f"{what} {spec}")  # an unsupported family, named
+        if (index.get("transformer_2") or [None])[0] is not None:
+            raise ValueError(f"{what} {spec}: a pipeline with two transformers (a 2-step student with two parameter "
+                             "sets, or a Wan 2.2 two-expert pipeline), not a teacher: a teacher samples with one")
     elif os.path.exists(spec):
         raise ValueError(f"{what} {spec}: a file, not a pipeline folder")
     elif not HUB_ID.fullmatch(spec):
@@ -289,8 +293,8 @@ class Teacher:
 
     @property
     def default_size(self) -> int:
-        """Image side used when a manifest gives none: the VAE config's ``sample_size`` (1024 for
-        Z-Image, 64 for the toy teacher), else 1024."""
+        """Image side used when a manifest gives none: the family's default (1024 for Z-Image-Turbo, 64
+        for the toy teacher; docs/families.md)."""
         return self.family.default_size
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -322,7 +326,7 @@ class Teacher:
         x0 = noise if noise is not None else self.make_noise(seeds, shape)
         caps = self.encode_prompts(prompts)
         neg = None
-        if cfg.guidance_scale > 0:
+        if self.family.guides(cfg.guidance_scale):
             neg = self.family.encode_negative_prompts(negative_prompts or [""] * len(prompts), self.device,
                                                       self.sampler.max_sequence_length)
         x = x0.to(self.device, torch.float32)

@@ -105,11 +105,11 @@ def stock_sigmas(scheduler: Any, sigma_mid: float) -> list[float] | None:
     return [1.0, round(s, 8)]
 
 
-def _model_card(info: dict[str, Any], code: list[str]) -> str:
+def _model_card(info: dict[str, Any], code: list[str], size: int) -> str:
     b, family = info["sigma_mid"], info["family"]
     head = ("---\nlibrary_name: diffusers\npipeline_tag: text-to-image\n"
             f"tags:\n- twostep\n- {family}\n- distillation\n- text-to-image\n---\n\n")
-    intro = (f"# 2-step {family} student\n\nA 2-step text-to-image student distilled from an 8-step {family} "
+    intro = (f"# 2-step {family} student\n\nA 2-step text-to-image student distilled from a {family} "
              f"teacher with `twostep`. It samples with exactly 2 transformer calls at noise levels "
              f"σ = {info['sigmas']} and no classifier-free guidance.\n\n")
     if info["layout"] == "two_transformers":
@@ -126,10 +126,13 @@ def _model_card(info: dict[str, Any], code: list[str]) -> str:
                    "files first.")
     call = info.get("call")
     args = "".join(f", {k}={v!r}" for k, v in (call or {}).items())
-    sample = (f"image = pipe(\"a red cube on a blue floor\"{args},\n             "
-              "generator=torch.Generator(\"cpu\").manual_seed(0)).images[0]\nimage.save(\"sample.png\")"
+    out = ".frames[0][0]  # a one-frame video\nPIL.Image.fromarray((image * 255).round().astype(\"uint8\"))" \
+        if family == "wan" else ".images[0]\nimage"
+    sample = (f"image = pipe(prompt=\"a red cube on a blue floor\"{args}, height={size}, width={size},\n             "
+              f"generator=torch.Generator(\"cpu\").manual_seed(0)){out}.save(\"sample.png\")"
               if call is not None else "# this scheduler shifts by resolution: sample with twostep (below)")
-    how = ("\n\n## Load and sample\n\n```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
+    imports = "import PIL.Image\n" if family == "wan" else ""
+    how = ("\n\n## Load and sample\n\n```python\n" + imports + "import torch\nfrom diffusers import DiffusionPipeline\n\n"
            f"pipe = DiffusionPipeline.from_pretrained(\"PATH\"{', trust_remote_code=True' if remote else ''}, "
            "dtype=torch.bfloat16).to(\"cuda\")\n" + sample + "\n```\n\n"
            "Always pass these settings: the stock defaults run more steps, with guidance. With `twostep` "
@@ -177,7 +180,7 @@ def export_student(out_dir: str | os.PathLike, teacher: Any, transformer: torch.
         student.save_pretrained(tmp, safe_serialization=True)
         (tmp / STUDENT_JSON).write_text(info_json, encoding="utf-8")
         code = sorted(p.name for p in tmp.glob("*.py"))
-        (tmp / "README.md").write_text(_model_card(info, code), encoding="utf-8")
+        (tmp / "README.md").write_text(_model_card(info, code, family.default_size), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

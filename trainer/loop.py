@@ -124,7 +124,7 @@ def setup(cfg: TrainConfig, run_dir: str | Path) -> Parts:
     run_dir = Path(run_dir)
     teacher = Teacher.load(cfg.model.teacher, device=accelerator.device)
     shards, index = resolve_shards(cfg.data.data, cfg.data.storage_options or None)
-    sigma_mid = store_sigma_mid(index, cfg)
+    sigma_mid = store_sigma_mid(index, cfg, teacher.sampler.sigma_mid)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, sigma_mid=sigma_mid))  # the value used
     _warn_if_other_teacher(index, teacher)
     so = cfg.data.storage_options or None
@@ -168,15 +168,16 @@ def setup(cfg: TrainConfig, run_dir: str | Path) -> Parts:
     return parts
 
 
-def store_sigma_mid(index: dict, cfg: TrainConfig) -> float:
+def store_sigma_mid(index: dict, cfg: TrainConfig, teacher_default: float = DEFAULT_SIGMA_MID) -> float:
     """The run's σ_mid: the one the store records (its ``mid`` states are at it), once ``model.sigma_mid``
-    is checked to agree with it within ``SIGMA_MID_TOL``; ``model.sigma_mid`` itself when the shards
-    come without an index.json that records one (docs/design.md, "The mid state")."""
+    is checked to agree with it within ``SIGMA_MID_TOL``. When the shards come without an index.json
+    that records one: ``model.sigma_mid``, else ``teacher_default``, the σ_mid the teacher's own sampler
+    would store (docs/design.md, "The mid state")."""
     configured = cfg.model.sigma_mid
     recorded = recorded_sigma_mid((index.get("teacher") or {}).get("sampler") or {})
     if recorded is None:
-        configured = DEFAULT_SIGMA_MID if configured is None else configured
-        log.info("the store records no σ_mid: using model.sigma_mid=%s", configured)
+        configured = teacher_default if configured is None else configured
+        log.info("the store records no σ_mid: using σ_mid=%s", configured)
         return configured
     if configured is None:
         return recorded

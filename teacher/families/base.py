@@ -205,6 +205,11 @@ class Family:
         """Classifier-free guidance on two velocities, in the family's own convention."""
         return neg + scale * (pos - neg)
 
+    def guides(self, scale: float) -> bool:
+        """Whether guidance at ``scale`` changes anything (the sampler then runs the negative prompts):
+        above 1, as diffusers' pipelines decide, unless a family says otherwise."""
+        return scale > 1
+
     # --- VAE -----------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -118,6 +118,9 @@ class Flux2KleinFamily(Family):
         out = model(**self._inputs(model, x, sigma, caps))[0][:, : h * w]
         return out.float().permute(0, 2, 1).reshape(b, c, h, w)  # the model predicts ε - x0
 
+    def guides(self, scale: float) -> bool:
+        return scale > 1 and not self.distilled  # the pipeline's do_classifier_free_guidance
+
     def guide(self, pos: torch.Tensor, neg: torch.Tensor, scale: float, sigma: float) -> torch.Tensor:
         if scale <= 1 or self.distilled:  # the pipeline's do_classifier_free_guidance
             return pos

@@ -45,13 +45,13 @@ class WanFamily(Family):
 
     @classmethod
     def load(cls, path: str, dtype: torch.dtype, revision: str | None = None) -> Family:
-        """As ``Family.load``; a Wan 2.2 teacher (two experts, or ``expand_timesteps``) is refused, since the
-        adapter samples with ``transformer`` alone. twostep's own exported students (a
+        """As ``Family.load``; a Wan 2.2 pipeline with ``expand_timesteps`` is refused (two-expert folders are
+        refused as teachers before loading, ``check_teacher_spec``). twostep's own exported students (a
         ``twostep_student.json`` beside the weights) load as usual."""
         family = super().load(path, dtype, revision)
         config = family.pipe.config
         student = os.path.exists(os.path.join(path, "twostep_student.json"))
-        if not student and (family.pipe.transformer_2 is not None or config.get("expand_timesteps")):
+        if not student and config.get("expand_timesteps"):
             raise ValueError(f"{path}: a Wan 2.2 pipeline (two experts or expand_timesteps); twostep's Wan adapter "
                              "supports Wan 2.1 teachers (docs/families.md)")
         return family

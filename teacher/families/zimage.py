@@ -81,6 +81,9 @@ class ZImageFamily(ScaledVAE, Family):
     def guide(self, pos: torch.Tensor, neg: torch.Tensor, scale: float, sigma: float) -> torch.Tensor:
         return pos + scale * (pos - neg)  # ZImagePipeline's guidance: 0 = off
 
+    def guides(self, scale: float) -> bool:
+        return scale > 0
+
     def num_blocks(self, model: nn.Module) -> int:
         return len(model.layers)
 

@@ -344,7 +344,7 @@ def test_latent_normalisation_round_trip(fam, monkeypatch):
     torch.testing.assert_close(fam.encode_images(np.zeros((2, H, W, 3), np.uint8)), x)
 
 
-def test_a_wan_2_2_teacher_is_refused_but_an_exported_student_loads(fam, tmp_path):
+def test_two_expert_folders_are_refused_as_teachers(fam, tmp_path):
     from diffusers import WanPipeline
 
     from twostep.teacher.core import Teacher
@@ -357,4 +357,7 @@ def test_a_wan_2_2_teacher_is_refused_but_an_exported_student_loads(fam, tmp_pat
     with pytest.raises(ValueError, match="Wan 2.2"):
         Teacher.load(str(tmp_path / "wan22"), device="cpu")
     export_student(tmp_path / "student", fam, p.transformer, perturbed(p.transformer, 2), sigma_mid=0.75)
-    assert Teacher.load(str(tmp_path / "student"), device="cpu").family.name == "wan"
+    with pytest.raises(ValueError, match="two transformers"):  # a 2-step student is not a teacher
+        Teacher.load(str(tmp_path / "student"), device="cpu")
+    export_student(tmp_path / "shared", fam, p.transformer, None, sigma_mid=0.75)  # one set: a stock WanPipeline
+    assert Teacher.load(str(tmp_path / "shared"), device="cpu").family.name == "wan"

@@ -96,6 +96,8 @@ def test_sigma_mid_comes_from_the_store_and_the_config_must_agree(tiny_store, ti
     assert store_sigma_mid(index, near) == 0.75  # within the tolerance: the store's value is the run's
     other = tiny_cfg(tiny_store, tiny_pipeline_dir, "model.sigma_mid=0.5")
     assert store_sigma_mid({}, other) == 0.5  # shards without an index.json: the config's
+    unset = load_config("toy", [f"data.data={tiny_store}"])
+    assert store_sigma_mid({}, unset, 0.857) == 0.857  # … else the teacher's own
     # Disagreeing with the store stops the run at start-up, naming both values and the field.
     with pytest.raises(ValueError, match=r"σ_mid=0\.75, but model\.sigma_mid is 0\.5"):
         setup(other, tmp_path / "run")
