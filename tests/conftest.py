@@ -52,6 +52,29 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture
+def run_model_card(tmp_path, monkeypatch):
+    """A function that runs an exported student folder's README snippet as written (fp32 on the CPU,
+    in a fresh folder) and returns the image it saves."""
+
+    def run(folder):
+        from pathlib import Path
+
+        from PIL import Image
+
+        card = (Path(folder) / "README.md").read_text()
+        code = card.split("```python\n", 1)[1].split("```", 1)[0]
+        code = (code.replace('"PATH"', repr(str(folder))).replace("torch.bfloat16", "torch.float32")
+                .replace('.to("cuda")', ""))
+        cwd = tmp_path / "card"
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        exec(compile(code, "README.md", "exec"), {})
+        return Image.open(cwd / "sample.png")
+
+    return run
+
+
 def _free_port() -> int:
     import socket
 

@@ -452,3 +452,10 @@ def test_sample_images_do_not_depend_on_the_batch(shared_dir, tmp_path):
         assert np.abs(x - y).max() <= 1
     assert np.abs(a[2] - np.asarray(Image.open(tmp_path / "alone.png"), dtype=np.int16)).max() <= 1
     assert np.abs(a[0] - a[1]).max() > 1  # different seeds and prompts give different images
+
+
+@pytest.mark.parametrize("layout", ["two", "shared"])
+def test_the_model_cards_code_runs(layout, two_dir, shared_dir, tiny, run_model_card):
+    """Each layout's README snippet, as written (fp32 on the CPU here), at the teacher's default size."""
+    size = tiny.vae.config.sample_size
+    assert run_model_card(two_dir if layout == "two" else shared_dir).size == (size, size)
