@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .random_zimage import build_tokenizer
+from .random_zimage import build_tokenizer, qwen3_config
 
 TEXT_LAYERS_USED = (9, 18, 27)
 """``Flux2KleinPipeline``'s default ``text_encoder_out_layers``: the text encoder needs more layers."""
@@ -47,7 +47,7 @@ def build_pipeline(
         Flux2KleinPipeline,
         Flux2Transformer2DModel,
     )
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     if sum(axes_dims) != dim_head:
         raise ValueError(f"sum(axes_dims)={sum(axes_dims)} must equal dim_head={dim_head}")
@@ -55,12 +55,8 @@ def build_pipeline(
         raise ValueError(f"text_layers must be at least {max(TEXT_LAYERS_USED)}, got {text_layers}")
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(words, model_max_length)
-    text_encoder = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=text_dim * 2,
-        num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_heads,
-        head_dim=text_dim // text_heads, max_position_embeddings=max(model_max_length, 512),
-        tie_word_embeddings=True,
-    )).eval()
+    text_encoder = Qwen3ForCausalLM(qwen3_config(len(tokenizer), text_dim, text_layers, text_heads, model_max_length,
+                                                 ffn_mult=2, tie_word_embeddings=True)).eval()
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=4 * latent_channels, num_layers=n_double, num_single_layers=n_single,
         attention_head_dim=dim_head, num_attention_heads=n_heads, joint_attention_dim=len(TEXT_LAYERS_USED) * text_dim,

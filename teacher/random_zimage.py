@@ -85,6 +85,17 @@ def build_tokenizer(words: Iterable[str] = (), model_max_length: int = 512):
     return tok
 
 
+def qwen3_config(vocab_size: int, text_dim: int, text_layers: int, text_heads: int, model_max_length: int,
+                 ffn_mult: int = 3, **extra):
+    """A small ``Qwen3Config`` (the text encoder of Z-Image and FLUX.2 [klein]) of the given sizes."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size, hidden_size=text_dim, intermediate_size=text_dim * ffn_mult,
+        num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_heads,
+        head_dim=text_dim // text_heads, max_position_embeddings=max(model_max_length, 512), **extra)
+
+
 def build_pipeline(
     *,
     dim: int = 32,
@@ -113,17 +124,13 @@ def build_pipeline(
         ZImagePipeline,
         ZImageTransformer2DModel,
     )
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import Qwen3Model
 
     if sum(axes_dims) != dim // n_heads:
         raise ValueError(f"sum(axes_dims)={sum(axes_dims)} must equal dim // n_heads = {dim // n_heads}")
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(words, model_max_length)
-    text_encoder = Qwen3Model(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=text_dim * 3,
-        num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_heads,
-        head_dim=text_dim // text_heads, max_position_embeddings=max(model_max_length, 512),
-    )).eval()
+    text_encoder = Qwen3Model(qwen3_config(len(tokenizer), text_dim, text_layers, text_heads, model_max_length)).eval()
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=latent_channels, dim=dim, n_layers=n_layers,
         n_refiner_layers=n_refiner_layers, n_heads=n_heads, n_kv_heads=n_heads, cap_feat_dim=text_dim,
