@@ -74,6 +74,7 @@ def main(tiny_dir: str, out: str, lora: int) -> None:
                        "sharded_local": [tuple(p.to_local().shape) for p in student.transformer.parameters()][:1]}, f)
     else:
         assert full is None and live is None
+    dist.barrier()  # both ranks tear gloo down together (a rank leaving early can abort under load)
     dist.destroy_process_group()
 
 
