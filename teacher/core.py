@@ -46,6 +46,12 @@ STORE_SIGMA_MID_KEY = "mid_sigma"
 "The mid state"): the on-disk name, kept so that old stores read and sampler hashes do not change."""
 
 
+def step_at(sigmas: tuple[float, ...] | list[float], sigma: float) -> int | None:
+    """The index of the step of an N+1-sigma grid (ending at 0) that lands on ``sigma`` within
+    :data:`SIGMA_MID_TOL`; None when none does."""
+    return next((i for i, s in enumerate(sigmas[:-1]) if abs(s - sigma) < SIGMA_MID_TOL), None)
+
+
 def recorded_sigma_mid(sampler: dict[str, Any]) -> float | None:
     """σ_mid from a sampler record as a store keeps it (:meth:`SamplerConfig.to_dict`, in a store's
     ``index.json`` under ``teacher.sampler``); None when the record has none."""
@@ -86,10 +92,7 @@ class SamplerConfig:
     @property
     def mid_index(self) -> int | None:
         """Index into ``sigmas`` of the mid state (None when no step lands on ``sigma_mid``)."""
-        for i, s in enumerate(self.sigmas):
-            if abs(s - self.sigma_mid) < SIGMA_MID_TOL:
-                return i
-        return None
+        return step_at(self.sigmas, self.sigma_mid)
 
 
 @dataclass
@@ -170,7 +173,7 @@ def default_sigma_mid(sigmas: tuple[float, ...] | list[float]) -> float:
     """σ_mid for a teacher's N+1 sigmas: :data:`DEFAULT_SIGMA_MID` (Z-Image-Turbo's 4th of 8 steps) when a
     step lands on it, else the σ after half the steps, ``sigmas[N // 2]`` (docs/design.md, "The mid
     state"; docs/families.md)."""
-    if any(abs(s - DEFAULT_SIGMA_MID) < SIGMA_MID_TOL for s in sigmas[:-1]):
+    if step_at(sigmas, DEFAULT_SIGMA_MID) is not None:
         return DEFAULT_SIGMA_MID
     return float(sigmas[(len(sigmas) - 1) // 2])
 
@@ -192,8 +195,11 @@ class Teacher:
         self.name, self.revision = name, revision
         self.device = device or self.pipe.device
         self.dtype = self.pipe.transformer.dtype
-        self._grid: list[float] | None = None
         self.sampler = self.make_sampler(**sampler_overrides)
+        grid = sampler_overrides.get("sigmas")
+        self._grid: list[float] | None = None if grid is None else list(grid)
+        """The unshifted grid the sampler was made from (None: ``linspace(1, 1/N, N)``)."""
+        self._sigmas_at: dict[tuple[int, int], list[float]] = {}
         self.weights: str | None = None
         """Identity of the weights: sha256 over a local folder's files, or the hub commit."""
 
@@ -241,9 +247,8 @@ class Teacher:
         ``sigma_mid`` (optional): by default :data:`DEFAULT_SIGMA_MID` when a step lands on it, else
         the σ after half the steps (:func:`default_sigma_mid`).
         """
-        self._grid = list(sigmas) if sigmas is not None else None
         size = self.default_size
-        used = tuple(self.family.sigmas(num_steps, size, size, self._grid))
+        used = tuple(self.family.sigmas(num_steps, size, size, None if sigmas is None else list(sigmas)))
         sigma_mid = default_sigma_mid(used) if sigma_mid is None else sigma_mid
         guidance = self.family.default_guidance if guidance_scale is None else guidance_scale
         msl = max_sequence_length or self.family.max_sequence_length()
@@ -252,14 +257,15 @@ class Teacher:
 
     def sigmas_at(self, height: int, width: int) -> list[float]:
         """The sampler's noise levels at one image size (the same at every size unless the family's
-        scheduler shifts by resolution)."""
-        return self.family.sigmas(self.sampler.num_steps, height, width, self._grid)
+        scheduler shifts by resolution), computed once per size."""
+        if (height, width) not in self._sigmas_at:
+            self._sigmas_at[height, width] = self.family.sigmas(self.sampler.num_steps, height, width, self._grid)
+        return self._sigmas_at[height, width]
 
     def mid_index_at(self, height: int, width: int) -> int | None:
         """The step whose state is ``mid`` (at σ_mid) at one image size; None when no step lands on σ_mid
         there (a family whose scheduler shifts by resolution: docs/families.md)."""
-        sig = self.sigmas_at(height, width)
-        return next((i for i, s in enumerate(sig[:-1]) if abs(s - self.sampler.sigma_mid) < SIGMA_MID_TOL), None)
+        return step_at(self.sigmas_at(height, width), self.sampler.sigma_mid)
 
     def with_sampler(self, **overrides: Any) -> Teacher:
         """The same weights (shared, not copied) with other sampler settings: those not given are kept,
@@ -311,7 +317,8 @@ class Teacher:
         """``u = ε - x0`` at noise level σ (scalar or (B,)), as fp32 (B, C, h, w), no guidance."""
         return self.family.velocity(transformer or self.transformer, x, sigma, caps)
 
-    def make_noise(self, seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    @staticmethod
+    def make_noise(seeds: list[int], shape: tuple[int, int, int]) -> torch.Tensor:
         """(B, *shape) fp32 noise, one CPU generator per seed: independent of batch and device."""
         return torch.stack([seed_noise(s, shape) for s in seeds])
 
@@ -332,7 +339,7 @@ class Teacher:
         x = x0.to(self.device, torch.float32)
         mid = None
         sig = self.sigmas_at(height, width)
-        mid_index = self.mid_index_at(height, width)
+        mid_index = step_at(sig, cfg.sigma_mid)
         for i in range(len(sig) - 1):
             if i == mid_index:
                 mid = x.clone()

@@ -269,10 +269,9 @@ class Student:
     @torch.no_grad()
     def images(self, prompts: list[str], seeds: list[int], height: int, width: int) -> np.ndarray:
         """uint8 images (B, H, W, 3), from each seed's CPU noise (the store's convention)."""
-        from twostep.teacher.core import seed_noise
+        from twostep.teacher.core import Teacher
 
-        shape = self.latent_shape(height, width)
-        noise = torch.stack([seed_noise(s, shape) for s in seeds])
+        noise = Teacher.make_noise(seeds, self.latent_shape(height, width))
         return self.family.decode(self.latents(prompts, noise))
 
 
@@ -281,8 +280,9 @@ def open_student(path: str | os.PathLike, device: str | torch.device | None = No
     """:func:`load_student`, wrapped for sampling through the family adapter."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     pipe = load_student(path, device=device, dtype=dtype)
-    for m in (pipe.transformer, getattr(pipe, "transformer_2", None), pipe.text_encoder, pipe.vae):
+    sigma_mid = getattr(pipe.config, "sigma_mid", None) or read_student_info(path).get("sigma_mid", DEFAULT_SIGMA_MID)
+    student = Student(pipe, float(sigma_mid), device)
+    for m in (*student.family.modules, student.transformer_2):
         if m is not None:
             m.requires_grad_(False).eval()
-    sigma_mid = getattr(pipe.config, "sigma_mid", None) or read_student_info(path).get("sigma_mid", DEFAULT_SIGMA_MID)
-    return Student(pipe, float(sigma_mid), device)
+    return student

@@ -34,11 +34,6 @@ def family_class(name: str) -> type[Family]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
-def supported_pipelines() -> dict[str, str]:
-    """Pipeline class name → family name."""
-    return dict(PIPELINES)
-
-
 class UnsupportedTeacher(ValueError):
     """A pipeline folder of a family twostep has no adapter for."""
 
@@ -49,15 +44,18 @@ def class_name_of(index: dict[str, Any]) -> str:
     return str(name[-1] if isinstance(name, (list, tuple)) else name)
 
 
+def family_of_class(cls: str, where: str) -> type[Family]:
+    """The adapter for a pipeline class name (``where`` names its folder, hub id or object in errors)."""
+    if cls not in PIPELINES:
+        listed = ", ".join(f"{c} ({f})" for c, f in sorted(PIPELINES.items()))
+        raise UnsupportedTeacher(f"{where}: pipeline class {cls!r}, which twostep has no adapter for; "
+                                 f"supported: {listed}")
+    return family_class(PIPELINES[cls])
+
+
 def family_of_index(index: dict[str, Any], where: str) -> type[Family]:
     """The adapter for a ``model_index.json`` (``where`` names the folder or hub id in errors)."""
-    cls = class_name_of(index)
-    known = supported_pipelines()
-    if cls not in known:
-        listed = ", ".join(f"{c} ({f})" for c, f in sorted(known.items()))
-        raise UnsupportedTeacher(f"{where}: model_index.json names pipeline class {cls!r}, which twostep has no "
-                                 f"adapter for; supported: {listed}")
-    return family_class(known[cls])
+    return family_of_class(class_name_of(index), f"{where} (model_index.json)")
 
 
 def adapter_for(obj: Any) -> Family:
@@ -67,11 +65,7 @@ def adapter_for(obj: Any) -> Family:
         return obj
     if isinstance(getattr(obj, "family", None), Family):
         return obj.family
-    name = type(obj).__name__
-    if name not in PIPELINES:
-        raise UnsupportedTeacher(f"{name}: no twostep adapter for this pipeline class; supported: "
-                                 f"{', '.join(sorted(PIPELINES))}")
-    return family_class(PIPELINES[name])(obj)
+    return family_of_class(type(obj).__name__, "a pipeline object")(obj)
 
 
 def family_of(path: str) -> type[Family]:
@@ -98,7 +92,7 @@ __all__ = [
     "class_name_of",
     "family_class",
     "family_of",
+    "family_of_class",
     "family_of_hub",
     "family_of_index",
-    "supported_pipelines",
 ]

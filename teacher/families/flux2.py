@@ -122,7 +122,7 @@ class Flux2KleinFamily(Family):
         return scale > 1 and not self.distilled  # the pipeline's do_classifier_free_guidance
 
     def guide(self, pos: torch.Tensor, neg: torch.Tensor, scale: float, sigma: float) -> torch.Tensor:
-        if scale <= 1 or self.distilled:  # the pipeline's do_classifier_free_guidance
+        if not self.guides(scale):
             return pos
         return neg + scale * (pos - neg)
 

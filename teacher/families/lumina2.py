@@ -151,7 +151,7 @@ class Lumina2Family(ScaledVAE, Family):
         rescales the result to the conditional prediction's norm over the last (width) axis;
         ``cfg_trunc_ratio=1.0`` guides every step. Both are sign-symmetric, so applying them to ``u``
         equals the pipeline's on ``-u``."""
-        if scale <= 1:
+        if not self.guides(scale):
             return pos
         out = neg + scale * (pos - neg)
         return out * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(out, dim=-1, keepdim=True))

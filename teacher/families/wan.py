@@ -139,7 +139,7 @@ class WanFamily(Family):
         return out.squeeze(2).float()
 
     def guide(self, pos: torch.Tensor, neg: torch.Tensor, scale: float, sigma: float) -> torch.Tensor:
-        if scale <= 1:  # WanPipeline guides only when scale > 1
+        if not self.guides(scale):  # WanPipeline guides only when scale > 1
             return pos
         return neg + scale * (pos - neg)
 
